@@ -1,0 +1,245 @@
+"""``@background``: turn a function into one that runs in a new process at every call.
+
+The decorated object keeps the function's signature for type checkers (``ParamSpec``) and its
+metadata at run time (``functools.update_wrapper``); calling it pickles the call eagerly (so a bad
+argument fails here, naming it), registers a ``Task`` with the lifecycle, and hands it to the
+launcher of its start method.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+import types
+import weakref
+from typing import Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
+
+from typing_extensions import ParamSpec
+
+from . import _launch, _lifecycle, _monitor
+from ._errors import BgTaskError
+from ._platform import check_supported
+from ._serialization import dumps_call
+from ._task import Task
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+START_METHODS = (None, "fork", "spawn", "forkserver")
+_ids = itertools.count(1)
+
+
+class Background(Generic[P, R]):
+    """A function decorated with ``@background``: each call starts a task process.
+
+    Calling it returns a ``Task`` at once. ``is_daemon`` tells how its tasks end with the program;
+    ``join()`` waits for every task it started that is still running.
+    """
+
+    __module__ = "bgtask"
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        options: Dict[str, Any],
+        started: "Optional[weakref.WeakSet[Task[Any]]]" = None,
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._options = options
+        # Weak: the lifecycle keeps running tasks alive; a finished, dropped handle goes away.
+        self._started: weakref.WeakSet[Task[Any]] = weakref.WeakSet() if started is None else started
+
+    @property
+    def is_daemon(self) -> bool:
+        """Whether this function's tasks are daemons (stopped, not waited for, at exit)."""
+        return bool(self._options["daemon"])
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
+        task: Task[R] = _start(self._fn, args, kwargs, self._options)
+        self._started.add(task)
+        return task
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until every task this function started has finished, or ``timeout`` passes."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pending = [t for t in list(self._started) if not t._finished]
+            if not pending:
+                return
+            for task in pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                task.join(left)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
+        if instance is None:
+            return self
+        return Background(types.MethodType(self._fn, instance), self._options, self._started)
+
+    def __repr__(self) -> str:
+        kind = "daemon" if self.is_daemon else "non-daemon"
+        return f"<bgtask.Background {getattr(self._fn, '__qualname__', self._fn)!r} {kind}>"
+
+
+def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
+    check_supported()
+    _refuse_during_bootstrap()
+    payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
+    name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
+    task: Task[Any] = Task(
+        next(_ids),
+        name,
+        daemon=options["daemon"],
+        graceful=options["graceful"],
+        grace=options["grace"],
+        start_method=options["start_method"],
+    )
+    try:
+        cwd: Optional[str] = os.getcwd()
+    except OSError:
+        cwd = None
+    settings = {
+        "task_id": task.id,
+        "name": name,
+        "daemon": options["daemon"],
+        "graceful": options["graceful"],
+        "grace": options["grace"],
+        "cwd": cwd,
+        "argv": list(sys.argv),
+    }
+    _lifecycle.register(task)
+    launcher = _launch.get(options["start_method"])
+    if options["start_method"] is not None:
+        _lifecycle.move_hook_last()
+    try:
+        launcher.start(task, settings, payload)
+    except OSError as exc:
+        _lifecycle.unregister(task)
+        raise BgTaskError(
+            f"could not start task {name!r}: {type(exc).__name__}: {exc} (too many open files "
+            "or processes? see ulimit -n and ulimit -u)"
+        ) from exc
+    timeout = options["timeout"]
+    if timeout is not None:
+        import time
+
+        _monitor.get().call_at(time.monotonic() + timeout, lambda: task._request_stop("timeout"))
+    return task
+
+
+def _refuse_during_bootstrap() -> None:
+    # Under spawn and forkserver, multiprocessing imports the main module again in the child;
+    # a script without a __main__ guard would start its tasks again from there.
+    mp_process = sys.modules.get("multiprocessing.process")
+    if mp_process is not None and getattr(mp_process.current_process(), "_inheriting", False):
+        raise BgTaskError(
+            "a task was started while multiprocessing imported the main module in a child "
+            "process (start_method 'spawn' or 'forkserver'); protect the script's entry point "
+            "with `if __name__ == '__main__':`, or use the default start method, which needs no "
+            "guard"
+        )
+
+
+def _check_options(options: Dict[str, Any]) -> None:
+    for flag in ("daemon", "graceful"):
+        if not isinstance(options[flag], bool):
+            raise TypeError(f"background(): {flag} must be a bool, not {type(options[flag]).__name__}")
+    grace = options["grace"]
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+        raise ValueError(f"background(): grace must be a number of seconds >= 0, not {grace!r}")
+    options["grace"] = float(grace)
+    timeout = options["timeout"]
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"background(): timeout must be None or a number of seconds > 0, not {timeout!r}")
+    if options["name"] is not None and not isinstance(options["name"], str):
+        raise TypeError(f"background(): name must be a str or None, not {type(options['name']).__name__}")
+    if options["start_method"] not in START_METHODS:
+        raise ValueError(
+            f"background(): start_method must be None (bgtask's zygote), 'fork', 'spawn' or "
+            f"'forkserver', not {options['start_method']!r}"
+        )
+    if options["start_method"] is not None:
+        import multiprocessing
+
+        if options["start_method"] not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"background(): start_method {options['start_method']!r} is not available here")
+
+
+@overload
+def background(fn: Callable[P, R], /) -> Background[P, R]: ...
+
+
+@overload
+def background(
+    *,
+    daemon: bool = False,
+    graceful: bool = False,
+    grace: float = 5.0,
+    name: Optional[str] = None,
+    start_method: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Callable[[Callable[P, R]], Background[P, R]]: ...
+
+
+def background(
+    fn: Optional[Callable[P, R]] = None,
+    /,
+    *,
+    daemon: bool = False,
+    graceful: bool = False,
+    grace: float = 5.0,
+    name: Optional[str] = None,
+    start_method: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Union[Background[P, R], Callable[[Callable[P, R]], Background[P, R]]]:
+    """Make a function start a new process each time it is called.
+
+    Usable bare (``@background``, a non-daemon task as in the stdlib) or with options. Calling the
+    decorated function pickles the call (with cloudpickle: closures, lambdas and functions from
+    ``__main__`` or a REPL work), starts a process and returns its ``Task`` at once.
+
+    Args:
+        daemon: a daemon task is stopped when the program ends (after the non-daemon tasks were
+            waited for) or dies, even by SIGKILL; a non-daemon task keeps the program waiting
+            until it finishes.
+        graceful: stopping the task lets it clean up: its ``stop_event()`` is set, or an
+            exception is raised inside it so that its ``finally`` and ``with`` blocks run.
+        grace: seconds a graceful task gets to finish once asked to stop, before its process
+            group is killed.
+        name: the task's name (default: the function's qualified name).
+        start_method: ``None`` (bgtask's zygote: fast, safe with threads, no ``__main__``
+            guard needed), or ``"fork"``, ``"spawn"``, ``"forkserver"`` (``multiprocessing``).
+        timeout: stop the task after this many seconds; its ``result()`` then raises
+            ``TaskStopped``.
+
+    Raises:
+        BgTaskError: on Windows, which bgtask does not support yet.
+    """
+    options: Dict[str, Any] = {
+        "daemon": daemon,
+        "graceful": graceful,
+        "grace": grace,
+        "name": name,
+        "start_method": start_method,
+        "timeout": timeout,
+    }
+    _check_options(options)
+    check_supported()
+
+    def decorate(func: Callable[P, R]) -> Background[P, R]:
+        if not callable(func):
+            raise TypeError(f"@background needs a callable, not {type(func).__name__}")
+        return Background(func, options)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+background.__module__ = "bgtask"

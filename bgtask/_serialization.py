@@ -1,0 +1,123 @@
+"""Pickling of functions, arguments, results and exceptions: the only cloudpickle import.
+
+cloudpickle pickles what the stdlib pickles by reference (module-level functions of importable
+modules) the same way, and everything else by value: lambdas, closures, nested functions and
+functions defined in ``__main__``, a REPL or a notebook. The task process therefore never imports
+the main module, and a script needs no ``if __name__ == "__main__":`` guard.
+
+Arguments are pickled eagerly, in the caller, so a bad argument fails at the call site with its
+name; an exception that cannot make the round trip is replaced, in the task, by a plain packet
+(type name, message, traceback) that always can.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+import types
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import cloudpickle
+
+from ._errors import RemoteTraceback, SerializationError, TaskError
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+ExceptionPacket = Tuple[Optional[bytes], str, str, str]
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` with cloudpickle."""
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+def loads(data: Any) -> Any:
+    """Unpickle bytes made by :func:`dumps`."""
+    return pickle.loads(data)
+
+
+def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+    """Pickle a call, or raise ``SerializationError`` naming the part that cannot be pickled."""
+    try:
+        return dumps((fn, args, kwargs))
+    except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
+        culprit = _find_culprit(fn, args, kwargs)
+        raise SerializationError(
+            f"cannot send {culprit} to the task process: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        dumps(obj)
+    except Exception:
+        return False
+    return True
+
+
+def _describe(obj: Any) -> str:
+    return f"(a {type(obj).__module__}.{type(obj).__qualname__})"
+
+
+def _find_culprit(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+    for i, arg in enumerate(args):
+        if not _picklable(arg):
+            return f"positional argument {i} {_describe(arg)}"
+    for key, value in kwargs.items():
+        if not _picklable(value):
+            return f"keyword argument {key!r} {_describe(value)}"
+    target = getattr(fn, "__func__", fn)
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType) and not _picklable(owner):
+        return f"the object {getattr(target, '__qualname__', target)!r} is bound to {_describe(owner)}"
+    code = getattr(target, "__code__", None)
+    if code is not None:
+        name = getattr(target, "__qualname__", "the function")
+        for var, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if not _picklable(value):
+                return f"variable {var!r} captured by {name} {_describe(value)}"
+        module_globals = getattr(target, "__globals__", {})
+        for var in code.co_names:
+            if var in module_globals and not _picklable(module_globals[var]):
+                return f"global variable {var!r} used by {name} {_describe(module_globals[var])}"
+    return f"the function {getattr(fn, '__qualname__', fn)!r}"
+
+
+def pack_exception(exc: BaseException) -> ExceptionPacket:
+    """Turn an exception raised in a task into a packet that always pickles.
+
+    The exception itself travels when it survives a pickle round trip here; its type name,
+    message and formatted traceback travel always.
+    """
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    data: Optional[bytes]
+    try:
+        data = dumps(exc)
+        loads(data)
+    except Exception:
+        data = None
+    return data, type_name, message, tb_text
+
+
+def unpack_exception(packet: ExceptionPacket) -> BaseException:
+    """Rebuild a task's exception with its traceback chained; a ``TaskError`` if it cannot be."""
+    data, type_name, message, tb_text = packet
+    exc: Optional[BaseException] = None
+    if data is not None:
+        try:
+            exc = loads(data)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = TaskError(type_name, message, tb_text)
+    exc.__cause__ = RemoteTraceback(tb_text)
+    return exc

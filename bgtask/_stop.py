@@ -1,0 +1,106 @@
+"""The stop side of a task: ``StopEvent``, ``stop_event()`` and the private stop exception.
+
+A graceful task is stopped in one of two ways, chosen by the task itself::
+
+    stop request (Task.stop(), timeout, program exit, main program died)
+        |  delivered to the task process as SIGTERM
+        v
+    task called stop_event()?  --yes-->  the event is set; the task finishes on its own
+        | no
+        v
+    _StopRequest is raised in the task's main thread; its finally/with blocks run
+
+Either way, the process tree is killed from outside once ``grace`` seconds have passed. This module
+is imported by the task runtime, so it imports nothing else of bgtask.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+__all__ = ["StopEvent", "stop_event"]
+
+
+class _StopRequest(BaseException):
+    """Raised inside a graceful task that is being stopped and did not ask for its stop event.
+
+    It derives from ``BaseException`` so that the task's ``except Exception:`` blocks cannot
+    swallow it: the stop must unwind the whole function, running every ``finally`` and ``with``
+    on the way. It never leaves the task process; the main program sees ``TaskStopped``.
+    """
+
+
+class StopEvent:
+    """The flag a graceful task watches to learn that it should finish.
+
+    Get it with ``stop_event()`` inside a task. It is set when the task is asked to stop: by
+    ``Task.stop()``, its timeout, or the end or death of the main program (daemon tasks). It is
+    safe to use from any thread of the task.
+    """
+
+    __module__ = "bgtask"
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def is_set(self) -> bool:
+        """Return whether the task has been asked to stop."""
+        return self._event.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the task is asked to stop or ``timeout`` seconds pass.
+
+        Returns:
+            ``True`` if the task was asked to stop, ``False`` on timeout.
+        """
+        return self._event.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"<bgtask.StopEvent {'set' if self.is_set() else 'unset'}>"
+
+
+class _TaskState:
+    """What the running task process knows about itself; one per task process."""
+
+    __slots__ = ("event", "cooperative", "stopping", "running", "graceful", "task_id")
+
+    def __init__(self, task_id: int, graceful: bool) -> None:
+        self.event = StopEvent()
+        self.cooperative = False  # the task asked for its stop event
+        self.stopping = False  # a stop was requested
+        self.running = True  # the function has not returned yet: a stop may still be raised
+        self.graceful = graceful
+        self.task_id = task_id
+
+    def running_done(self) -> None:
+        """Mark the function as returned: from now on a stop request raises nothing."""
+        self.running = False
+
+
+_state: Optional[_TaskState] = None
+
+
+def stop_event() -> StopEvent:
+    """Return the stop event of the task this code runs in.
+
+    Calling it tells bgtask that the task stops cooperatively: when it is asked to stop, the event
+    is set and no exception is raised into it. A task that never calls it gets an exception raised
+    inside it instead, so its ``finally`` and ``with`` blocks run.
+
+    Raises:
+        BgTaskError: when called outside a task started by bgtask.
+    """
+    if _state is None:
+        from ._errors import BgTaskError
+
+        raise BgTaskError(
+            "stop_event() was called outside a bgtask task; it is only available in the process "
+            "of a function decorated with @background"
+        )
+    _state.cooperative = True
+    return _state.event
+
+
+stop_event.__module__ = "bgtask"

@@ -1,0 +1,196 @@
+"""Framing of the messages that cross process boundaries.
+
+Two kinds of channel exist::
+
+    main program  <== task channel (one socketpair per task) ==>  task process
+        |                payload one way, one outcome message back
+        |
+        +--- control socket (one per zygote) ---> zygote: spawn/signal requests, fds attached
+                                             <--- started(pid) / exited(status) reports
+
+Every message is a fixed header (kind: 1 byte, length: 8 bytes) and a body. Bodies of control
+messages and of bgtask's own task messages are pickled with the stdlib ``pickle`` and hold only
+plain data; user objects travel as cloudpickle bytes inside them. This module is imported by the
+task runtime, so it imports nothing else of bgtask.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+from typing import Any, List, Optional, Tuple
+
+HEADER = struct.Struct("!BQ")
+
+# Main program -> task.
+PAYLOAD = 1
+# Task -> main program: exactly one of these, then EOF.
+RESULT = 2  # body: cloudpickle bytes of the return value
+ERROR = 3  # body: pickle of (exception cloudpickle bytes or None, type name, message, traceback)
+STOPPED = 4  # body: pickle of the traceback text at the point the stop exception unwound
+EXITED = 5  # body: pickle of a sentence saying how the function ended the process (sys.exit...)
+FAILED = 6  # body: pickle of (what, exception bytes or None, type name, message, traceback)
+
+# Main program -> zygote.
+Z_SPAWN = 10  # body: pickle of (task id, settings dict); the task's socket attached
+Z_SIGNAL = 11  # body: pickle of (task id, signal number, whole group?)
+# Zygote -> main program.
+Z_STARTED = 20  # body: pickle of (task id, pid)
+Z_REAPED = 21  # body: pickle of (task id, exit code)
+
+
+def pack(kind: int, body: bytes) -> bytes:
+    """Frame ``body`` as one message of ``kind``."""
+    return HEADER.pack(kind, len(body)) + body
+
+
+def pack_data(kind: int, data: Any) -> bytes:
+    """Frame plain ``data`` (pickled with the stdlib) as one message of ``kind``."""
+    return pack(kind, pickle.dumps(data, pickle.HIGHEST_PROTOCOL))
+
+
+def send_message(sock: socket.socket, kind: int, body: bytes) -> None:
+    """Send one message; large bodies go without being copied into one buffer."""
+    sock.sendall(HEADER.pack(kind, len(body)))
+    if body:
+        sock.sendall(body)
+
+
+def recv_exact(sock: socket.socket, size: int) -> Optional[bytearray]:
+    """Read exactly ``size`` bytes, or return ``None`` on EOF before that."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return buf
+
+
+def recv_message(sock: socket.socket) -> Optional[Tuple[int, bytearray]]:
+    """Read one whole message (blocking); ``None`` on EOF."""
+    head = recv_exact(sock, HEADER.size)
+    if head is None:
+        return None
+    kind, size = HEADER.unpack(head)
+    body = recv_exact(sock, size)
+    if body is None:
+        return None
+    return kind, body
+
+
+def recv_message_with_fds(sock: socket.socket, maxfds: int) -> Optional[Tuple[int, bytes, List[int]]]:
+    """Read one message whose header carries file descriptors (``SCM_RIGHTS``).
+
+    The sender attaches the descriptors to the first byte of the message, and this reads the
+    header with ``recvmsg``, so descriptors always arrive with the message they belong to.
+    """
+    head = b""
+    fds: List[int] = []
+    while len(head) < HEADER.size:
+        data, ancdata, _flags, _addr = sock.recvmsg(
+            HEADER.size - len(head), socket.CMSG_SPACE(maxfds * 4)
+        )
+        for level, ctype, cdata in ancdata:
+            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                usable = len(cdata) - len(cdata) % 4
+                fds.extend(struct.unpack(f"{usable // 4}i", cdata[:usable]))
+        if not data:
+            for fd in fds:
+                _close_quietly(fd)
+            return None
+        head += data
+    kind, size = HEADER.unpack(head)
+    body = recv_exact(sock, size) if size else bytearray()
+    if body is None:
+        for fd in fds:
+            _close_quietly(fd)
+        return None
+    return kind, bytes(body), fds
+
+
+def send_message_with_fds(sock: socket.socket, kind: int, body: bytes, fds: List[int]) -> None:
+    """Send one message with ``fds`` attached to its first byte."""
+    data = pack(kind, body)
+    sent = sock.sendmsg(
+        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    )
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+class MessageReader:
+    """Incremental reader of one stream of messages; it never blocks (``MSG_DONTWAIT``).
+
+    The socket itself may stay blocking, for a sender in another thread.
+
+    The body of a message is read straight into a buffer of its final size, so a result of
+    several GiB costs one copy of its bytes here, not two.
+    """
+
+    __slots__ = ("_head", "_kind", "_body", "_view", "_got", "messages", "eof")
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._kind = 0
+        self._body: Optional[bytearray] = None
+        self._view: Optional[memoryview] = None
+        self._got = 0
+        self.messages: List[Tuple[int, bytearray]] = []
+        self.eof = False
+
+    def feed_from(self, sock: socket.socket) -> None:
+        """Read what is available now; set ``eof`` when the other end is closed."""
+        while True:
+            try:
+                if self._view is None:
+                    chunk = sock.recv(HEADER.size - len(self._head), socket.MSG_DONTWAIT)
+                    if not chunk:
+                        self.eof = True
+                        return
+                    self._head += chunk
+                    if len(self._head) == HEADER.size:
+                        self._kind, size = HEADER.unpack(self._head)
+                        self._head = bytearray()
+                        self._body = bytearray(size)
+                        self._view = memoryview(self._body)
+                        self._got = 0
+                        if size == 0:
+                            self._finish()
+                else:
+                    n = sock.recv_into(self._view[self._got :], 0, socket.MSG_DONTWAIT)
+                    if n == 0:
+                        self.eof = True
+                        return
+                    self._got += n
+                    if self._got == len(self._view):
+                        self._finish()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ECONNRESET and the like: the peer is gone
+                self.eof = True
+                return
+
+    def _finish(self) -> None:
+        assert self._body is not None and self._view is not None
+        self._view.release()
+        self.messages.append((self._kind, self._body))
+        self._body = None
+        self._view = None
+
+    @property
+    def partial(self) -> bool:
+        """Whether a message was begun but not finished."""
+        return self._view is not None or bool(self._head)
+
+
+def _close_quietly(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,298 @@
+"""The zygote: a small single-threaded process that forks task processes for one main program.
+
+::
+
+    main program --control socket--> zygote --fork--> spare (forked ahead, waiting)
+         |                              |                  | activated: gets its task socket,
+         +------- task socket ---------------------------->+ becomes the task process
+                                        |
+                                        +-- reaps tasks, reports exit codes to the main program
+                                        +-- main program gone (control socket EOF): stops daemon
+                                            tasks (SIGTERM, then SIGKILL of the group after grace)
+
+The zygote is started once, lazily, with exec (so it never inherits the main program's threads,
+locks or file descriptors), in a session of its own (so terminal signals do not reach it or its
+tasks). It has bgtask and cloudpickle imported and keeps one child forked ahead, so a call only
+hands over a socket. Being the parent of every task, it is the one process that can signal a task
+without racing pid reuse: it kills a group only while the group's leader is not yet reaped.
+
+It imports only the task runtime; it never unpickles user data itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _child, _wire
+from ._platform import set_parent_death_signal
+
+
+class _Child:
+    __slots__ = ("task_id", "pid", "daemon", "graceful", "grace", "kill_at")
+
+    def __init__(self, task_id: int, pid: int, settings: Dict[str, Any]) -> None:
+        self.task_id = task_id
+        self.pid = pid
+        self.daemon: bool = settings["daemon"]
+        self.graceful: bool = settings["graceful"]
+        self.grace: float = settings["grace"]
+        self.kill_at: Optional[float] = None
+
+
+class Zygote:
+    """The zygote's state and loop."""
+
+    def __init__(self, ctl: socket.socket) -> None:
+        self.ctl: Optional[socket.socket] = ctl
+        self.reader = _wire.MessageReader()
+        self.children: Dict[int, _Child] = {}  # by pid, until reaped
+        self.by_task: Dict[int, int] = {}  # task id -> pid, until reaped
+        self.spare: Optional[Tuple[int, socket.socket]] = None
+        self.pid = os.getpid()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.wake_w)
+        # Terminal signals never reach this session, but a stray SIGINT (kill -INT) must not
+        # kill the zygote with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self._fork_spare()
+        while self.ctl is not None or self._daemons_left():
+            readable = self._wait()
+            if self.wake_r in readable:
+                self._drain_wakeups()
+            self._reap()
+            if self.ctl is not None and self.ctl in readable:
+                self._read_control()
+            self._escalate()
+        if self.spare is not None:
+            self.spare[1].close()  # the spare sees EOF and exits
+        os._exit(0)
+
+    def _wait(self) -> List[Any]:
+        fds: List[Any] = [self.wake_r]
+        if self.ctl is not None:
+            fds.append(self.ctl)
+        deadlines = [c.kill_at for c in self.children.values() if c.kill_at is not None]
+        timeout = 1.0  # a lost SIGCHLD costs at most this; reaping never depends on it alone
+        if deadlines:
+            timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return []
+        return readable
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _daemons_left(self) -> bool:
+        return any(c.daemon for c in self.children.values())
+
+    # -- control messages -------------------------------------------------------------------
+
+    def _read_control(self) -> None:
+        assert self.ctl is not None
+        try:
+            message = _wire.recv_message_with_fds(self.ctl, 1)
+        except OSError:
+            message = None
+        if message is None:
+            self._main_program_gone()
+            return
+        kind, body, fds = message
+        if kind == _wire.Z_SPAWN:
+            task_id, settings = pickle.loads(body)
+            self._spawn(task_id, settings, fds[0])
+        elif kind == _wire.Z_SIGNAL:
+            for fd in fds:
+                os.close(fd)
+            task_id, signum, escalate_after = pickle.loads(body)
+            pid = self.by_task.get(task_id)
+            if pid is not None:
+                self._signal(self.children[pid], signum, escalate_after)
+
+    def _spawn(self, task_id: int, settings: Dict[str, Any], fd: int) -> None:
+        for _attempt in range(2):
+            if self.spare is None:
+                self._fork_spare()
+            assert self.spare is not None
+            pid, sock = self.spare
+            self.spare = None
+            try:
+                _wire.send_message_with_fds(sock, _wire.Z_SPAWN, pickle.dumps(settings), [fd])
+            except OSError:  # the spare died (killed from outside): fork another
+                sock.close()
+                continue
+            sock.close()
+            break
+        else:
+            pid = -1
+        os.close(fd)
+        if pid > 0:
+            child = _Child(task_id, pid, settings)
+            self.children[pid] = child
+            self.by_task[task_id] = pid
+        self._report(_wire.Z_STARTED, (task_id, pid))
+        # What the main program changed since the last task also holds for the next spare.
+        env = settings.get("env")
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        if settings.get("sys_path") is not None:
+            sys.path[:] = settings["sys_path"]
+        self._fork_spare()
+
+    def _signal(self, child: _Child, signum: int, escalate_after: Optional[float]) -> None:
+        try:
+            if signum == signal.SIGKILL:
+                os.killpg(child.pid, signal.SIGKILL)
+            else:
+                os.kill(child.pid, signum)
+        except OSError:
+            pass
+        if escalate_after is not None:
+            kill_at = time.monotonic() + escalate_after
+            if child.kill_at is None or kill_at < child.kill_at:
+                child.kill_at = kill_at
+
+    def _main_program_gone(self) -> None:
+        """Stop every daemon task: graceful ones get SIGTERM and ``grace`` seconds."""
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+        for child in list(self.children.values()):
+            if not child.daemon:
+                continue
+            if child.graceful:
+                self._signal(child, signal.SIGTERM, child.grace)
+            else:
+                self._signal(child, signal.SIGKILL, None)
+
+    def _escalate(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.kill_at is not None and child.kill_at <= now:
+                child.kill_at = None
+                self._signal(child, signal.SIGKILL, None)
+
+    def _report(self, kind: int, data: Any) -> None:
+        if self.ctl is None:
+            return
+        try:
+            self.ctl.sendall(_wire.pack_data(kind, data))
+        except OSError:
+            self._main_program_gone()
+
+    # -- children ---------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            pid = info.si_pid
+            child = self.children.pop(pid, None)
+            if child is not None:
+                # The leader is a zombie: its group id cannot be reused yet, so this reaches
+                # only what the task left behind in its group.
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            _, status = os.waitpid(pid, 0)
+            if child is not None:
+                del self.by_task[child.task_id]
+                self._report(_wire.Z_REAPED, (child.task_id, os.waitstatus_to_exitcode(status)))
+            elif self.spare is not None and pid == self.spare[0]:
+                self.spare[1].close()
+                self.spare = None
+
+    def _fork_spare(self) -> None:
+        if self.spare is not None or self.ctl is None:
+            return
+        mine, theirs = socket.socketpair()
+        gc.freeze()  # objects of the zygote stay in pages the tasks share, unwritten
+        pid = os.fork()
+        if pid == 0:
+            mine.close()
+            self._become_task(theirs)
+        theirs.close()
+        try:
+            os.setpgid(pid, pid)  # also done in the child: whichever runs first wins the race
+        except OSError:
+            pass
+        self.spare = (pid, mine)
+
+    def _become_task(self, sock: socket.socket) -> None:
+        """In the spare: wait to be activated, then run the task; never returns."""
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            if self.ctl is not None:
+                self.ctl.close()
+            try:
+                os.setpgid(0, 0)
+            except OSError:
+                pass
+            # A daemon task dies with its zygote; the zygote itself outlives the main program
+            # only to stop its daemon tasks gracefully.
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self.pid:
+                os._exit(0)
+            gc.unfreeze()
+            _child.prepare_process()
+            message = _wire.recv_message_with_fds(sock, 1)
+            sock.close()
+            if message is None:
+                os._exit(0)
+            _kind, body, fds = message
+            settings = pickle.loads(body)
+            if not settings["daemon"]:
+                set_parent_death_signal(0)
+            task_sock = socket.socket(fileno=fds[0])
+            task_sock.set_inheritable(False)
+        except BaseException:
+            os._exit(1)
+        _child.run(task_sock, settings, prepared=True)
+
+
+def main(ctl_fd: int) -> None:
+    """Entry point of the zygote process; ``ctl_fd`` is its control socket."""
+    ctl = socket.socket(fileno=ctl_fd)
+    ctl.set_inheritable(False)
+    boot = _wire.recv_message(ctl)
+    if boot is None:
+        os._exit(0)
+    config = pickle.loads(boot[1])
+    sys.path[:] = config["sys_path"]
+    set_parent_death_signal(0)  # loads libc here once, not in every task
+    for name in config.get("preload", ()):
+        try:
+            __import__(name)
+        except BaseException as exc:  # noqa: BLE001 (report any failure, keep serving)
+            print(f"bgtask: could not preload {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    Zygote(ctl).serve()
