@@ -138,7 +138,7 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
         return 1
     except BaseException as exc:
         state.running_done()
-        _send(sock, _wire.ERROR, _data(pack_exception(exc)))
+        _send(sock, _wire.ERROR, _data(pack_exception(exc.with_traceback(_user_frames(exc.__traceback__)))))
         return 0
     state.running_done()
     del fn, args, kwargs
@@ -180,8 +180,15 @@ def _is_awaitable(value: Any) -> bool:
 def _report_stopped(sock: socket.socket, stop: _StopRequest) -> None:
     import traceback
 
-    where = "".join(traceback.format_tb(stop.__traceback__))
-    _send(sock, _wire.STOPPED, _data(where))
+    frames = [f for f in traceback.extract_tb(_user_frames(stop.__traceback__)) if f.filename != __file__]
+    _send(sock, _wire.STOPPED, _data("".join(traceback.format_list(frames))))
+
+
+def _user_frames(tb: Any) -> Any:
+    """Skip the runtime's own frames at the top of a traceback: the user's code starts below."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
 
 
 def _finish(settings: Settings, state: _TaskState) -> None:

@@ -34,6 +34,8 @@ Settings = Dict[str, Any]
 
 # How long the exit procedure waits for a zygote to exit after its control socket closed.
 ZYGOTE_EXIT_WAIT_S = 2.0
+# How soon to look again for the exit status of a process whose sentinel fired.
+REAP_RETRY_S = 0.001
 
 
 class Watch:
@@ -293,7 +295,9 @@ class _ZygoteHandle:
         try:
             self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
         except Exception:
-            pass
+            pass  # it still stops its daemon tasks on its own, then exits
+        _monitor.get().remove_reader(self.ctl)
+        self.ctl.close()
 
     def close_in_child(self) -> None:
         try:
@@ -347,13 +351,21 @@ class MultiprocessingLauncher:
         _send_payload(mine, payload)
         monitor = _monitor.get()
 
-        def on_exit() -> None:
-            monitor.remove_reader(process.sentinel)
+        def reap() -> None:
             process.join(0)
+            if process.exitcode is None:
+                # The sentinel closes while the process exits, a moment before it can be
+                # reaped: look again very soon rather than block the monitor.
+                monitor.call_at(time.monotonic() + REAP_RETRY_S, reap)
+                return
             watch.exitcode = process.exitcode
             watch.reaped = True
             process.close()  # releases its descriptors now, not when the handle is collected
             _maybe_finish(watch)
+
+        def on_exit() -> None:
+            monitor.remove_reader(process.sentinel)
+            reap()
 
         monitor.add_reader(process.sentinel, on_exit)
         _attach(watch, mine)

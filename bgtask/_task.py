@@ -141,7 +141,8 @@ class Task(Generic[R]):
         ``done()`` or ``exitcode`` afterwards when a timeout was given.
         """
         self._check_owner()
-        self._check_not_monitor()
+        if not self._exited:
+            self._check_not_monitor()
         self._wait_finished(timeout)
 
     def stop(self, timeout: Optional[float] = None) -> None:
@@ -156,7 +157,8 @@ class Task(Generic[R]):
             TimeoutError: the process was not gone within ``timeout`` seconds.
         """
         self._check_owner()
-        self._check_not_monitor()
+        if not self._exited:
+            self._check_not_monitor()
         self._request_stop("stop")
         if not self._wait_finished(timeout):
             raise TimeoutError(f"task {self._name!r} (pid {self._pid}) was not gone within {timeout} s")
@@ -185,7 +187,8 @@ class Task(Generic[R]):
             Exception: whatever the function raised, with the task's traceback as its cause.
         """
         self._check_owner()
-        self._check_not_monitor()
+        if self._state != _FINISHED:
+            self._check_not_monitor()
         if not self._wait_outcome(timeout):
             raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
         error = self._unpack()
@@ -200,7 +203,8 @@ class Task(Generic[R]):
             TimeoutError: the task did not finish within ``timeout`` seconds.
         """
         self._check_owner()
-        self._check_not_monitor()
+        if self._state != _FINISHED:
+            self._check_not_monitor()
         if not self._wait_outcome(timeout):
             raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
         return self._unpack()
@@ -426,9 +430,7 @@ class Task(Generic[R]):
             reason = self._stop_reason or "stop"
             error = TaskStopped(
                 f"task {self._name!r} (pid {self._pid}) was stopped {_STOP_REASONS.get(reason, '')} "
-                f"before it finished; its process {describe_exit(self._exitcode)}".replace(
-                    "  ", " "
-                ),
+                f"before it finished (exit code {self._exitcode})",
                 reason=reason,
                 exitcode=self._exitcode,
                 pid=self._pid,

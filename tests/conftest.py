@@ -1,0 +1,73 @@
+"""Shared fixtures: start methods, and the guard that no test leaves a process or fd behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from typing import Iterator, Optional
+
+import pytest
+
+import bgtask
+from bgtask import _launch, _lifecycle, _monitor
+
+from .helpers import descendants, describe_pids, fd_count, wait_until
+
+START_METHODS = [None, "fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=START_METHODS, ids=lambda m: m or "zygote")
+def start_method(request: pytest.FixtureRequest) -> Iterator[Optional[str]]:
+    """Each start method: bgtask's zygote (the default) and the three of multiprocessing."""
+    method = request.param
+    if method == "fork":
+        # The test process has threads (bgtask's monitor); fork warns about that on 3.12+,
+        # and that warning is the user's to see, not a test failure.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
+            yield method
+    else:
+        yield method
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _multiprocessing_helpers() -> None:
+    """Start multiprocessing's own long-lived helpers once, so they do not count as leaks."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    forkserver.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves a task running, a process behind, or descriptors open."""
+    _launch.shutdown_all()
+    _monitor.get()  # started once per process; its descriptors are not a leak
+    before_fds = fd_count()
+    yield
+    live = wait_until(lambda: not _lifecycle.live_tasks(), timeout=15)
+    leftover_tasks = _lifecycle.live_tasks()
+    for task in leftover_tasks:
+        task.kill()
+    # The exit procedure, as at the end of a program: this also ends the zygote.
+    _lifecycle.shutdown()
+    gone = wait_until(lambda: not descendants(), timeout=15)
+    stray = descendants()
+    for pid in stray:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert live, f"tasks still running after the test: {leftover_tasks}"
+    assert gone, f"processes left behind: {describe_pids(stray)}"
+    # Descriptors are released when tasks finish, not when handles are collected.
+    assert wait_until(lambda: fd_count() <= before_fds, timeout=10), (
+        f"descriptors leaked: {before_fds} before, {fd_count()} after"
+    )
+
+
+def pytest_report_header() -> str:
+    return f"bgtask {bgtask.__version__}, python {sys.version.split()[0]}"

@@ -1,0 +1,218 @@
+"""Helpers for tests that start real processes: deadlines, process trees, scripts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Set
+
+# Every wait in the tests is a deadline, never a fixed sleep: generous, because the machines
+# that run the tests are shared and slow at times; a passing test returns as soon as it can.
+DEADLINE_S = 20.0
+POLL_S = 0.01
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE_S) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(POLL_S)
+
+
+def _stat(pid: int) -> Optional[List[str]]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    return data[data.rindex(")") + 2 :].split()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    fields = _stat(pid)
+    if fields is not None:
+        return fields[0] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _helper_pids() -> Set[int]:
+    """Long-lived helper processes of multiprocessing itself, which outlive every test."""
+    pids: Set[int] = set()
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if forkserver is not None:
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if pid:
+            pids.add(pid)
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    if tracker is not None:
+        pid = getattr(tracker._resource_tracker, "_pid", None)
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def descendants(root: Optional[int] = None) -> List[int]:
+    """Live descendants of ``root`` (this process by default), minus multiprocessing's helpers."""
+    root = os.getpid() if root is None else root
+    children: Dict[int, List[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat(int(name))
+            if fields is not None and fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(name))
+    helpers = _helper_pids()
+    found: List[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)  # a helper's children (forkserver tasks) still count
+            if child not in helpers:
+                found.append(child)
+    return found
+
+
+def describe_pids(pids: List[int]) -> str:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = "?"
+        out.append(f"{pid}: {cmd[:120]}")
+    return "; ".join(out) or "none"
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def zombie_children() -> List[int]:
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat(int(name))
+            if fields is not None and fields[1] == me and fields[0] == "Z":
+                found.append(int(name))
+    return found
+
+
+def write_script(tmp_path: Path, source: str, name: str = "script.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def script_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_script(
+    tmp_path: Path, source: str, *, timeout: float = 60, args: Optional[List[str]] = None, **kwargs: object
+) -> "subprocess.CompletedProcess[str]":
+    """Run ``source`` as a script in a new Python process and wait for it."""
+    path = write_script(tmp_path, source)
+    return subprocess.run(
+        [sys.executable, str(path), *(args or [])],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=script_env(),
+        cwd=str(tmp_path),
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+class Script:
+    """A script running in its own session, read line by line, killed at the end if needed."""
+
+    def __init__(self, tmp_path: Path, source: str, **kwargs: object) -> None:
+        path = write_script(tmp_path, source)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=script_env(),
+            cwd=str(tmp_path),
+            start_new_session=True,
+            **kwargs,  # type: ignore[call-overload]
+        )
+
+    def readline(self, timeout: float = DEADLINE_S) -> str:
+        """The next line of stdout (a handshake), or fail after ``timeout``."""
+        import selectors
+
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                raise AssertionError(f"no line from the script within {timeout} s")
+            return self.proc.stdout.readline().strip()
+        finally:
+            sel.close()
+
+    def expect(self, prefix: str, timeout: float = DEADLINE_S) -> str:
+        """Read lines until one starts with ``prefix``; return the rest of it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.readline(max(0.1, deadline - time.monotonic()))
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+            if not line and self.proc.poll() is not None:
+                raise AssertionError(f"script ended before {prefix!r}; stderr: {self.stderr()}")
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        if self.proc.poll() is None:
+            return "<still running>"
+        return self.proc.stderr.read()
+
+    def wait(self, timeout: float = DEADLINE_S) -> int:
+        return self.proc.wait(timeout)
+
+    def signal_group(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait(DEADLINE_S)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def kill_quietly(pids: List[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -1,0 +1,176 @@
+"""The public surface: names, docstrings, the decorator's shapes and options, the handle."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import time
+
+import pytest
+
+import bgtask
+from bgtask import BgTaskError, SerializationError, Task, background
+
+EXPECTED = {
+    "Background",
+    "BgTaskError",
+    "SerializationError",
+    "StopEvent",
+    "Task",
+    "TaskCrashed",
+    "TaskError",
+    "TaskStopped",
+    "background",
+    "stop_event",
+}
+
+
+def test_all_is_the_documented_api() -> None:
+    """`bgtask.__all__` lists exactly the public names."""
+    assert set(bgtask.__all__) == EXPECTED
+
+
+def test_public_names_have_docstrings_and_module() -> None:
+    """Every public name has a docstring and reports `bgtask` as its module."""
+    for name in bgtask.__all__:
+        obj = getattr(bgtask, name)
+        assert inspect.getdoc(obj), name
+        assert obj.__module__ == "bgtask", name
+
+
+def test_exception_tree() -> None:
+    """Errors derive from BgTaskError; SerializationError is also a TypeError."""
+    for name in ("TaskCrashed", "TaskStopped", "TaskError", "SerializationError"):
+        assert issubclass(getattr(bgtask, name), BgTaskError)
+    assert issubclass(SerializationError, TypeError)
+
+
+def add(a: int, b: int = 1) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+def test_bare_decorator_keeps_metadata_and_is_not_daemon() -> None:
+    """Bare @background keeps the function's name, doc, signature and __wrapped__."""
+    wrapped = background(add)
+    assert wrapped.__name__ == "add"
+    assert wrapped.__doc__ == "Add two numbers."
+    assert wrapped.__wrapped__ is add
+    assert inspect.signature(wrapped) == inspect.signature(add)
+    assert wrapped.is_daemon is False
+
+
+def test_called_decorator_sets_daemon() -> None:
+    """@background(daemon=True) marks the function and its tasks as daemons."""
+    wrapped = background(daemon=True)(add)
+    assert wrapped.is_daemon is True
+    task = wrapped(1, 2)
+    assert task.is_daemon is True
+    assert task.result(timeout=30) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"daemon": 1}, TypeError),
+        ({"graceful": "yes"}, TypeError),
+        ({"grace": -1}, ValueError),
+        ({"grace": "5"}, ValueError),
+        ({"timeout": 0}, ValueError),
+        ({"name": 3}, TypeError),
+        ({"start_method": "threads"}, ValueError),
+    ],
+)
+def test_bad_options_fail_at_decoration(options: dict, error: type) -> None:
+    """A bad option fails when decorating, with the option's name in the message."""
+    with pytest.raises(error, match=next(iter(options))):
+        background(**options)
+
+
+def test_call_returns_a_task_at_once() -> None:
+    """Calling starts a process and returns its handle with name, pid and a done state."""
+    @background(name="adder")
+    def slow_add(a: int, b: int) -> int:
+        return a + b
+
+    task = slow_add(2, 3)
+    assert isinstance(task, Task)
+    assert task.name == "adder"
+    assert isinstance(task.pid, int)
+    assert task.result(timeout=30) == 5
+    task.join(timeout=30)
+    assert task.done()
+    assert not task.is_alive()
+    assert task.exitcode == 0
+
+
+def test_default_name_is_the_qualified_name() -> None:
+    """A task is named after its function's qualified name."""
+    task = background(add)(1)
+    assert task.name == "add"
+    task.join(30)
+
+
+def test_repr_tells_the_state() -> None:
+    """`repr(task)` names the task, its pid and its state."""
+    @background
+    def sleeper() -> None:
+        time.sleep(3600)
+
+    task = sleeper()
+    pid = task.pid
+    text = repr(task)
+    assert text.startswith("<bgtask.Task ") and "running" in text and f"pid={pid}" in text
+    task.kill()
+    task.join(30)
+    assert "stopped by kill()" in repr(task)
+
+
+def test_task_handle_cannot_be_pickled() -> None:
+    """A Task belongs to the process that started it: pickling it is a clear error."""
+    task = background(add)(1)
+    with pytest.raises(BgTaskError, match="cannot be sent to another process"):
+        pickle.dumps(task)
+    task.join(30)
+
+
+def test_passing_a_handle_to_a_task_fails_at_the_call() -> None:
+    """Sending a handle as an argument fails at the call, naming the argument."""
+    first = background(add)(1)
+    with pytest.raises(SerializationError, match="positional argument 0"):
+        background(add)(first)
+    first.join(30)
+
+
+def test_stop_event_outside_a_task_is_an_error() -> None:
+    """stop_event() outside a task raises BgTaskError."""
+    with pytest.raises(BgTaskError, match="outside a bgtask task"):
+        bgtask.stop_event()
+
+
+def test_join_on_the_decorated_function_waits_for_all() -> None:
+    """`fn.join()` waits for every task the function started."""
+    @background
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    tasks = [nap(0.05 * i) for i in range(4)]
+    nap.join(timeout=60)
+    assert all(not t.is_alive() for t in tasks)
+    assert [t.result(0) for t in tasks] == [0.0, 0.05, 0.1, 0.15000000000000002]
+
+
+class Counter:
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    @background
+    def plus(self, n: int) -> int:
+        return self.start + n
+
+
+def test_methods_get_their_instance() -> None:
+    """A decorated method runs with its instance, pickled by value."""
+    assert Counter(10).plus(5).result(timeout=30) == 15
+    assert Counter.plus.is_daemon is False

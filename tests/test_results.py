@@ -1,0 +1,304 @@
+"""Results and errors coming back: values, exceptions, crashes, pickling failures, big data."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import sys
+import threading
+from typing import Any, Optional
+
+import pytest
+
+from bgtask import (
+    BgTaskError,
+    SerializationError,
+    TaskCrashed,
+    TaskError,
+    background,
+)
+
+
+def test_every_kind_of_function_runs(start_method: Optional[str]) -> None:
+    """Plain, nested, closure and lambda functions all run under every start method."""
+    factor = 3
+
+    def nested(x: int) -> int:
+        return x * factor
+
+    run = background(start_method=start_method)
+    tasks = [run(nested)(2), run(lambda: factor + 1)(), run(divmod)(7, 2)]
+    assert [t.result(timeout=60) for t in tasks] == [6, 4, (3, 1)]
+
+
+def test_exception_comes_back_as_itself_with_the_remote_traceback(start_method: Optional[str]) -> None:
+    """The task's own exception type is re-raised, the child traceback chained as cause."""
+    @background(start_method=start_method)
+    def fail(value: int) -> None:
+        raise KeyError(value)
+
+    task = fail(42)
+    with pytest.raises(KeyError) as info:
+        task.result(timeout=60)
+    assert info.value.args == (42,)
+    cause = info.value.__cause__
+    assert type(cause).__name__ == "RemoteTraceback"
+    assert "in fail" in str(cause) and "raise KeyError(value)" in str(cause)
+    assert "bgtask/_child.py" not in str(cause)
+    assert isinstance(task.exception(0), KeyError)
+
+
+def test_os_exit_is_a_crash_with_its_exit_code(start_method: Optional[str]) -> None:
+    """os._exit(3) gives exitcode 3 and TaskCrashed saying so."""
+    @background(start_method=start_method)
+    def leave() -> None:
+        os._exit(3)
+
+    task = leave()
+    with pytest.raises(TaskCrashed, match="exited with code 3") as info:
+        task.result(timeout=60)
+    assert info.value.exitcode == 3 and info.value.signal is None
+    task.join(30)
+    assert task.exitcode == 3
+
+
+def test_self_sigkill_is_a_crash_naming_the_signal(start_method: Optional[str]) -> None:
+    """A task killed by SIGKILL has exitcode -9; the error names SIGKILL and the OOM killer."""
+    @background(start_method=start_method)
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    task = die()
+    with pytest.raises(TaskCrashed, match="SIGKILL.*out-of-memory") as info:
+        task.result(timeout=60)
+    assert info.value.exitcode == -signal.SIGKILL
+    assert info.value.signal == signal.SIGKILL
+    assert task.exitcode == -signal.SIGKILL
+
+
+def test_sys_exit_is_a_crash_saying_so() -> None:
+    """sys.exit(7) in a task gives exitcode 7 and TaskCrashed naming sys.exit."""
+    @background
+    def leave() -> None:
+        sys.exit(7)
+
+    task = leave()
+    with pytest.raises(TaskCrashed, match=r"sys\.exit\(7\)"):
+        task.result(timeout=60)
+    assert task.exitcode == 7
+
+
+def test_keyboard_interrupt_in_a_task_does_not_reach_the_caller() -> None:
+    """An escaping KeyboardInterrupt becomes TaskCrashed, never a KeyboardInterrupt here."""
+    @background
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    task = interrupt()
+    with pytest.raises(TaskCrashed, match="KeyboardInterrupt"):
+        task.result(timeout=60)
+    assert task.exitcode == 1
+
+
+def test_unpicklable_argument_fails_at_the_call_naming_it() -> None:
+    """A lock as argument fails at the call, before any process starts, naming it."""
+    @background
+    def use(a: Any, *, lock: Any = None) -> None:
+        pass
+
+    with pytest.raises(SerializationError, match=r"keyword argument 'lock' \(a _thread\.lock\)"):
+        use(1, lock=threading.Lock())
+    with pytest.raises(SerializationError, match="positional argument 0"):
+        use(threading.Lock())
+
+
+def test_unpicklable_captured_variable_is_named() -> None:
+    """A closure capturing a lock fails at the call, naming the captured variable."""
+    guard = threading.Lock()
+
+    @background
+    def use() -> None:
+        with guard:
+            pass
+
+    with pytest.raises(SerializationError, match="variable 'guard' captured by"):
+        use()
+
+
+def test_unpicklable_result_is_a_clear_error(start_method: Optional[str]) -> None:
+    """A returned lock raises SerializationError naming its type; the process exits normally."""
+    @background(start_method=start_method)
+    def give_lock() -> Any:
+        return threading.Lock()
+
+    task = give_lock()
+    with pytest.raises(SerializationError, match=r"_thread\.lock"):
+        task.result(timeout=60)
+    task.join(30)
+    assert task.exitcode == 0
+
+
+class NeedsArgs(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def test_exception_that_cannot_be_unpickled_becomes_a_task_error() -> None:
+    """An exception whose __init__ needs arguments comes back as TaskError with its text."""
+    @background
+    def fail() -> None:
+        raise NeedsArgs(1, 2)
+
+    with pytest.raises(TaskError) as info:
+        fail().result(timeout=60)
+    assert info.value.type_name.endswith("NeedsArgs")
+    assert info.value.message == "1-2"
+    assert "raise NeedsArgs(1, 2)" in info.value.remote_traceback
+
+
+def test_exception_that_cannot_be_pickled_becomes_a_task_error() -> None:
+    """An exception holding a lock comes back as TaskError, without hanging."""
+    @background
+    def fail() -> None:
+        error = RuntimeError("holds a lock")
+        error.lock = threading.Lock()  # type: ignore[attr-defined]
+        raise error
+
+    with pytest.raises(TaskError, match="RuntimeError: holds a lock"):
+        fail().result(timeout=60)
+
+
+def test_missing_module_in_the_task_is_reported() -> None:
+    """A function that cannot be unpickled in the task raises BgTaskError with the ImportError."""
+    import types
+
+    module = types.ModuleType("bgtask_test_ghost_module")
+    exec("def ghost():\n    return 1\n", module.__dict__)
+    sys.modules["bgtask_test_ghost_module"] = module  # pickled by reference, absent in the task
+    try:
+        task = background(module.ghost)()
+        with pytest.raises(BgTaskError, match="could not unpickle its function") as info:
+            task.result(timeout=60)
+        assert isinstance(info.value.__cause__, ImportError)
+    finally:
+        del sys.modules["bgtask_test_ghost_module"]
+
+
+def test_64_mib_result_does_not_deadlock(start_method: Optional[str]) -> None:
+    """A 64 MiB result comes back whole, and join() before result() does not deadlock."""
+    @background(start_method=start_method)
+    def big() -> bytes:
+        return b"x" * (64 * 1024 * 1024)
+
+    task = big()
+    task.join(timeout=120)
+    assert not task.is_alive()
+    value = task.result(0)
+    assert len(value) == 64 * 1024 * 1024 and value[:1] == b"x"
+
+
+def test_large_argument_arrives_whole() -> None:
+    """A 32 MiB argument reaches the task intact."""
+    @background
+    def size(data: bytes) -> int:
+        return len(data)
+
+    assert size(b"y" * (32 * 1024 * 1024)).result(timeout=120) == 32 * 1024 * 1024
+
+
+def test_result_timeout_is_the_builtin_timeout_error() -> None:
+    """result(timeout) raises TimeoutError while the task runs."""
+    @background
+    def wait_forever() -> None:
+        threading.Event().wait()
+
+    task = wait_forever()
+    with pytest.raises(TimeoutError):
+        task.result(timeout=0.05)
+    task.kill()
+    task.join(30)
+
+
+def test_coroutine_functions_run_under_asyncio() -> None:
+    """An async function's result is its awaited value."""
+    @background
+    async def compute() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    assert compute().result(timeout=60) == 7
+
+
+def test_await_a_task() -> None:
+    """`await task` gives the result inside asyncio."""
+    @background
+    def square(x: int) -> int:
+        return x * x
+
+    async def main() -> int:
+        return await square(9)
+
+    assert asyncio.run(main()) == 81
+
+
+def test_cancelling_the_awaiting_coroutine_stops_the_task() -> None:
+    """asyncio cancellation (wait_for timeout) stops the task's process."""
+    @background
+    def wait_forever() -> None:
+        threading.Event().wait()
+
+    task = wait_forever()
+
+    async def main() -> None:
+        await asyncio.wait_for(task, timeout=0.2)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(main())
+    task.join(timeout=30)
+    assert task.exitcode == -signal.SIGKILL
+
+
+def test_future_view_works_with_concurrent_futures() -> None:
+    """`task.future` works with concurrent.futures.wait and as_completed."""
+    @background
+    def ident(x: int) -> int:
+        return x
+
+    tasks = [ident(i) for i in range(5)]
+    done, _ = concurrent.futures.wait([t.future for t in tasks], timeout=60)
+    assert len(done) == 5
+    results = sorted(f.result() for f in concurrent.futures.as_completed([t.future for t in tasks]))
+    assert results == list(range(5))
+
+
+def test_done_callbacks_get_the_task() -> None:
+    """add_done_callback calls back with the task, also when added after it finished."""
+    seen = []
+    finished = threading.Event()
+
+    @background
+    def one() -> int:
+        return 1
+
+    task = one()
+    task.add_done_callback(lambda t: (seen.append(t.result(0)), finished.set()))
+    assert finished.wait(60)
+    task.add_done_callback(lambda t: seen.append(t))
+    assert seen == [1, task]
+
+
+def test_task_sees_environment_and_cwd_of_its_call(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each task sees os.environ and the working directory as they were at its call."""
+    @background
+    def look() -> Any:
+        return os.environ.get("BGTASK_TEST_VALUE"), os.getcwd()
+
+    monkeypatch.setenv("BGTASK_TEST_VALUE", "first")
+    assert look().result(timeout=60) == ("first", os.getcwd())
+    monkeypatch.setenv("BGTASK_TEST_VALUE", "second")
+    monkeypatch.chdir(tmp_path)
+    assert look().result(timeout=60) == ("second", str(tmp_path))
+    monkeypatch.delenv("BGTASK_TEST_VALUE")
+    assert look().result(timeout=60) == (None, str(tmp_path))

@@ -1,0 +1,250 @@
+"""Stopping a task: graceful and not, escalation after grace, timeouts, the whole tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from bgtask import TaskStopped, background, stop_event
+
+from .helpers import pid_alive, wait_until
+
+
+def _marker(tmp_path: Path, name: str) -> Path:
+    return tmp_path / name
+
+
+def test_graceful_task_sees_its_stop_event(start_method: Optional[str], tmp_path: Path) -> None:
+    """A graceful task that watches stop_event() finishes on its own; its return value counts."""
+    ready = _marker(tmp_path, "ready")
+
+    @background(graceful=True, start_method=start_method)
+    def loop() -> str:
+        event = stop_event()
+        ready.touch()
+        while not event.is_set():
+            event.wait(0.05)
+        return "finished cleanly"
+
+    task = loop()
+    assert wait_until(ready.exists)
+    task.stop(timeout=60)
+    assert task.result(0) == "finished cleanly"
+    assert task.exitcode == 0
+
+
+def test_graceful_task_runs_finally_on_stop(start_method: Optional[str], tmp_path: Path) -> None:
+    """A graceful task that ignores its event gets an exception; its finally block runs."""
+    ready, cleaned = _marker(tmp_path, "ready"), _marker(tmp_path, "cleaned")
+
+    @background(graceful=True, start_method=start_method)
+    def work() -> None:
+        try:
+            ready.touch()
+            threading.Event().wait()
+        finally:
+            cleaned.touch()
+
+    task = work()
+    assert wait_until(ready.exists)
+    task.stop(timeout=60)
+    assert cleaned.exists()
+    with pytest.raises(TaskStopped, match="stopped by stop") as info:
+        task.result(0)
+    assert info.value.reason == "stop"
+    assert "threading.Event().wait()" in str(info.value.__cause__)
+    assert task.exitcode == -signal.SIGTERM
+
+
+def test_except_exception_cannot_swallow_the_stop(tmp_path: Path) -> None:
+    """The stop exception passes through `except Exception` blocks in the task."""
+    ready, cleaned = _marker(tmp_path, "ready"), _marker(tmp_path, "cleaned")
+
+    @background(graceful=True)
+    def stubborn() -> None:
+        try:
+            while True:
+                try:
+                    ready.touch()
+                    time.sleep(3600)
+                except Exception:
+                    pass
+        finally:
+            cleaned.touch()
+
+    task = stubborn()
+    assert wait_until(ready.exists)
+    task.stop(timeout=60)
+    assert cleaned.exists()
+    assert task.exitcode == -signal.SIGTERM
+
+
+def test_non_graceful_stop_kills_at_once(start_method: Optional[str], tmp_path: Path) -> None:
+    """A task without graceful=True is killed by stop(): no finally, exitcode -9."""
+    ready, cleaned = _marker(tmp_path, "ready"), _marker(tmp_path, "cleaned")
+
+    @background(start_method=start_method)
+    def work() -> None:
+        try:
+            ready.touch()
+            threading.Event().wait()
+        finally:
+            cleaned.touch()
+
+    task = work()
+    assert wait_until(ready.exists)
+    task.stop(timeout=60)
+    assert not cleaned.exists()
+    assert task.exitcode == -signal.SIGKILL
+    with pytest.raises(TaskStopped):
+        task.result(0)
+
+
+def test_task_ignoring_sigterm_is_killed_after_grace(start_method: Optional[str], tmp_path: Path) -> None:
+    """A graceful task that ignores SIGTERM is killed after its grace; stop() returns then."""
+    ready = _marker(tmp_path, "ready")
+
+    @background(graceful=True, grace=0.5, start_method=start_method)
+    def deaf() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ready.touch()
+        threading.Event().wait()
+
+    task = deaf()
+    assert wait_until(ready.exists)
+    started = time.monotonic()
+    task.stop(timeout=60)
+    elapsed = time.monotonic() - started
+    assert task.exitcode == -signal.SIGKILL
+    assert elapsed >= 0.5  # the grace was given, not cut short
+    with pytest.raises(TaskStopped):
+        task.result(0)
+
+
+def test_timeout_stops_the_task() -> None:
+    """timeout= stops a task that runs too long; result() raises TaskStopped(reason='timeout')."""
+    @background(timeout=0.2)
+    def forever() -> None:
+        threading.Event().wait()
+
+    task = forever()
+    with pytest.raises(TaskStopped, match="by its timeout") as info:
+        task.result(timeout=60)
+    assert info.value.reason == "timeout"
+
+
+def test_kill_is_immediate_and_does_not_wait() -> None:
+    """kill() sends SIGKILL to the group; join() then sees exitcode -9."""
+    @background(graceful=True)
+    def forever() -> None:
+        threading.Event().wait()
+
+    task = forever()
+    task.pid  # noqa: B018 (wait until it runs)
+    task.kill()
+    task.join(timeout=60)
+    assert task.exitcode == -signal.SIGKILL
+
+
+def test_stop_after_the_end_does_nothing() -> None:
+    """stop() and kill() on a finished task return at once and change nothing."""
+    task = background(lambda: 5)()
+    task.join(timeout=60)
+    task.stop()
+    task.kill()
+    assert task.result(0) == 5 and task.exitcode == 0
+
+
+def test_stop_kills_subprocess_grandchildren(start_method: Optional[str], tmp_path: Path) -> None:
+    """Stopping a task also ends the processes it started with subprocess."""
+    pid_file = _marker(tmp_path, "grandchild")
+
+    @background(graceful=True, grace=1.0, start_method=start_method)
+    def parent() -> None:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        pid_file.write_text(str(child.pid))
+        threading.Event().wait()
+
+    task = parent()
+    assert wait_until(lambda: pid_file.exists() and pid_file.read_text())
+    grandchild = int(pid_file.read_text())
+    assert pid_alive(grandchild)
+    task.stop(timeout=60)
+    assert wait_until(lambda: not pid_alive(grandchild), timeout=5)
+
+
+def test_stop_kills_grandchildren_left_by_a_finished_task(tmp_path: Path) -> None:
+    """Processes a task leaves in its group end when the task ends."""
+    @background
+    def leave_child() -> int:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]).pid
+
+    task = leave_child()
+    grandchild = task.result(timeout=60)
+    task.join(60)
+    assert wait_until(lambda: not pid_alive(grandchild), timeout=5)
+
+
+def test_stop_event_is_usable_from_threads_of_the_task() -> None:
+    """The stop event can be waited for from any thread of the task."""
+    @background(graceful=True)
+    def threaded() -> bool:
+        event = stop_event()
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(event.wait(60)))
+        worker.start()
+        worker.join()
+        return seen == [True]
+
+    task = threaded()
+    task.pid  # noqa: B018
+    time.sleep(0)  # the stop may arrive before the thread waits; it is seen either way
+    task.stop(timeout=60)
+    assert task.result(0) is True
+
+
+def test_stop_before_the_task_reaches_its_event(tmp_path: Path) -> None:
+    """A stop that arrives before the task asked for its event still ends the task."""
+    @background(graceful=True)
+    def late() -> Any:
+        time.sleep(3600)
+        return stop_event()
+
+    task = late()
+    task.stop(timeout=60)
+    with pytest.raises(TaskStopped):
+        task.result(0)
+
+
+def test_stop_from_many_threads_at_once() -> None:
+    """Concurrent stop() calls on one task all return once it is gone."""
+    @background(graceful=True, grace=2)
+    def forever() -> None:
+        threading.Event().wait()
+
+    task = forever()
+    task.pid  # noqa: B018
+    threads = [threading.Thread(target=task.stop, kwargs={"timeout": 60}) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not task.is_alive()
+
+
+def test_pid_is_its_own_process_group() -> None:
+    """Each task leads its own process group (so that the group can be stopped whole)."""
+    @background
+    def groups() -> Any:
+        return os.getpid(), os.getpgrp()
+
+    pid, pgrp = groups().result(timeout=60)
+    assert pid == pgrp
