@@ -365,6 +365,12 @@ class MultiprocessingLauncher:
 
         def on_exit() -> None:
             monitor.remove_reader(process.sentinel)
+            # The leader is exiting and not yet reaped (this process is its parent, except
+            # under forkserver), so its group id is still its own: end what it left behind.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
             reap()
 
         monitor.add_reader(process.sentinel, on_exit)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set
@@ -135,12 +137,12 @@ def run_script(
 ) -> "subprocess.CompletedProcess[str]":
     """Run ``source`` as a script in a new Python process and wait for it."""
     path = write_script(tmp_path, source)
+    kwargs.setdefault("env", script_env())
     return subprocess.run(
         [sys.executable, str(path), *(args or [])],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=script_env(),
         cwd=str(tmp_path),
         **kwargs,  # type: ignore[call-overload]
     )
@@ -151,30 +153,33 @@ class Script:
 
     def __init__(self, tmp_path: Path, source: str, **kwargs: object) -> None:
         path = write_script(tmp_path, source)
+        kwargs.setdefault("env", script_env())
         self.proc = subprocess.Popen(
             [sys.executable, str(path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=script_env(),
             cwd=str(tmp_path),
             start_new_session=True,
             **kwargs,  # type: ignore[call-overload]
         )
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
 
     def readline(self, timeout: float = DEADLINE_S) -> str:
-        """The next line of stdout (a handshake), or fail after ``timeout``."""
-        import selectors
-
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        """The next line of stdout (a handshake), or fail after ``timeout``; "" at EOF."""
         try:
-            if not sel.select(timeout):
-                raise AssertionError(f"no line from the script within {timeout} s")
-            return self.proc.stdout.readline().strip()
-        finally:
-            sel.close()
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line from the script within {timeout:.1f} s") from None
+        return "" if line is None else line.strip()
 
     def expect(self, prefix: str, timeout: float = DEADLINE_S) -> str:
         """Read lines until one starts with ``prefix``; return the rest of it."""
@@ -183,7 +188,7 @@ class Script:
             line = self.readline(max(0.1, deadline - time.monotonic()))
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
-            if not line and self.proc.poll() is not None:
+            if not line and self.proc.poll() is not None and self._lines.empty():
                 raise AssertionError(f"script ended before {prefix!r}; stderr: {self.stderr()}")
 
     def stderr(self) -> str:
@@ -205,6 +210,7 @@ class Script:
             except OSError:
                 pass
             self.proc.wait(DEADLINE_S)
+        self._reader.join(DEADLINE_S)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

@@ -193,20 +193,22 @@ def test_stop_kills_grandchildren_left_by_a_finished_task(tmp_path: Path) -> Non
     assert wait_until(lambda: not pid_alive(grandchild), timeout=5)
 
 
-def test_stop_event_is_usable_from_threads_of_the_task() -> None:
+def test_stop_event_is_usable_from_threads_of_the_task(tmp_path: Path) -> None:
     """The stop event can be waited for from any thread of the task."""
+    ready = _marker(tmp_path, "ready")
+
     @background(graceful=True)
     def threaded() -> bool:
         event = stop_event()
         seen = []
         worker = threading.Thread(target=lambda: seen.append(event.wait(60)))
         worker.start()
+        ready.touch()
         worker.join()
         return seen == [True]
 
     task = threaded()
-    task.pid  # noqa: B018
-    time.sleep(0)  # the stop may arrive before the thread waits; it is seen either way
+    assert wait_until(ready.exists)
     task.stop(timeout=60)
     assert task.result(0) is True
 
