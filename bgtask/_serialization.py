@@ -12,6 +12,9 @@ name; an exception that cannot make the round trip is replaced, in the task, by 
 
 from __future__ import annotations
 
+import collections
+import io
+import marshal
 import pickle
 import traceback
 import types
@@ -26,9 +29,26 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 ExceptionPacket = Tuple[Optional[bytes], str, str, str]
 
 
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+    """cloudpickle, keeping the file name of code pickled by value.
+
+    cloudpickle 3 replaces it with ``<dynamic-code>`` to make payloads deterministic; a task's
+    traceback would then show neither the file nor the source line of the user's code. Code
+    objects travel with ``marshal`` instead, which keeps every field (the task runs the same
+    interpreter, so the format matches).
+    """
+
+    dispatch_table = collections.ChainMap(
+        {types.CodeType: lambda code: (marshal.loads, (marshal.dumps(code),))},
+        cloudpickle.CloudPickler.dispatch_table,
+    )
+
+
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` with cloudpickle."""
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+    return buffer.getvalue()
 
 
 def loads(data: Any) -> Any:

@@ -1,0 +1,23 @@
+"""Every example runs on its own and ends by itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT, script_env
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs_and_ends(path: Path) -> None:
+    """The example exits 0 within its deadline, with nothing on stderr."""
+    result = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=script_env()
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
