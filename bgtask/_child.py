@@ -105,7 +105,9 @@ def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) 
             pass
     if settings.get("watch_parent") and settings["daemon"]:
         threading.Thread(
-            target=_watch_parent, args=(sock, state, settings["grace"]), name="bgtask-parent-watch",
+            target=_watch_parent,
+            args=(sock, state, settings["grace"]),
+            name="bgtask-parent-watch",
             daemon=True,
         ).start()
 
@@ -120,7 +122,7 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
     except BaseException as exc:
         if isinstance(exc, _StopRequest):
             raise
-        _send(sock, _wire.FAILED, _data(("load",) + pack_exception(exc)))
+        _send(sock, _wire.FAILED, _data(("load", *pack_exception(exc))))
         return 1
     del body, message
     try:
@@ -147,7 +149,7 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
     except BaseException as exc:
         packet = pack_exception(exc)
         what = f"the return value (a {type(value).__module__}.{type(value).__qualname__})"
-        _send(sock, _wire.FAILED, _data(("result", what) + packet[1:]))
+        _send(sock, _wire.FAILED, _data(("result", what, *packet[1:])))
         return 0
     del value
     _send(sock, _wire.RESULT, data)
@@ -195,7 +197,7 @@ def _finish(settings: Settings, state: _TaskState) -> None:
     """Do what a normal interpreter exit would, bounded: nested tasks, atexit, streams."""
     lifecycle = sys.modules.get("bgtask._lifecycle")
     if lifecycle is not None:
-        lifecycle.shutdown()  # type: ignore[attr-defined]
+        lifecycle.shutdown()
     if settings.get("run_atexit", True):
         import atexit
 

@@ -44,7 +44,7 @@ class Background(Generic[P, R]):
         self,
         fn: Callable[P, R],
         options: Dict[str, Any],
-        started: "Optional[weakref.WeakSet[Task[Any]]]" = None,
+        started: Optional[weakref.WeakSet[Task[Any]]] = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
@@ -155,7 +155,8 @@ def _check_options(options: Dict[str, Any]) -> None:
         raise ValueError(f"background(): grace must be a number of seconds >= 0, not {grace!r}")
     options["grace"] = float(grace)
     timeout = options["timeout"]
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if timeout is not None and not (number and timeout > 0):
         raise ValueError(f"background(): timeout must be None or a number of seconds > 0, not {timeout!r}")
     if options["name"] is not None and not isinstance(options["name"], str):
         raise TypeError(f"background(): name must be a str or None, not {type(options['name']).__name__}")

@@ -81,9 +81,7 @@ class TaskStopped(BgTaskError):
 
     __module__ = "bgtask"
 
-    def __init__(
-        self, message: str, *, reason: str, exitcode: Optional[int], pid: Optional[int]
-    ) -> None:
+    def __init__(self, message: str, *, reason: str, exitcode: Optional[int], pid: Optional[int]) -> None:
         super().__init__(message)
         self.reason = reason
         self.exitcode = exitcode
@@ -151,9 +149,7 @@ def _rebuild_crashed(message: str, exitcode: Optional[int], pid: Optional[int]) 
     return TaskCrashed(message, exitcode=exitcode, pid=pid)
 
 
-def _rebuild_stopped(
-    message: str, reason: str, exitcode: Optional[int], pid: Optional[int]
-) -> TaskStopped:
+def _rebuild_stopped(message: str, reason: str, exitcode: Optional[int], pid: Optional[int]) -> TaskStopped:
     return TaskStopped(message, reason=reason, exitcode=exitcode, pid=pid)
 
 
@@ -184,7 +180,7 @@ def describe_exit(exitcode: Optional[int]) -> str:
         return "ended, exit status unknown"
     sig = _signal_of(exitcode)
     if sig is not None:
-        return _CAUSES.get(sig, f"killed by {sig.name}")  # type: ignore[call-overload]
+        return _CAUSES.get(sig, f"killed by {sig.name}")
     if exitcode < 0:
         return f"killed by signal {-exitcode}"
     return f"exited with code {exitcode}"

@@ -23,6 +23,7 @@ import os
 import pickle
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ REAP_RETRY_S = 0.001
 class Watch:
     """What the monitor tracks for one task process until it is reaped."""
 
-    __slots__ = ("task", "sock", "reader", "exitcode", "reaped", "launcher_lost", "process")
+    __slots__ = ("exitcode", "launcher_lost", "process", "reader", "reaped", "sock", "task")
 
     def __init__(self, task: Any) -> None:
         self.task = task
@@ -112,7 +113,7 @@ def _environ_snapshot() -> Dict[Any, Any]:
 class ZygoteLauncher:
     """Start tasks through this process's zygote, started on first use and again if it dies."""
 
-    def __init__(self, preload: "tuple[str, ...]" = ()) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
         self._lock = threading.Lock()
         self._zygote: Optional[_ZygoteHandle] = None
         self.preload = preload
@@ -145,7 +146,7 @@ class ZygoteLauncher:
         zygote = task._launcher_data
         zygote.send(_wire.Z_SIGNAL, (task.id, signum, escalate_after))
 
-    def _get(self) -> "_ZygoteHandle":
+    def _get(self) -> _ZygoteHandle:
         with self._lock:
             if self._zygote is None or not self._zygote.alive or self._zygote.owner != os.getpid():
                 self._zygote = _ZygoteHandle(self.preload)
@@ -170,9 +171,7 @@ _BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import ma
 class _ZygoteHandle:
     """The main program's end of one zygote process."""
 
-    def __init__(self, preload: "tuple[str, ...]") -> None:
-        import subprocess
-
+    def __init__(self, preload: tuple[str, ...]) -> None:
         self.owner = os.getpid()
         self.alive = True
         self.lock = threading.Lock()
@@ -245,7 +244,10 @@ class _ZygoteHandle:
         for kind, body in messages:
             task_id, value = pickle.loads(body)
             with self.lock:
-                watch = self.watches.get(task_id) if kind == _wire.Z_STARTED else self.watches.pop(task_id, None)
+                if kind == _wire.Z_STARTED:
+                    watch = self.watches.get(task_id)
+                else:
+                    watch = self.watches.pop(task_id, None)
             if watch is None:
                 continue
             if kind == _wire.Z_STARTED:
@@ -274,7 +276,7 @@ class _ZygoteHandle:
             self.ctl.close()
             try:
                 self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 pass
             for watch in watches:
                 watch.launcher_lost = True
@@ -294,7 +296,7 @@ class _ZygoteHandle:
             pass
         try:
             self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
-        except Exception:
+        except subprocess.TimeoutExpired:
             pass  # it still stops its daemon tasks on its own, then exits
         _monitor.get().remove_reader(self.ctl)
         self.ctl.close()
@@ -319,7 +321,7 @@ class MultiprocessingLauncher:
         import multiprocessing
 
         self.method = method
-        self.context = multiprocessing.get_context(method)
+        self.context: Any = multiprocessing.get_context(method)
 
     def start(self, task: Any, settings: Settings, payload: bytes) -> None:
         settings["watch_parent"] = True

@@ -75,7 +75,7 @@ def shutdown() -> None:
     try:
         _wait_for_non_daemons()
         _stop_daemons()
-    except BaseException:  # an exit hook must not die halfway and leave tasks running
+    except BaseException:  # noqa: BLE001 (an exit hook must not die halfway, leaving tasks running)
         for task in live_tasks():
             task._request_stop("exit", hard=True)
     _launch.shutdown_all()

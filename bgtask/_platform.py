@@ -52,7 +52,7 @@ def set_parent_death_signal(signum: int) -> bool:
         return False
 
 
-def close_fds_except(keep: "set[int]") -> None:
+def close_fds_except(keep: set[int]) -> None:
     """Close every descriptor above stderr that is not in ``keep`` (best effort)."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd" if IS_LINUX else "/dev/fd")]

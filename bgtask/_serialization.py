@@ -18,7 +18,7 @@ import marshal
 import pickle
 import traceback
 import types
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import cloudpickle
 
@@ -38,7 +38,7 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
     interpreter, so the format matches).
     """
 
-    dispatch_table = collections.ChainMap(
+    dispatch_table: ClassVar[Any] = collections.ChainMap(
         {types.CodeType: lambda code: (marshal.loads, (marshal.dumps(code),))},
         cloudpickle.CloudPickler.dispatch_table,
     )

@@ -64,7 +64,7 @@ class StopEvent:
 class _TaskState:
     """What the running task process knows about itself; one per task process."""
 
-    __slots__ = ("event", "cooperative", "stopping", "running", "graceful", "task_id")
+    __slots__ = ("cooperative", "event", "graceful", "running", "stopping", "task_id")
 
     def __init__(self, task_id: int, graceful: bool) -> None:
         self.event = StopEvent()

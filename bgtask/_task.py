@@ -96,8 +96,8 @@ class Task(Generic[R]):
         self._value: Any = None
         self._error: Optional[BaseException] = None
         self._unpacked = False
-        self._callbacks: List[Callable[["Task[R]"], object]] = []
-        self._future: Optional["concurrent.futures.Future[R]"] = None
+        self._callbacks: List[Callable[[Task[R]], object]] = []
+        self._future: Optional[concurrent.futures.Future[R]] = None
         # Set by the launcher.
         self._launcher: Any = None
         self._launcher_data: Any = None
@@ -209,7 +209,7 @@ class Task(Generic[R]):
             raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
         return self._unpack()
 
-    def add_done_callback(self, fn: Callable[["Task[R]"], object]) -> None:
+    def add_done_callback(self, fn: Callable[[Task[R]], object]) -> None:
         """Call ``fn(task)`` when the task finishes.
 
         It is called in bgtask's monitor thread, or at once in this thread if the task has
@@ -223,7 +223,7 @@ class Task(Generic[R]):
         _run_callback(fn, self)
 
     @property
-    def future(self) -> "concurrent.futures.Future[R]":
+    def future(self) -> concurrent.futures.Future[R]:
         """A ``concurrent.futures.Future`` that follows this task (for ``wait``, ``as_completed``).
 
         Cancelling it does nothing (a running future cannot be cancelled); use ``stop()``.
@@ -253,7 +253,7 @@ class Task(Generic[R]):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
 
-        def wake(_task: "Task[R]") -> None:
+        def wake(_task: Task[R]) -> None:
             def set_done() -> None:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -377,9 +377,12 @@ class Task(Generic[R]):
 
             logging.getLogger("bgtask").warning(
                 "bgtask: task %r (pid %s) did not stop within its grace of %s s; its process group "
-                "was killed", self._name, self._pid, self._grace,
+                "was killed",
+                self._name,
+                self._pid,
+                self._grace,
             )
-        callbacks: List[Callable[["Task[R]"], object]] = []
+        callbacks: List[Callable[[Task[R]], object]] = []
         with self._cond:
             self._exitcode = exitcode if exitcode is not None else _guess_exitcode(outcome)
             self._exited = True
@@ -414,10 +417,11 @@ class Task(Generic[R]):
 
     def _decode(self) -> Tuple[Any, Optional[BaseException]]:
         outcome, body = self._outcome, self._body
+        error: BaseException
         if outcome == "returned":
             try:
                 return loads(body), None
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (unpickling user data may raise anything)
                 error = SerializationError(
                     f"the return value of task {self._name!r} could not be unpickled here: "
                     f"{type(exc).__name__}: {exc}"
@@ -450,8 +454,7 @@ class Task(Generic[R]):
                 return None, error
             value_desc, type_name, message, tb_text = packet
             error = SerializationError(
-                f"task {self._name!r} returned {value_desc}, which cannot be pickled: "
-                f"{type_name}: {message}"
+                f"task {self._name!r} returned {value_desc}, which cannot be pickled: {type_name}: {message}"
             )
             error.__cause__ = RemoteTraceback(tb_text)
             return None, error
@@ -464,9 +467,7 @@ class Task(Generic[R]):
         )
 
 
-def _classify(
-    messages: List[Tuple[int, Any]], stop_reason: Optional[str], partial: bool
-) -> Tuple[str, Any]:
+def _classify(messages: List[Tuple[int, Any]], stop_reason: Optional[str], partial: bool) -> Tuple[str, Any]:
     """Turn what the task sent into (outcome, body); see the module docstring."""
     if messages:
         kind, body = messages[0]
@@ -502,7 +503,7 @@ def _run_callback(fn: Callable[[Any], object], task: Any) -> None:
         logging.getLogger("bgtask").exception("bgtask: done-callback %r of %r raised", fn, task)
 
 
-def _resolve_future(task: "Task[Any]") -> None:
+def _resolve_future(task: Task[Any]) -> None:
     future = task._future
     assert future is not None
     error = task._unpack()

@@ -91,9 +91,7 @@ def recv_message_with_fds(sock: socket.socket, maxfds: int) -> Optional[Tuple[in
     head = b""
     fds: List[int] = []
     while len(head) < HEADER.size:
-        data, ancdata, _flags, _addr = sock.recvmsg(
-            HEADER.size - len(head), socket.CMSG_SPACE(maxfds * 4)
-        )
+        data, ancdata, _flags, _addr = sock.recvmsg(HEADER.size - len(head), socket.CMSG_SPACE(maxfds * 4))
         for level, ctype, cdata in ancdata:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                 usable = len(cdata) - len(cdata) % 4
@@ -115,9 +113,7 @@ def recv_message_with_fds(sock: socket.socket, maxfds: int) -> Optional[Tuple[in
 def send_message_with_fds(sock: socket.socket, kind: int, body: bytes, fds: List[int]) -> None:
     """Send one message with ``fds`` attached to its first byte."""
     data = pack(kind, body)
-    sent = sock.sendmsg(
-        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-    )
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
     if sent < len(data):
         sock.sendall(data[sent:])
 
@@ -131,7 +127,7 @@ class MessageReader:
     several GiB costs one copy of its bytes here, not two.
     """
 
-    __slots__ = ("_head", "_kind", "_body", "_view", "_got", "messages", "eof")
+    __slots__ = ("_body", "_got", "_head", "_kind", "_view", "eof", "messages")
 
     def __init__(self) -> None:
         self._head = bytearray()
@@ -175,7 +171,8 @@ class MessageReader:
                 return
 
     def _finish(self) -> None:
-        assert self._body is not None and self._view is not None
+        assert self._body is not None
+        assert self._view is not None
         self._view.release()
         self.messages.append((self._kind, self._body))
         self._body = None

@@ -36,7 +36,7 @@ from ._platform import set_parent_death_signal
 
 
 class _Child:
-    __slots__ = ("task_id", "pid", "daemon", "graceful", "grace", "kill_at")
+    __slots__ = ("daemon", "grace", "graceful", "kill_at", "pid", "task_id")
 
     def __init__(self, task_id: int, pid: int, settings: Dict[str, Any]) -> None:
         self.task_id = task_id
@@ -293,6 +293,6 @@ def main(ctl_fd: int) -> None:
     for name in config.get("preload", ()):
         try:
             __import__(name)
-        except BaseException as exc:  # noqa: BLE001 (report any failure, keep serving)
+        except BaseException as exc:  # report any failure, keep serving
             print(f"bgtask: could not preload {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
     Zygote(ctl).serve()

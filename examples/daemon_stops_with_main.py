@@ -1,6 +1,6 @@
 """A daemon task stops when the main program ends: no orphan is left behind.
 
-    python examples/daemon_stops_with_main.py
+python examples/daemon_stops_with_main.py
 """
 
 import threading

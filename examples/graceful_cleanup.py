@@ -1,6 +1,6 @@
 """A daemon whose ``finally`` is skipped, and the same with ``graceful=True``, where it runs.
 
-    python examples/graceful_cleanup.py
+python examples/graceful_cleanup.py
 """
 
 import tempfile

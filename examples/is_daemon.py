@@ -1,6 +1,6 @@
 """Reading ``.is_daemon`` on the decorated function and on its tasks.
 
-    python examples/is_daemon.py
+python examples/is_daemon.py
 """
 
 from bgtask import background

@@ -42,4 +42,5 @@ if __name__ == "__main__":
     result = work(1000).result()
     print(f"work done: {result}")
     task.stop()
-    print(f"logger wrote {task.result()} heartbeats to {path}; last line: {path.read_text().splitlines()[-1]!r}")
+    last = path.read_text().splitlines()[-1]
+    print(f"logger wrote {task.result()} heartbeats to {path}; last line: {last!r}")

@@ -1,6 +1,6 @@
 """Results and errors coming back from task processes.
 
-    python examples/results_and_errors.py
+python examples/results_and_errors.py
 """
 
 import os

@@ -26,7 +26,9 @@ def start_method(request: pytest.FixtureRequest) -> Iterator[Optional[str]]:
         # The test process has threads (bgtask's monitor); fork warns about that on 3.12+,
         # and that warning is the user's to see, not a test failure.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
+            )
             yield method
     else:
         yield method

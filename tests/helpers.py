@@ -134,11 +134,11 @@ def script_env() -> Dict[str, str]:
 
 def run_script(
     tmp_path: Path, source: str, *, timeout: float = 60, args: Optional[List[str]] = None, **kwargs: object
-) -> "subprocess.CompletedProcess[str]":
+) -> subprocess.CompletedProcess[str]:
     """Run ``source`` as a script in a new Python process and wait for it."""
     path = write_script(tmp_path, source)
     kwargs.setdefault("env", script_env())
-    return subprocess.run(
+    return subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
         [sys.executable, str(path), *(args or [])],
         capture_output=True,
         text=True,
@@ -163,7 +163,7 @@ class Script:
             start_new_session=True,
             **kwargs,  # type: ignore[call-overload]
         )
-        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._lines: queue.Queue[Optional[str]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -89,6 +89,7 @@ def test_bad_options_fail_at_decoration(options: dict, error: type) -> None:
 
 def test_call_returns_a_task_at_once() -> None:
     """Calling starts a process and returns its handle with name, pid and a done state."""
+
     @background(name="adder")
     def slow_add(a: int, b: int) -> int:
         return a + b
@@ -113,6 +114,7 @@ def test_default_name_is_the_qualified_name() -> None:
 
 def test_repr_tells_the_state() -> None:
     """`repr(task)` names the task, its pid and its state."""
+
     @background
     def sleeper() -> None:
         time.sleep(3600)
@@ -120,7 +122,9 @@ def test_repr_tells_the_state() -> None:
     task = sleeper()
     pid = task.pid
     text = repr(task)
-    assert text.startswith("<bgtask.Task ") and "running" in text and f"pid={pid}" in text
+    assert text.startswith("<bgtask.Task ")
+    assert "running" in text
+    assert f"pid={pid}" in text
     task.kill()
     task.join(30)
     assert "stopped by kill()" in repr(task)
@@ -150,6 +154,7 @@ def test_stop_event_outside_a_task_is_an_error() -> None:
 
 def test_join_on_the_decorated_function_waits_for_all() -> None:
     """`fn.join()` waits for every task the function started."""
+
     @background
     def nap(seconds: float) -> float:
         time.sleep(seconds)

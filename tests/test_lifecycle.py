@@ -138,7 +138,8 @@ print("PID", d.pid, flush=True)
     assert result.returncode == code
     assert (tmp_path / "cleanup-ran").exists()
     if code == 1:
-        assert result.stderr.count("Traceback") == 1 and "main failed" in result.stderr
+        assert result.stderr.count("Traceback") == 1
+        assert "main failed" in result.stderr
     else:
         assert result.stderr == ""
     assert not pid_alive(int(result.stdout.split()[1]))
@@ -181,7 +182,7 @@ def test_daemons_stop_when_main_is_killed(tmp_path: Path, how: str) -> None:
         assert (tmp_path / "cleanup-ran").exists()
         assert (tmp_path / "cooperative-saw-stop").exists()
         # Non-daemon tasks run to their end, as in the stdlib.
-        assert wait_until(lambda: (tmp_path / "worker-done").exists(), timeout=15)
+        assert wait_until((tmp_path / "worker-done").exists, timeout=15)
         assert wait_until(lambda: not pid_alive(worker_pid), timeout=10)
         assert plain_gone < 5.0  # typically a few milliseconds; generous on a loaded machine
     finally:
@@ -211,7 +212,8 @@ threading.Event().wait()
         code = script.wait(30)
         stderr = script.stderr()
         assert code != 0
-        assert stderr.count("Traceback") == 1 and "KeyboardInterrupt" in stderr, stderr
+        assert stderr.count("Traceback") == 1, stderr
+        assert "KeyboardInterrupt" in stderr
         assert (tmp_path / "worker-done").exists()  # the exit still waited for the worker
         assert (tmp_path / "cleanup-ran").exists()
         assert not any(pid_alive(p) for p in daemons)
@@ -397,7 +399,7 @@ def test_functions_from_dash_c_and_stdin(where: str) -> None:
     """Functions defined in `python -c` or read from stdin run in tasks."""
     source = "from bgtask import background\nk = 5\nprint(background(lambda: k * 2)().result(30))\n"
     args = [sys.executable, "-c", source] if where == "-c" else [sys.executable, "-"]
-    result = subprocess.run(
+    result = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
         args,
         input=None if where == "-c" else source,
         capture_output=True,
@@ -412,7 +414,7 @@ def test_functions_from_dash_c_and_stdin(where: str) -> None:
 
 def test_interactive_session_functions(tmp_path: Path) -> None:
     """A function typed at an interactive prompt runs in a task."""
-    result = subprocess.run(
+    result = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
         [sys.executable, "-i", "-q"],
         input="from bgtask import background\ndef triple(x):\n    return 3 * x\n\n"
         "print('OUT', background(triple)(4).result(30))\n",

@@ -35,6 +35,7 @@ def test_every_kind_of_function_runs(start_method: Optional[str]) -> None:
 
 def test_exception_comes_back_as_itself_with_the_remote_traceback(start_method: Optional[str]) -> None:
     """The task's own exception type is re-raised, the child traceback chained as cause."""
+
     @background(start_method=start_method)
     def fail(value: int) -> None:
         raise KeyError(value)
@@ -45,13 +46,15 @@ def test_exception_comes_back_as_itself_with_the_remote_traceback(start_method: 
     assert info.value.args == (42,)
     cause = info.value.__cause__
     assert type(cause).__name__ == "RemoteTraceback"
-    assert "in fail" in str(cause) and "raise KeyError(value)" in str(cause)
+    assert "in fail" in str(cause)
+    assert "raise KeyError(value)" in str(cause)
     assert "bgtask/_child.py" not in str(cause)
     assert isinstance(task.exception(0), KeyError)
 
 
 def test_os_exit_is_a_crash_with_its_exit_code(start_method: Optional[str]) -> None:
     """os._exit(3) gives exitcode 3 and TaskCrashed saying so."""
+
     @background(start_method=start_method)
     def leave() -> None:
         os._exit(3)
@@ -59,19 +62,21 @@ def test_os_exit_is_a_crash_with_its_exit_code(start_method: Optional[str]) -> N
     task = leave()
     with pytest.raises(TaskCrashed, match="exited with code 3") as info:
         task.result(timeout=60)
-    assert info.value.exitcode == 3 and info.value.signal is None
+    assert info.value.exitcode == 3
+    assert info.value.signal is None
     task.join(30)
     assert task.exitcode == 3
 
 
 def test_self_sigkill_is_a_crash_naming_the_signal(start_method: Optional[str]) -> None:
     """A task killed by SIGKILL has exitcode -9; the error names SIGKILL and the OOM killer."""
+
     @background(start_method=start_method)
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     task = die()
-    with pytest.raises(TaskCrashed, match="SIGKILL.*out-of-memory") as info:
+    with pytest.raises(TaskCrashed, match=r"SIGKILL.*out-of-memory") as info:
         task.result(timeout=60)
     assert info.value.exitcode == -signal.SIGKILL
     assert info.value.signal == signal.SIGKILL
@@ -80,6 +85,7 @@ def test_self_sigkill_is_a_crash_naming_the_signal(start_method: Optional[str]) 
 
 def test_sys_exit_is_a_crash_saying_so() -> None:
     """sys.exit(7) in a task gives exitcode 7 and TaskCrashed naming sys.exit."""
+
     @background
     def leave() -> None:
         sys.exit(7)
@@ -92,6 +98,7 @@ def test_sys_exit_is_a_crash_saying_so() -> None:
 
 def test_keyboard_interrupt_in_a_task_does_not_reach_the_caller() -> None:
     """An escaping KeyboardInterrupt becomes TaskCrashed, never a KeyboardInterrupt here."""
+
     @background
     def interrupt() -> None:
         raise KeyboardInterrupt
@@ -104,6 +111,7 @@ def test_keyboard_interrupt_in_a_task_does_not_reach_the_caller() -> None:
 
 def test_unpicklable_argument_fails_at_the_call_naming_it() -> None:
     """A lock as argument fails at the call, before any process starts, naming it."""
+
     @background
     def use(a: Any, *, lock: Any = None) -> None:
         pass
@@ -129,6 +137,7 @@ def test_unpicklable_captured_variable_is_named() -> None:
 
 def test_unpicklable_result_is_a_clear_error(start_method: Optional[str]) -> None:
     """A returned lock raises SerializationError naming its type; the process exits normally."""
+
     @background(start_method=start_method)
     def give_lock() -> Any:
         return threading.Lock()
@@ -147,6 +156,7 @@ class NeedsArgs(Exception):
 
 def test_exception_that_cannot_be_unpickled_becomes_a_task_error() -> None:
     """An exception whose __init__ needs arguments comes back as TaskError with its text."""
+
     @background
     def fail() -> None:
         raise NeedsArgs(1, 2)
@@ -160,6 +170,7 @@ def test_exception_that_cannot_be_unpickled_becomes_a_task_error() -> None:
 
 def test_exception_that_cannot_be_pickled_becomes_a_task_error() -> None:
     """An exception holding a lock comes back as TaskError, without hanging."""
+
     @background
     def fail() -> None:
         error = RuntimeError("holds a lock")
@@ -188,6 +199,7 @@ def test_missing_module_in_the_task_is_reported() -> None:
 
 def test_64_mib_result_does_not_deadlock(start_method: Optional[str]) -> None:
     """A 64 MiB result comes back whole, and join() before result() does not deadlock."""
+
     @background(start_method=start_method)
     def big() -> bytes:
         return b"x" * (64 * 1024 * 1024)
@@ -196,11 +208,13 @@ def test_64_mib_result_does_not_deadlock(start_method: Optional[str]) -> None:
     task.join(timeout=120)
     assert not task.is_alive()
     value = task.result(0)
-    assert len(value) == 64 * 1024 * 1024 and value[:1] == b"x"
+    assert len(value) == 64 * 1024 * 1024
+    assert value[:1] == b"x"
 
 
 def test_large_argument_arrives_whole() -> None:
     """A 32 MiB argument reaches the task intact."""
+
     @background
     def size(data: bytes) -> int:
         return len(data)
@@ -210,6 +224,7 @@ def test_large_argument_arrives_whole() -> None:
 
 def test_result_timeout_is_the_builtin_timeout_error() -> None:
     """result(timeout) raises TimeoutError while the task runs."""
+
     @background
     def wait_forever() -> None:
         threading.Event().wait()
@@ -223,6 +238,7 @@ def test_result_timeout_is_the_builtin_timeout_error() -> None:
 
 def test_coroutine_functions_run_under_asyncio() -> None:
     """An async function's result is its awaited value."""
+
     @background
     async def compute() -> int:
         await asyncio.sleep(0)
@@ -233,6 +249,7 @@ def test_coroutine_functions_run_under_asyncio() -> None:
 
 def test_await_a_task() -> None:
     """`await task` gives the result inside asyncio."""
+
     @background
     def square(x: int) -> int:
         return x * x
@@ -245,6 +262,7 @@ def test_await_a_task() -> None:
 
 def test_cancelling_the_awaiting_coroutine_stops_the_task() -> None:
     """asyncio cancellation (wait_for timeout) stops the task's process."""
+
     @background
     def wait_forever() -> None:
         threading.Event().wait()
@@ -262,6 +280,7 @@ def test_cancelling_the_awaiting_coroutine_stops_the_task() -> None:
 
 def test_future_view_works_with_concurrent_futures() -> None:
     """`task.future` works with concurrent.futures.wait and as_completed."""
+
     @background
     def ident(x: int) -> int:
         return x
@@ -285,12 +304,13 @@ def test_done_callbacks_get_the_task() -> None:
     task = one()
     task.add_done_callback(lambda t: (seen.append(t.result(0)), finished.set()))
     assert finished.wait(60)
-    task.add_done_callback(lambda t: seen.append(t))
+    task.add_done_callback(seen.append)
     assert seen == [1, task]
 
 
 def test_task_sees_environment_and_cwd_of_its_call(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each task sees os.environ and the working directory as they were at its call."""
+
     @background
     def look() -> Any:
         return os.environ.get("BGTASK_TEST_VALUE"), os.getcwd()

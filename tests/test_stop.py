@@ -131,6 +131,7 @@ def test_task_ignoring_sigterm_is_killed_after_grace(start_method: Optional[str]
 
 def test_timeout_stops_the_task() -> None:
     """timeout= stops a task that runs too long; result() raises TaskStopped(reason='timeout')."""
+
     @background(timeout=0.2)
     def forever() -> None:
         threading.Event().wait()
@@ -143,6 +144,7 @@ def test_timeout_stops_the_task() -> None:
 
 def test_kill_is_immediate_and_does_not_wait() -> None:
     """kill() sends SIGKILL to the group; join() then sees exitcode -9."""
+
     @background(graceful=True)
     def forever() -> None:
         threading.Event().wait()
@@ -160,7 +162,8 @@ def test_stop_after_the_end_does_nothing() -> None:
     task.join(timeout=60)
     task.stop()
     task.kill()
-    assert task.result(0) == 5 and task.exitcode == 0
+    assert task.result(0) == 5
+    assert task.exitcode == 0
 
 
 def test_stop_kills_subprocess_grandchildren(start_method: Optional[str], tmp_path: Path) -> None:
@@ -183,6 +186,7 @@ def test_stop_kills_subprocess_grandchildren(start_method: Optional[str], tmp_pa
 
 def test_stop_kills_grandchildren_left_by_a_finished_task(tmp_path: Path) -> None:
     """Processes a task leaves in its group end when the task ends."""
+
     @background
     def leave_child() -> int:
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]).pid
@@ -215,6 +219,7 @@ def test_stop_event_is_usable_from_threads_of_the_task(tmp_path: Path) -> None:
 
 def test_stop_before_the_task_reaches_its_event(tmp_path: Path) -> None:
     """A stop that arrives before the task asked for its event still ends the task."""
+
     @background(graceful=True)
     def late() -> Any:
         time.sleep(3600)
@@ -228,6 +233,7 @@ def test_stop_before_the_task_reaches_its_event(tmp_path: Path) -> None:
 
 def test_stop_from_many_threads_at_once() -> None:
     """Concurrent stop() calls on one task all return once it is gone."""
+
     @background(graceful=True, grace=2)
     def forever() -> None:
         threading.Event().wait()
@@ -244,6 +250,7 @@ def test_stop_from_many_threads_at_once() -> None:
 
 def test_pid_is_its_own_process_group() -> None:
     """Each task leads its own process group (so that the group can be stopped whole)."""
+
     @background
     def groups() -> Any:
         return os.getpid(), os.getpgrp()

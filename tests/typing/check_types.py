@@ -1,0 +1,49 @@
+"""Static checks of bgtask's types: run `mypy tests/typing` (it is not a pytest module)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Callable, Optional
+
+from typing_extensions import assert_type
+
+from bgtask import Background, StopEvent, Task, background, stop_event
+
+
+@background
+def add(a: int, b: int = 1) -> int:
+    return a + b
+
+
+@background(daemon=True, graceful=True, grace=2.0, name="logger", timeout=None)
+def log(path: str) -> None:
+    event = stop_event()
+    assert_type(event, StopEvent)
+    assert_type(event.wait(1.0), bool)
+
+
+def check() -> None:
+    as_callable: Callable[[int], Task[int]] = add
+    assert isinstance(as_callable, Background)
+    task = add(1, b=2)
+    assert_type(task, Task[int])
+    assert_type(task.result(), int)
+    assert_type(task.result(timeout=1.0), int)
+    assert_type(task.exception(), Optional[BaseException])
+    assert_type(task.pid, Optional[int])
+    assert_type(task.exitcode, Optional[int])
+    assert_type(task.is_daemon, bool)
+    assert_type(task.done(), bool)
+    assert_type(task.future, concurrent.futures.Future[int])
+    assert_type(log("app.log"), Task[None])
+    assert_type(add.is_daemon, bool)
+    add.join(timeout=1.0)
+    add("one")  # type: ignore[arg-type]
+    add(1, 2, 3)  # type: ignore[call-arg]
+
+
+async def check_async() -> None:
+    value = await add(1)
+    assert_type(value, int)
+    await asyncio.sleep(0)
