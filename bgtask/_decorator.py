@@ -82,6 +82,11 @@ class Background(Generic[P, R]):
             return self
         return Background(types.MethodType(self._fn, instance), self._options, self._started)
 
+    def __reduce__(self) -> Any:
+        # A task may call background functions too: it gets the function and its options, not
+        # the handles of the tasks started here.
+        return (Background, (self._fn, self._options))
+
     def __repr__(self) -> str:
         kind = "daemon" if self.is_daemon else "non-daemon"
         return f"<bgtask.Background {getattr(self._fn, '__qualname__', self._fn)!r} {kind}>"

@@ -179,3 +179,17 @@ def test_methods_get_their_instance() -> None:
     """A decorated method runs with its instance, pickled by value."""
     assert Counter(10).plus(5).result(timeout=30) == 15
     assert Counter.plus.is_daemon is False
+
+
+def test_a_background_function_travels_without_its_handles() -> None:
+    """A background function used inside a task arrives without the caller's task handles."""
+    inner = background(add)
+    first = inner(1)
+    first.join(30)
+
+    @background
+    def outer() -> int:
+        return inner(41).result(30)
+
+    assert outer().result(timeout=60) == 42
+    assert first.result(0) == 2

@@ -1,0 +1,119 @@
+"""Many tasks: no growth in descriptors, threads or zombies; concurrency without mix-ups."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, List, Optional
+
+import pytest
+
+from bgtask import Task, TaskCrashed, background
+
+from .helpers import descendants, fd_count, zombie_children
+
+
+def _zombies_among_descendants() -> List[int]:
+    zombies = []
+    for pid in [os.getpid(), *descendants()]:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == "Z":
+                zombies.append(child)
+    return zombies
+
+
+def _make_ident() -> Callable[[int], int]:
+    # Defined in a function, so it travels by value: a task then needs no import of this
+    # test module (which would import pytest in every task).
+    def ident(i: int) -> int:
+        return i
+
+    return ident
+
+
+_ident = _make_ident()
+ident = background(_ident)
+
+
+def test_300_tasks_in_a_row_leak_nothing() -> None:
+    """300 tasks, handles kept: open fds, threads and zombies stay at their baseline."""
+    ident(0).join(60)  # start the zygote and the monitor before the baseline
+    fds, threads = fd_count(), threading.active_count()
+    tasks: List[Task[int]] = []
+    for i in range(300):
+        task = ident(i)
+        assert task.result(timeout=60) == i
+        task.join(60)
+        tasks.append(task)
+    assert fd_count() <= fds
+    assert threading.active_count() == threads
+    assert zombie_children() == []
+    assert _zombies_among_descendants() == []
+    assert all(t.exitcode == 0 for t in tasks)
+
+
+def test_multiprocessing_start_methods_leak_nothing(start_method: Optional[str]) -> None:
+    """40 tasks under each start method release their descriptors."""
+    run = background(start_method=start_method)(_ident)
+    run(0).join(60)
+    fds = fd_count()
+    tasks = [run(i) for i in range(40)]
+    assert [t.result(timeout=60) for t in tasks] == list(range(40))
+    for task in tasks:
+        task.join(60)
+    assert fd_count() <= fds
+    assert zombie_children() == []
+
+
+def test_burst_of_tasks_all_complete() -> None:
+    """200 tasks started at once all return their own result."""
+    tasks = [ident(i) for i in range(200)]
+    assert [t.result(timeout=120) for t in tasks] == list(range(200))
+
+
+def test_many_threads_starting_tasks_at_once() -> None:
+    """16 threads each starting 20 tasks at once: no deadlock, no mixed-up results."""
+    errors: List[BaseException] = []
+
+    def run(offset: int) -> None:
+        try:
+            tasks = [ident(offset + i) for i in range(20)]
+            got = [t.result(timeout=120) for t in tasks]
+            if got != [offset + i for i in range(20)]:
+                errors.append(AssertionError(f"mixed up: {got}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(1000 * n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+
+
+def test_crashing_tasks_do_not_break_bgtask() -> None:
+    """200 tasks that crash each raise TaskCrashed; bgtask then still works, nothing leaks."""
+
+    @background
+    def crash() -> None:
+        os._exit(9)
+
+    ident(0).join(60)
+    fds = fd_count()
+    for _ in range(200):
+        with pytest.raises(TaskCrashed):
+            crash().result(timeout=60)
+    assert ident(5).result(timeout=60) == 5
+    assert fd_count() <= fds + 2  # the last task's socket may still be closing
