@@ -24,7 +24,7 @@ import threading
 from typing import Any, Dict, NoReturn, Optional
 
 from . import _stop, _wire
-from ._serialization import dumps, loads, pack_exception
+from ._serialization import dumps_value, loads, pack_exception
 from ._stop import _StopRequest, _TaskState
 
 Settings = Dict[str, Any]
@@ -44,6 +44,7 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     try:
         try:
             if not prepared:
+                prepare_streams()
                 prepare_process()
             _apply_settings(sock, settings, state)
             code = _run_and_report(sock, settings, state)
@@ -62,7 +63,7 @@ _task_sock: Optional[socket.socket] = None
 
 
 def prepare_process() -> None:
-    """Everything that does not depend on the task; a zygote's spare does it ahead of time."""
+    """What does not depend on the task; a zygote's spare does it ahead of the call."""
     if os.getpgrp() != os.getpid():
         try:
             os.setpgid(0, 0)
@@ -72,6 +73,10 @@ def prepare_process() -> None:
     # so that programs this task runs with exec get the default disposition back.
     signal.signal(signal.SIGINT, _ignore_signal)
     os.register_at_fork(after_in_child=_close_in_fork)
+
+
+def prepare_streams() -> None:
+    """Standard input from /dev/null, output line-buffered; a zygote does it once for all."""
     _redirect_stdin()
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
@@ -145,7 +150,7 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
     state.running_done()
     del fn, args, kwargs
     try:
-        data = dumps(value)
+        data = dumps_value(value)
     except BaseException as exc:
         packet = pack_exception(exc)
         what = f"the return value (a {type(value).__module__}.{type(value).__qualname__})"
@@ -169,14 +174,8 @@ def _call(fn: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _is_awaitable(value: Any) -> bool:
-    if "asyncio" not in sys.modules and "inspect" not in sys.modules:
-        # A coroutine's type is in `types`; avoid importing inspect for every task.
-        import types
-
-        return isinstance(value, types.CoroutineType)
-    import inspect
-
-    return inspect.isawaitable(value)
+    # What `await` accepts; cheaper than inspect.isawaitable's ABC checks on every task.
+    return hasattr(type(value), "__await__")
 
 
 def _report_stopped(sock: socket.socket, stop: _StopRequest) -> None:

@@ -16,13 +16,15 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
 
-from typing_extensions import ParamSpec
-
-from . import _launch, _lifecycle, _monitor
+from . import _lifecycle
 from ._errors import BgTaskError
 from ._platform import check_supported
-from ._serialization import dumps_call
 from ._task import Task
+
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover (3.9)
+    from typing_extensions import ParamSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,6 +95,10 @@ class Background(Generic[P, R]):
 
 
 def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
+    # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
+    from . import _launch, _monitor
+    from ._serialization import dumps_call
+
     check_supported()
     _refuse_during_bootstrap()
     payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts

@@ -26,24 +26,26 @@ import threading
 import time
 from typing import Any, List, Set
 
-from . import _launch, _monitor
-
 # Margin added to the longest grace when the exit procedure waits for daemon tasks to be gone.
 EXIT_WAIT_MARGIN_S = 2.0
 
 _lock = threading.Lock()
 _live: Set[Any] = set()  # strong references: a task is watched whether or not its handle is kept
 _hook_owner = 0  # pid of the process whose atexit hook is registered
+_fork_hook = False  # registered on first use (a process that never starts a task forks faster)
 
 
 def register(task: Any) -> None:
     """Add a starting task to the registry; registers the exit hook on first use."""
-    global _hook_owner
+    global _hook_owner, _fork_hook
     with _lock:
         _live.add(task)
         if _hook_owner != os.getpid():
             _hook_owner = os.getpid()
             atexit.register(shutdown)
+        if not _fork_hook:
+            _fork_hook = True
+            os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def unregister(task: Any) -> None:
@@ -71,7 +73,9 @@ def live_tasks() -> List[Any]:
 def shutdown() -> None:
     """The exit procedure (see the module docstring). Safe to call more than once."""
     if _hook_owner != os.getpid():
-        return  # a forked copy: the tasks belong to the original process
+        return  # a forked copy, or no task was ever started here
+    from . import _launch
+
     try:
         _wait_for_non_daemons()
         _stop_daemons()
@@ -122,12 +126,11 @@ def _stop_daemons() -> None:
 def _after_fork_in_child() -> None:
     """A forked copy of the program owns none of the original's tasks, zygote or threads."""
     global _lock
+    from . import _launch, _monitor
+
     _lock = threading.Lock()
     for task in _live:
         task._forget_in_child()
     _live.clear()
     _launch.forget_in_child()
     _monitor.forget_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -51,6 +51,18 @@ def dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def dumps_value(obj: Any) -> bytes:
+    """Pickle a task's return value: the stdlib pickler first (faster), cloudpickle if needed.
+
+    What the stdlib pickles, it pickles by reference to importable modules, which the main
+    program can import too; anything else (lambdas, classes defined in the task) goes by value.
+    """
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return dumps(obj)
+
+
 def loads(data: Any) -> Any:
     """Unpickle bytes made by :func:`dumps`."""
     return pickle.loads(data)

@@ -27,14 +27,12 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, List, Optional, Tuple, TypeVar
-
-from typing_extensions import final
+from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, List, Optional, Tuple, TypeVar, final
 
 from . import _lifecycle, _wire
 from ._errors import BgTaskError, RemoteTraceback, SerializationError, TaskCrashed, TaskStopped, describe_exit
-from ._serialization import loads, unpack_exception
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -307,9 +305,8 @@ class Task(Generic[R]):
             )
 
     def _check_not_monitor(self) -> None:
-        from . import _monitor
-
-        monitor = _monitor._monitor
+        monitor_module = sys.modules.get("bgtask._monitor")
+        monitor = getattr(monitor_module, "_monitor", None)
         if monitor is not None and monitor.in_monitor_thread():
             raise BgTaskError(
                 "a done-callback cannot wait for a task: it runs in bgtask's monitor thread, "
@@ -416,6 +413,8 @@ class Task(Generic[R]):
             return self._error
 
     def _decode(self) -> Tuple[Any, Optional[BaseException]]:
+        from ._serialization import loads, unpack_exception
+
         outcome, body = self._outcome, self._body
         error: BaseException
         if outcome == "returned":

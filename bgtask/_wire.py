@@ -17,9 +17,11 @@ task runtime, so it imports nothing else of bgtask.
 from __future__ import annotations
 
 import pickle
-import socket
 import struct
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    import socket
 
 HEADER = struct.Struct("!BQ")
 
@@ -50,11 +52,17 @@ def pack_data(kind: int, data: Any) -> bytes:
     return pack(kind, pickle.dumps(data, pickle.HIGHEST_PROTOCOL))
 
 
+# Bodies up to this size are sent in one system call with their header.
+_SMALL = 64 * 1024
+
+
 def send_message(sock: socket.socket, kind: int, body: bytes) -> None:
     """Send one message; large bodies go without being copied into one buffer."""
+    if len(body) <= _SMALL:
+        sock.sendall(HEADER.pack(kind, len(body)) + body)
+        return
     sock.sendall(HEADER.pack(kind, len(body)))
-    if body:
-        sock.sendall(body)
+    sock.sendall(body)
 
 
 def recv_exact(sock: socket.socket, size: int) -> Optional[bytearray]:
@@ -88,6 +96,8 @@ def recv_message_with_fds(sock: socket.socket, maxfds: int) -> Optional[Tuple[in
     The sender attaches the descriptors to the first byte of the message, and this reads the
     header with ``recvmsg``, so descriptors always arrive with the message they belong to.
     """
+    import socket
+
     head = b""
     fds: List[int] = []
     while len(head) < HEADER.size:
@@ -112,6 +122,8 @@ def recv_message_with_fds(sock: socket.socket, maxfds: int) -> Optional[Tuple[in
 
 def send_message_with_fds(sock: socket.socket, kind: int, body: bytes, fds: List[int]) -> None:
     """Send one message with ``fds`` attached to its first byte."""
+    import socket
+
     data = pack(kind, body)
     sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
     if sent < len(data):
@@ -140,10 +152,12 @@ class MessageReader:
 
     def feed_from(self, sock: socket.socket) -> None:
         """Read what is available now; set ``eof`` when the other end is closed."""
+        from socket import MSG_DONTWAIT
+
         while True:
             try:
                 if self._view is None:
-                    chunk = sock.recv(HEADER.size - len(self._head), socket.MSG_DONTWAIT)
+                    chunk = sock.recv(HEADER.size - len(self._head), MSG_DONTWAIT)
                     if not chunk:
                         self.eof = True
                         return
@@ -157,7 +171,7 @@ class MessageReader:
                         if size == 0:
                             self._finish()
                 else:
-                    n = sock.recv_into(self._view[self._got :], 0, socket.MSG_DONTWAIT)
+                    n = sock.recv_into(self._view[self._got :], 0, MSG_DONTWAIT)
                     if n == 0:
                         self.eof = True
                         return

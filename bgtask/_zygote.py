@@ -263,7 +263,6 @@ class Zygote:
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != self.pid:
                 os._exit(0)
-            gc.unfreeze()
             _child.prepare_process()
             message = _wire.recv_message_with_fds(sock, 1)
             sock.close()
@@ -295,4 +294,5 @@ def main(ctl_fd: int) -> None:
             __import__(name)
         except BaseException as exc:  # report any failure, keep serving
             print(f"bgtask: could not preload {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    _child.prepare_streams()  # inherited by every task
     Zygote(ctl).serve()
