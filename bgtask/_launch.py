@@ -220,7 +220,7 @@ class _ZygoteHandle:
                 _wire.send_message_with_fds(
                     self.ctl,
                     _wire.Z_SPAWN,
-                    pickle.dumps((task.id, settings), pickle.HIGHEST_PROTOCOL),
+                    pickle.dumps(settings, pickle.HIGHEST_PROTOCOL),
                     [theirs.fileno()],
                 )
             except OSError:
@@ -429,7 +429,8 @@ def shutdown_all() -> None:
 
 
 def forget_in_child() -> None:
-    global _launchers_lock
-    _launchers_lock = threading.Lock()
+    global _launchers_lock, _watch_lock
+    _launchers_lock = threading.Lock()  # another thread may have held them at the fork
+    _watch_lock = threading.Lock()
     for launcher in _launchers.values():
         launcher.forget_in_child()

@@ -21,6 +21,7 @@ It imports only the task runtime; it never unpickles user data itself.
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import pickle
@@ -29,10 +30,14 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import _child, _wire
 from ._platform import set_parent_death_signal
+
+
+# Children forked ahead, waiting for a task: a burst of calls does not wait for forks.
+SPARES = 2
 
 
 class _Child:
@@ -55,7 +60,7 @@ class Zygote:
         self.reader = _wire.MessageReader()
         self.children: Dict[int, _Child] = {}  # by pid, until reaped
         self.by_task: Dict[int, int] = {}  # task id -> pid, until reaped
-        self.spare: Optional[Tuple[int, socket.socket]] = None
+        self.spares: Deque[Tuple[int, socket.socket]] = collections.deque()
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -69,7 +74,7 @@ class Zygote:
     # -- the loop ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self._fork_spare()
+        self._refill()
         while self.ctl is not None or self._daemons_left():
             readable = self._wait()
             if self.wake_r in readable:
@@ -78,9 +83,17 @@ class Zygote:
             if self.ctl is not None and self.ctl in readable:
                 self._read_control()
             self._escalate()
-        if self.spare is not None:
-            self.spare[1].close()  # the spare sees EOF and exits
+            self._refill()
+        for _pid, sock in self.spares:
+            sock.close()  # the spare sees EOF and exits
         os._exit(0)
+
+    def _refill(self) -> None:
+        """Fork spares up to ``SPARES``, but serve a waiting request first."""
+        while len(self.spares) < SPARES and self.ctl is not None:
+            if select.select([self.ctl], [], [], 0)[0]:
+                return
+            self._fork_spare()
 
     def _wait(self) -> List[Any]:
         fds: List[Any] = [self.wake_r]
@@ -119,8 +132,7 @@ class Zygote:
             return
         kind, body, fds = message
         if kind == _wire.Z_SPAWN:
-            task_id, settings = pickle.loads(body)
-            self._spawn(task_id, settings, fds[0])
+            self._spawn(body, fds[0])
         elif kind == _wire.Z_SIGNAL:
             for fd in fds:
                 os.close(fd)
@@ -129,15 +141,15 @@ class Zygote:
             if pid is not None:
                 self._signal(self.children[pid], signum, escalate_after)
 
-    def _spawn(self, task_id: int, settings: Dict[str, Any], fd: int) -> None:
+    def _spawn(self, body: bytes, fd: int) -> None:
+        settings: Dict[str, Any] = pickle.loads(body)
+        task_id: int = settings["task_id"]
         for _attempt in range(2):
-            if self.spare is None:
-                self._fork_spare()
-            assert self.spare is not None
-            pid, sock = self.spare
-            self.spare = None
+            if not self.spares:
+                self._fork_spare(close_in_child=fd)
+            pid, sock = self.spares.popleft()
             try:
-                _wire.send_message_with_fds(sock, _wire.Z_SPAWN, pickle.dumps(settings), [fd])
+                _wire.send_message_with_fds(sock, _wire.Z_SPAWN, body, [fd])
             except OSError:  # the spare died (killed from outside): fork another
                 sock.close()
                 continue
@@ -158,7 +170,6 @@ class Zygote:
             os.environ.update(env)
         if settings.get("sys_path") is not None:
             sys.path[:] = settings["sys_path"]
-        self._fork_spare()
 
     def _signal(self, child: _Child, signum: int, escalate_after: Optional[float]) -> None:
         try:
@@ -224,25 +235,29 @@ class Zygote:
             if child is not None:
                 del self.by_task[child.task_id]
                 self._report(_wire.Z_REAPED, (child.task_id, os.waitstatus_to_exitcode(status)))
-            elif self.spare is not None and pid == self.spare[0]:
-                self.spare[1].close()
-                self.spare = None
+            else:
+                for spare in self.spares:
+                    if spare[0] == pid:  # a spare died (killed from outside)
+                        spare[1].close()
+                        self.spares.remove(spare)
+                        break
 
-    def _fork_spare(self) -> None:
-        if self.spare is not None or self.ctl is None:
-            return
+    def _fork_spare(self, close_in_child: int = -1) -> None:
+        """Fork a spare; ``close_in_child`` is a task's socket the spare must not hold."""
         mine, theirs = socket.socketpair()
         gc.freeze()  # objects of the zygote stay in pages the tasks share, unwritten
         pid = os.fork()
         if pid == 0:
             mine.close()
+            if close_in_child >= 0:
+                os.close(close_in_child)
             self._become_task(theirs)
         theirs.close()
         try:
             os.setpgid(pid, pid)  # also done in the child: whichever runs first wins the race
         except OSError:
             pass
-        self.spare = (pid, mine)
+        self.spares.append((pid, mine))
 
     def _become_task(self, sock: socket.socket) -> None:
         """In the spare: wait to be activated, then run the task; never returns."""
@@ -270,6 +285,8 @@ class Zygote:
                 os._exit(0)
             _kind, body, fds = message
             settings = pickle.loads(body)
+            for _pid, other in self.spares:  # the spares forked before this one
+                other.close()
             if not settings["daemon"]:
                 set_parent_death_signal(0)
             task_sock = socket.socket(fileno=fds[0])
