@@ -35,7 +35,6 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from . import _child, _wire
 from ._platform import set_parent_death_signal
 
-
 # Children forked ahead, waiting for a task: a burst of calls does not wait for forks.
 SPARES = 2
 
