@@ -133,8 +133,8 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     except OSError as exc:
         _lifecycle.unregister(task)
         raise BgTaskError(
-            f"could not start task {name!r}: {type(exc).__name__}: {exc} (too many open files "
-            "or processes? see ulimit -n and ulimit -u)"
+            f"could not start task {name!r}: {exc} (too many open files or processes? see "
+            "`ulimit -n` and `ulimit -u`)"
         ) from exc
     timeout = options["timeout"]
     if timeout is not None:

@@ -125,7 +125,7 @@ class ZygoteLauncher:
             for attempt in range(2):
                 zygote = self._get()
                 try:
-                    zygote.spawn(watch, settings, theirs)
+                    spare_ready = zygote.spawn(watch, settings, theirs)
                     break
                 except OSError:
                     if attempt:
@@ -141,6 +141,10 @@ class ZygoteLauncher:
         task._sock = mine
         _send_payload(mine, payload)
         _attach(watch, mine)
+        # With a spare ready the task has started; otherwise the zygote must fork, which may fail
+        # (out of processes or memory): wait for its answer, so that the call fails, not later.
+        if not spare_ready and task.pid is None:
+            raise OSError(task._start_error or "the zygote died before it started the task")
 
     def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
         zygote = task._launcher_data
@@ -179,6 +183,11 @@ class _ZygoteHandle:
         self.reader = _wire.MessageReader()
         self.last_env: Optional[Dict[Any, Any]] = None
         self.last_path: Optional[List[str]] = None
+        # What the zygote last said: spawn requests served, spares ready. With the requests
+        # sent since, it tells whether a spare surely waits for the next call.
+        self.sent = 0
+        self.served = 0
+        self.spares = 0
         mine, theirs = socket.socketpair()
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         args = [
@@ -202,7 +211,8 @@ class _ZygoteHandle:
         self.ctl.sendall(_wire.pack_data(0, config))
         _monitor.get().add_reader(self.ctl, self._on_readable)
 
-    def spawn(self, watch: Watch, settings: Settings, theirs: socket.socket) -> None:
+    def spawn(self, watch: Watch, settings: Settings, theirs: socket.socket) -> bool:
+        """Ask the zygote to start the task; return whether a spare was surely ready for it."""
         task = watch.task
         with self.lock:
             if not self.alive:
@@ -227,6 +237,9 @@ class _ZygoteHandle:
                 del self.watches[task.id]
                 self.last_env = self.last_path = None
                 raise
+            ready = self.spares - (self.sent - self.served) > 0
+            self.sent += 1
+            return ready
 
     def send(self, kind: int, data: Any) -> None:
         with self.lock:
@@ -243,6 +256,10 @@ class _ZygoteHandle:
         messages, self.reader.messages = self.reader.messages, []
         for kind, body in messages:
             task_id, value = pickle.loads(body)
+            if kind == _wire.Z_SPARES:
+                with self.lock:
+                    self.served, self.spares = task_id, value
+                continue
             with self.lock:
                 if kind == _wire.Z_STARTED:
                     watch = self.watches.get(task_id)
@@ -251,8 +268,11 @@ class _ZygoteHandle:
             if watch is None:
                 continue
             if kind == _wire.Z_STARTED:
-                watch.task._set_pid(value if value > 0 else None)
-                if value <= 0:
+                if isinstance(value, int):
+                    watch.task._set_pid(value)
+                else:  # the zygote could not fork: the call raises it
+                    watch.task._start_error = value
+                    watch.task._set_pid(None)
                     watch.launcher_lost = True
                     watch.reaped = True
                     _maybe_finish(watch)

@@ -101,6 +101,7 @@ class Task(Generic[R]):
         self._launcher_data: Any = None
         self._watch: Any = None
         self._sock: Any = None
+        self._start_error: Optional[str] = None
 
     # -- process facets ---------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ Z_SIGNAL = 11  # body: pickle of (task id, signal number, whole group?)
 # Zygote -> main program.
 Z_STARTED = 20  # body: pickle of (task id, pid)
 Z_REAPED = 21  # body: pickle of (task id, exit code)
+Z_SPARES = 22  # body: pickle of (spawn requests served so far, spares ready now)
 
 
 def pack(kind: int, body: bytes) -> bytes:

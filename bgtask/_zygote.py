@@ -61,6 +61,8 @@ class Zygote:
         self.by_task: Dict[int, int] = {}  # task id -> pid, until reaped
         self.spares: Deque[Tuple[int, socket.socket]] = collections.deque()
         self.pid = os.getpid()
+        self.served = 0  # spawn requests handled, for the main program's count of spares
+        self.reported: Tuple[int, int] = (-1, -1)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -83,16 +85,27 @@ class Zygote:
                 self._read_control()
             self._escalate()
             self._refill()
+            self._report_spares()
         for _pid, sock in self.spares:
             sock.close()  # the spare sees EOF and exits
         os._exit(0)
+
+    def _report_spares(self) -> None:
+        """Tell the main program how many spares are ready, so a call can know it will start."""
+        state = (self.served, len(self.spares))
+        if state != self.reported:
+            self.reported = state
+            self._report(_wire.Z_SPARES, state)
 
     def _refill(self) -> None:
         """Fork spares up to ``SPARES``, but serve a waiting request first."""
         while len(self.spares) < SPARES and self.ctl is not None:
             if select.select([self.ctl], [], [], 0)[0]:
                 return
-            self._fork_spare()
+            try:
+                self._fork_spare()
+            except OSError:
+                return  # out of processes or descriptors: a request will say so
 
     def _wait(self) -> List[Any]:
         fds: List[Any] = [self.wake_r]
@@ -143,9 +156,14 @@ class Zygote:
     def _spawn(self, body: bytes, fd: int) -> None:
         settings: Dict[str, Any] = pickle.loads(body)
         task_id: int = settings["task_id"]
+        started: Any = "no process could be started"
         for _attempt in range(2):
             if not self.spares:
-                self._fork_spare(close_in_child=fd)
+                try:
+                    self._fork_spare(close_in_child=fd)
+                except OSError as exc:  # EAGAIN at RLIMIT_NPROC, ENOMEM, EMFILE...
+                    started = f"fork() failed: {exc}"
+                    break
             pid, sock = self.spares.popleft()
             try:
                 _wire.send_message_with_fds(sock, _wire.Z_SPAWN, body, [fd])
@@ -153,15 +171,13 @@ class Zygote:
                 sock.close()
                 continue
             sock.close()
-            break
-        else:
-            pid = -1
-        os.close(fd)
-        if pid > 0:
-            child = _Child(task_id, pid, settings)
-            self.children[pid] = child
+            started = pid
+            self.children[pid] = _Child(task_id, pid, settings)
             self.by_task[task_id] = pid
-        self._report(_wire.Z_STARTED, (task_id, pid))
+            break
+        os.close(fd)
+        self.served += 1
+        self._report(_wire.Z_STARTED, (task_id, started))
         # What the main program changed since the last task also holds for the next spare.
         env = settings.get("env")
         if env is not None:
@@ -245,7 +261,12 @@ class Zygote:
         """Fork a spare; ``close_in_child`` is a task's socket the spare must not hold."""
         mine, theirs = socket.socketpair()
         gc.freeze()  # objects of the zygote stay in pages the tasks share, unwritten
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
         if pid == 0:
             mine.close()
             if close_in_child >= 0:
