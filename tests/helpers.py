@@ -204,13 +204,16 @@ class Script:
         os.killpg(self.proc.pid, signum)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self.proc.wait(DEADLINE_S)
+        """Kill what is left of the script's process group, then release its pipes."""
+        try:
+            # Also when the script itself has exited: what it forked may still hold the group.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait(DEADLINE_S)
         self._reader.join(DEADLINE_S)
+        if self._reader.is_alive():
+            return  # something outside the group still holds the pipe; never block on it
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
