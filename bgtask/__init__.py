@@ -19,7 +19,7 @@ The package's modules, imports running one way (task side first)::
 The task side never imports the parent side, so a task starts without paying for it.
 """
 
-from ._decorator import Background, background
+from ._decorator import Background, background, preload
 from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
 from ._stop import StopEvent, stop_event
 from ._task import Task
@@ -36,5 +36,6 @@ __all__ = [
     "TaskError",
     "TaskStopped",
     "background",
+    "preload",
     "stop_event",
 ]

@@ -144,6 +144,27 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     return task
 
 
+def preload(*modules: str) -> None:
+    """Import ``modules`` once in bgtask's zygote, so that tasks start with them imported.
+
+    A task imports what its function needs when it runs; a module that is slow to import (a
+    large library, an application package) then costs every task that time again. Preloaded,
+    it is imported once, before the zygote forks the tasks. Takes effect at once, for the tasks
+    started after the call, under the default start method.
+
+    Preload only modules whose import has no side effects beyond defining things: a module that
+    starts threads at import (some numerical libraries do) would make every later fork unsafe;
+    bgtask says so on standard error if that happens. An import that fails is reported there
+    too, and tasks import the module themselves as usual.
+    """
+    from . import _launch
+
+    for module in modules:
+        if not isinstance(module, str):
+            raise TypeError(f"preload() takes module names, not {type(module).__name__}")
+    _launch.get(None).add_preload(list(modules))
+
+
 def _refuse_during_bootstrap() -> None:
     # Under spawn and forkserver, multiprocessing imports the main module again in the child;
     # a script without a __main__ guard would start its tasks again from there.
@@ -255,3 +276,4 @@ def background(
 
 
 background.__module__ = "bgtask"
+preload.__module__ = "bgtask"

@@ -113,10 +113,19 @@ def _environ_snapshot() -> Dict[Any, Any]:
 class ZygoteLauncher:
     """Start tasks through this process's zygote, started on first use and again if it dies."""
 
-    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._zygote: Optional[_ZygoteHandle] = None
-        self.preload = preload
+        self.preload: List[str] = []
+
+    def add_preload(self, names: List[str]) -> None:
+        """Modules for the zygote to import: now if it runs, at its start otherwise."""
+        with self._lock:
+            new = [name for name in names if name not in self.preload]
+            self.preload.extend(new)
+            zygote = self._zygote
+        if new and zygote is not None and zygote.owner == os.getpid():
+            zygote.send(_wire.Z_PRELOAD, new)
 
     def start(self, task: Any, settings: Settings, payload: bytes) -> None:
         watch = Watch(task)
@@ -175,7 +184,7 @@ _BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import ma
 class _ZygoteHandle:
     """The main program's end of one zygote process."""
 
-    def __init__(self, preload: tuple[str, ...]) -> None:
+    def __init__(self, preload: List[str]) -> None:
         self.owner = os.getpid()
         self.alive = True
         self.lock = threading.Lock()

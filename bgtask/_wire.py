@@ -36,7 +36,8 @@ FAILED = 6  # body: pickle of (what, exception bytes or None, type name, message
 
 # Main program -> zygote.
 Z_SPAWN = 10  # body: pickle of (task id, settings dict); the task's socket attached
-Z_SIGNAL = 11  # body: pickle of (task id, signal number, whole group?)
+Z_SIGNAL = 11  # body: pickle of (task id, signal number, seconds before SIGKILL or None)
+Z_PRELOAD = 12  # body: pickle of a list of module names to import in the zygote
 # Zygote -> main program.
 Z_STARTED = 20  # body: pickle of (task id, pid)
 Z_REAPED = 21  # body: pickle of (task id, exit code)

@@ -145,6 +145,11 @@ class Zygote:
         kind, body, fds = message
         if kind == _wire.Z_SPAWN:
             self._spawn(body, fds[0])
+        elif kind == _wire.Z_PRELOAD:
+            preload(pickle.loads(body))
+            for _pid, sock in self.spares:  # forked without the modules: let them go
+                sock.close()
+            self.spares.clear()
         elif kind == _wire.Z_SIGNAL:
             for fd in fds:
                 os.close(fd)
@@ -316,6 +321,31 @@ class Zygote:
         _child.run(task_sock, settings, prepared=True)
 
 
+def preload(names: List[str]) -> None:
+    """Import modules in the zygote, so that every task forked later has them imported."""
+    for name in names:
+        try:
+            __import__(name)
+        except BaseException as exc:  # report any failure, keep serving
+            print(f"bgtask: could not preload {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        if _thread_count() > 1:
+            print(
+                f"bgtask: preloading {name!r} started a thread in the zygote; tasks forked from "
+                "a process with threads can deadlock: do not preload it",
+                file=sys.stderr,
+            )
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
 def main(ctl_fd: int) -> None:
     """Entry point of the zygote process; ``ctl_fd`` is its control socket."""
     ctl = socket.socket(fileno=ctl_fd)
@@ -326,10 +356,6 @@ def main(ctl_fd: int) -> None:
     config = pickle.loads(boot[1])
     sys.path[:] = config["sys_path"]
     set_parent_death_signal(0)  # loads libc here once, not in every task
-    for name in config.get("preload", ()):
-        try:
-            __import__(name)
-        except BaseException as exc:  # report any failure, keep serving
-            print(f"bgtask: could not preload {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    preload(config.get("preload", ()))
     _child.prepare_streams()  # inherited by every task
     Zygote(ctl).serve()

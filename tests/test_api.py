@@ -21,6 +21,7 @@ EXPECTED = {
     "TaskError",
     "TaskStopped",
     "background",
+    "preload",
     "stop_event",
 }
 

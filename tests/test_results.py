@@ -322,3 +322,48 @@ def test_task_sees_environment_and_cwd_of_its_call(tmp_path: Any, monkeypatch: p
     assert look().result(timeout=60) == ("second", str(tmp_path))
     monkeypatch.delenv("BGTASK_TEST_VALUE")
     assert look().result(timeout=60) == (None, str(tmp_path))
+
+
+def test_preloaded_module_is_imported_before_the_task(tmp_path: Any) -> None:
+    """bgtask.preload() imports a module in the zygote: a task finds it already imported."""
+    import bgtask
+
+    module = tmp_path / "bgtask_preload_probe.py"
+    module.write_text("import time\nLOADED_AT = time.time()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+
+        @background
+        def probe() -> Any:
+            import time
+
+            before = "bgtask_preload_probe" in sys.modules
+            import bgtask_preload_probe  # type: ignore[import-not-found]
+
+            return before, time.time() > bgtask_preload_probe.LOADED_AT
+
+        assert probe().result(timeout=60)[0] is False
+        bgtask.preload("bgtask_preload_probe")
+        assert probe().result(timeout=60) == (True, True)
+    finally:
+        sys.path.remove(str(tmp_path))
+        from bgtask import _launch
+
+        _launch.get(None).preload.remove("bgtask_preload_probe")  # later zygotes: as before
+
+
+def test_preload_reports_a_failed_import(tmp_path: Any) -> None:
+    """A module that cannot be preloaded is reported on stderr; tasks still run."""
+    from .helpers import run_script
+
+    result = run_script(
+        tmp_path,
+        """
+import bgtask
+bgtask.preload("no_such_module_for_bgtask")
+print(bgtask.background(lambda: 3)().result(30))
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+    assert "could not preload 'no_such_module_for_bgtask'" in result.stderr
