@@ -130,8 +130,10 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
         _lifecycle.move_hook_last()
     try:
         launcher.start(task, settings, payload)
-    except OSError as exc:
+    except BaseException as exc:
         _lifecycle.unregister(task)
+        if not isinstance(exc, OSError):
+            raise
         raise BgTaskError(
             f"could not start task {name!r}: {exc} (too many open files or processes? see "
             "`ulimit -n` and `ulimit -u`)"

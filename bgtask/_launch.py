@@ -362,7 +362,9 @@ class MultiprocessingLauncher:
             process = self.context.Process(
                 target=_run_task, args=(theirs, settings), name=f"bgtask:{task.name}", daemon=False
             )
-            process.start()
+            # Process.start() polls every known child; close() in the monitor must not run then.
+            with _mp_lock:
+                process.start()
         except BaseException:
             mine.close()
             raise
@@ -383,15 +385,16 @@ class MultiprocessingLauncher:
         monitor = _monitor.get()
 
         def reap() -> None:
-            process.join(0)
-            if process.exitcode is None:
-                # The sentinel closes while the process exits, a moment before it can be
-                # reaped: look again very soon rather than block the monitor.
-                monitor.call_at(time.monotonic() + REAP_RETRY_S, reap)
-                return
-            watch.exitcode = process.exitcode
-            watch.reaped = True
-            process.close()  # releases its descriptors now, not when the handle is collected
+            with _mp_lock:
+                process.join(0)
+                if process.exitcode is None:
+                    # The sentinel closes while the process exits, a moment before it can be
+                    # reaped: look again very soon rather than block the monitor.
+                    monitor.call_at(time.monotonic() + REAP_RETRY_S, reap)
+                    return
+                watch.exitcode = process.exitcode
+                watch.reaped = True
+                process.close()  # releases its descriptors now, not when the handle is collected
             _maybe_finish(watch)
 
         def on_exit() -> None:
@@ -430,6 +433,10 @@ class MultiprocessingLauncher:
         pass
 
 
+# multiprocessing's registry of children is not safe against close() in another thread.
+_mp_lock = threading.Lock()
+
+
 def _run_task(sock: socket.socket, settings: Settings) -> None:
     from . import _child
 
@@ -458,8 +465,9 @@ def shutdown_all() -> None:
 
 
 def forget_in_child() -> None:
-    global _launchers_lock, _watch_lock
+    global _launchers_lock, _watch_lock, _mp_lock
     _launchers_lock = threading.Lock()  # another thread may have held them at the fork
     _watch_lock = threading.Lock()
+    _mp_lock = threading.Lock()
     for launcher in _launchers.values():
         launcher.forget_in_child()

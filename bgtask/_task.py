@@ -339,7 +339,7 @@ class Task(Generic[R]):
     def _request_stop(self, reason: str, hard: bool = False) -> None:
         """Ask the task to stop; ``hard`` (or a non-graceful task) kills its group at once."""
         with self._cond:
-            if self._exited:
+            if self._exited or self._launcher is None:  # gone, or never started
                 return
             hard = hard or not self._graceful
             if self._state == _STOPPING and (self._hard_stop_sent or not hard):

@@ -54,8 +54,11 @@ def _no_leftovers() -> Iterator[None]:
     leftover_tasks = _lifecycle.live_tasks()
     for task in leftover_tasks:
         task.kill()
-    # The exit procedure, as at the end of a program: this also ends the zygote.
-    _lifecycle.shutdown()
+    if wait_until(lambda: not _lifecycle.live_tasks(), timeout=15):
+        # The exit procedure, as at the end of a program: this also ends the zygote.
+        _lifecycle.shutdown()
+    else:  # never wait without a bound in a fixture: report instead
+        _launch.shutdown_all()
     gone = wait_until(lambda: not descendants(), timeout=15)
     stray = descendants()
     for pid in stray:

@@ -52,6 +52,22 @@ def cooperative_daemon():
         event.wait(0.05)
     (HERE / "cooperative-saw-stop").write_text("yes")
 
+def announce_exit_wait():
+    # Print IN-EXIT-WAIT once main waits in bgtask's exit procedure: a handshake for signals.
+    main = threading.main_thread().ident
+
+    def watch():
+        while True:
+            frame = sys._current_frames().get(main)
+            while frame is not None:
+                if frame.f_code.co_name == "_wait_for_non_daemons":
+                    print("IN-EXIT-WAIT", flush=True)
+                    return
+                frame = frame.f_back
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+
 @background
 def worker(seconds):
     ready("worker")
@@ -238,12 +254,12 @@ def endless():
 t = endless()
 wait_ready("endless")
 print("PID", t.pid, flush=True)
-print("EXITING", flush=True)
+announce_exit_wait()
 """,
     )
     try:
         pid = int(script.expect("PID"))
-        script.expect("EXITING")
+        script.expect("IN-EXIT-WAIT")
         # The script's main has returned and its exit procedure waits for `endless`.
         assert pid_alive(pid)
         script.signal_group(signal.SIGINT)
@@ -445,6 +461,7 @@ def talker():
 
 t = talker()
 print("STARTED", flush=True)
+announce_exit_wait()
 """,
     )
     try:
@@ -453,7 +470,8 @@ print("STARTED", flush=True)
         assert script.expect("LINE") == "1"
         assert script.expect("LINE") == "2"
         script.expect("WAITING")  # not buffered: arrives while the task still runs
-        script.signal_group(signal.SIGINT)  # main ends; its exit procedure stops the task
+        script.expect("IN-EXIT-WAIT")
+        script.signal_group(signal.SIGINT)  # a Ctrl-C during the exit wait stops the task
         script.expect("FINALLY")
         script.wait(30)
     finally:
