@@ -12,6 +12,7 @@ The package's modules, imports running one way (task side first)::
     _zygote                              the process that forks tasks (task side only)
     _monitor                             the main program's I/O thread
     _launch                              starting tasks: zygote or multiprocessing
+    _outcome                             classifying what a task sent; the errors result() raises
     _task                                the Task handle and its state machine
     _lifecycle                           registry of live tasks, exit procedure
     _decorator                           @background

@@ -25,14 +25,14 @@ task is already finished. The result is unpickled in the thread that asks for it
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, List, Optional, Tuple, TypeVar, final
 
-from . import _lifecycle, _wire
-from ._errors import BgTaskError, RemoteTraceback, SerializationError, TaskCrashed, TaskStopped, describe_exit
+from . import _lifecycle
+from ._errors import BgTaskError, describe_exit
+from ._outcome import STOP_REASONS, classify, decode, guess_exitcode
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -40,12 +40,6 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 _RUNNING, _STOPPING, _FINISHED = "running", "stopping", "finished"
-_STOP_REASONS = {
-    "stop": "by stop()",
-    "kill": "by kill()",
-    "timeout": "by its timeout",
-    "exit": "at the end of the program",
-}
 
 
 @final
@@ -293,7 +287,7 @@ class Task(Generic[R]):
         if self._outcome == "raised":
             return f"finished: raised {self._body[1]}" if self._body else "finished: raised"
         if self._outcome == "stopped":
-            return f"stopped {_STOP_REASONS.get(self._stop_reason or '', '')}".rstrip()
+            return f"stopped {STOP_REASONS.get(self._stop_reason or '', '')}".rstrip()
         if self._outcome == "failed":
             return "failed"
         return f"crashed: {describe_exit(self._exitcode)}"
@@ -355,7 +349,7 @@ class Task(Generic[R]):
 
     def _set_outcome(self, message: Tuple[int, Any]) -> None:
         """In the monitor: the task sent its outcome; its process is about to exit."""
-        outcome, body = _classify([message], None, False)
+        outcome, body = classify([message], None, False)
         with self._cond:
             if self._state == _FINISHED:
                 return
@@ -369,7 +363,7 @@ class Task(Generic[R]):
 
     def _finish(self, exitcode: Optional[int], messages: List[Tuple[int, Any]], partial: bool) -> None:
         """In the monitor: the process is reaped; fix the outcome if not yet, run callbacks."""
-        outcome, body = _classify(messages, self._stop_reason, partial)
+        outcome, body = classify(messages, self._stop_reason, partial)
         if outcome == "stopped" and self._graceful and exitcode == -signal.SIGKILL and body is None:
             import logging
 
@@ -382,7 +376,7 @@ class Task(Generic[R]):
             )
         callbacks: List[Callable[[Task[R]], object]] = []
         with self._cond:
-            self._exitcode = exitcode if exitcode is not None else _guess_exitcode(outcome)
+            self._exitcode = exitcode if exitcode is not None else guess_exitcode(outcome)
             self._exited = True
             self._pid_known = True
             if self._state != _FINISHED:
@@ -414,84 +408,14 @@ class Task(Generic[R]):
             return self._error
 
     def _decode(self) -> Tuple[Any, Optional[BaseException]]:
-        from ._serialization import loads, unpack_exception
-
-        outcome, body = self._outcome, self._body
-        error: BaseException
-        if outcome == "returned":
-            try:
-                return loads(body), None
-            except Exception as exc:  # noqa: BLE001 (unpickling user data may raise anything)
-                error = SerializationError(
-                    f"the return value of task {self._name!r} could not be unpickled here: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                error.__cause__ = exc
-                return None, error
-        if outcome == "raised":
-            return None, unpack_exception(body)
-        if outcome == "stopped":
-            reason = self._stop_reason or "stop"
-            error = TaskStopped(
-                f"task {self._name!r} (pid {self._pid}) was stopped {_STOP_REASONS.get(reason, '')} "
-                f"before it finished (exit code {self._exitcode})",
-                reason=reason,
-                exitcode=self._exitcode,
-                pid=self._pid,
-            )
-            if body:
-                error.__cause__ = RemoteTraceback("Where the task was when it stopped:\n" + body)
-            return None, error
-        if outcome == "failed":
-            what, *packet = body
-            if what == "load":
-                cause = unpack_exception((packet[0], packet[1], packet[2], packet[3]))
-                error = BgTaskError(
-                    f"task {self._name!r} could not unpickle its function or arguments in the task "
-                    f"process: {packet[1]}: {packet[2]}"
-                )
-                error.__cause__ = cause
-                return None, error
-            value_desc, type_name, message, tb_text = packet
-            error = SerializationError(
-                f"task {self._name!r} returned {value_desc}, which cannot be pickled: {type_name}: {message}"
-            )
-            error.__cause__ = RemoteTraceback(tb_text)
-            return None, error
-        detail = f": {body}" if body else ""
-        return None, TaskCrashed(
-            f"task {self._name!r} (pid {self._pid}) {describe_exit(self._exitcode)} without "
-            f"reporting a result{detail}",
-            exitcode=self._exitcode,
+        return decode(
+            self._outcome or "crashed",
+            self._body,
+            name=self._name,
             pid=self._pid,
+            exitcode=self._exitcode,
+            stop_reason=self._stop_reason,
         )
-
-
-def _classify(messages: List[Tuple[int, Any]], stop_reason: Optional[str], partial: bool) -> Tuple[str, Any]:
-    """Turn what the task sent into (outcome, body); see the module docstring."""
-    if messages:
-        kind, body = messages[0]
-        if kind == _wire.RESULT:
-            return "returned", body
-        if kind == _wire.ERROR:
-            return "raised", pickle.loads(body)
-        if kind == _wire.STOPPED:
-            return "stopped", pickle.loads(body)
-        if kind == _wire.EXITED:
-            return "crashed", pickle.loads(body)
-        if kind == _wire.FAILED:
-            return "failed", pickle.loads(body)
-    if stop_reason is not None:
-        return "stopped", None
-    if partial:
-        return "crashed", "it died while sending its outcome"
-    return "crashed", None
-
-
-def _guess_exitcode(outcome: str) -> int:
-    # Only when the zygote died before it could report the exit: a daemon task then died of its
-    # parent-death signal.
-    return 0 if outcome in ("returned", "raised", "failed") else -signal.SIGKILL
 
 
 def _run_callback(fn: Callable[[Any], object], task: Any) -> None:

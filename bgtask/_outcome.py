@@ -1,0 +1,112 @@
+"""What a task's outcome is, from what it sent, and the exception ``Task.result()`` raises.
+
+The monitor classifies (cheaply, in its thread); the thread that asks for the result decodes
+(unpickling user data there, once)::
+
+    messages from the task + stop reason + exit code
+        -> classify()  -> (outcome, body)      returned | raised | stopped | crashed | failed
+        -> decode()    -> (value, exception)   in the thread that calls result()
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+from typing import Any, List, Optional, Tuple
+
+from . import _wire
+from ._errors import BgTaskError, RemoteTraceback, SerializationError, TaskCrashed, TaskStopped, describe_exit
+
+STOP_REASONS = {
+    "stop": "by stop()",
+    "kill": "by kill()",
+    "timeout": "by its timeout",
+    "exit": "at the end of the program",
+}
+
+
+def classify(messages: List[Tuple[int, Any]], stop_reason: Optional[str], partial: bool) -> Tuple[str, Any]:
+    """Turn what the task sent into (outcome, body); see the module docstring."""
+    if messages:
+        kind, body = messages[0]
+        if kind == _wire.RESULT:
+            return "returned", body
+        if kind == _wire.ERROR:
+            return "raised", pickle.loads(body)
+        if kind == _wire.STOPPED:
+            return "stopped", pickle.loads(body)
+        if kind == _wire.EXITED:
+            return "crashed", pickle.loads(body)
+        if kind == _wire.FAILED:
+            return "failed", pickle.loads(body)
+    if stop_reason is not None:
+        return "stopped", None
+    if partial:
+        return "crashed", "it died while sending its outcome"
+    return "crashed", None
+
+
+def guess_exitcode(outcome: str) -> int:
+    # Only when the zygote died before it could report the exit: a daemon task then died of its
+    # parent-death signal.
+    return 0 if outcome in ("returned", "raised", "failed") else -signal.SIGKILL
+
+
+def decode(
+    outcome: str,
+    body: Any,
+    *,
+    name: str,
+    pid: Optional[int],
+    exitcode: Optional[int],
+    stop_reason: Optional[str],
+) -> Tuple[Any, Optional[BaseException]]:
+    """The task's value, or the exception ``result()`` raises, for an outcome and its body."""
+    from ._serialization import loads, unpack_exception
+
+    error: BaseException
+    if outcome == "returned":
+        try:
+            return loads(body), None
+        except Exception as exc:  # noqa: BLE001 (unpickling user data may raise anything)
+            error = SerializationError(
+                f"the return value of task {name!r} could not be unpickled here: {type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            return None, error
+    if outcome == "raised":
+        return None, unpack_exception(body)
+    if outcome == "stopped":
+        reason = stop_reason or "stop"
+        error = TaskStopped(
+            f"task {name!r} (pid {pid}) was stopped {STOP_REASONS.get(reason, '')} "
+            f"before it finished (exit code {exitcode})",
+            reason=reason,
+            exitcode=exitcode,
+            pid=pid,
+        )
+        if body:
+            error.__cause__ = RemoteTraceback("Where the task was when it stopped:\n" + body)
+        return None, error
+    if outcome == "failed":
+        what, *packet = body
+        if what == "load":
+            cause = unpack_exception((packet[0], packet[1], packet[2], packet[3]))
+            error = BgTaskError(
+                f"task {name!r} could not unpickle its function or arguments in the task "
+                f"process: {packet[1]}: {packet[2]}"
+            )
+            error.__cause__ = cause
+            return None, error
+        value_desc, type_name, message, tb_text = packet
+        error = SerializationError(
+            f"task {name!r} returned {value_desc}, which cannot be pickled: {type_name}: {message}"
+        )
+        error.__cause__ = RemoteTraceback(tb_text)
+        return None, error
+    detail = f": {body}" if body else ""
+    return None, TaskCrashed(
+        f"task {name!r} (pid {pid}) {describe_exit(exitcode)} without reporting a result{detail}",
+        exitcode=exitcode,
+        pid=pid,
+    )
