@@ -375,7 +375,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
+    parser.add_argument("--chart", metavar="RESULTS_JSON", help="only redraw the chart from a run")
     args = parser.parse_args()
+    if args.chart:
+        saved = json.loads(Path(args.chart).read_text())
+        chart(saved["latency"], saved["latency_1gib"], Path(args.out) / "start.png")
+        return
     rounds = 20 if args.quick else args.rounds
     repeats = 3 if args.quick else 10
     out = Path(args.out)
@@ -478,12 +483,13 @@ def chart(lat: Dict[str, List[float]], big: Dict[str, List[float]], path: Path) 
     colors = ["#d62728" if n.startswith("bgtask") else "#7f7f7f" for n in names]
     ax.barh(names, medians, color=colors, label="median")
     ax.scatter(p90s, names, color="black", marker="|", s=200, label="p90", zorder=3)
-    for y, m in enumerate(medians):
-        ax.text(m, y, f" {m:.2f} ms", va="center", fontsize=8)
+    for y, (m, p) in enumerate(zip(medians, p90s)):
+        ax.text(max(m, p) * 1.08, y, f"{m:.2f} ms", va="center", fontsize=8)
     ax.set_xscale("log")
+    ax.set_xlim(right=max(p90s) * 3)
     ax.set_xlabel("call-to-result latency of a no-op task, ms (log scale, lower is better)")
     ax.set_title("Starting a task: bgtask against its peers (one interleaved run)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"\nchart: {path}")

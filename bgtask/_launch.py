@@ -271,6 +271,7 @@ class _ZygoteHandle:
                 continue
             with self.lock:
                 if kind == _wire.Z_STARTED:
+                    value, self.served, self.spares = value
                     watch = self.watches.get(task_id)
                 else:
                     watch = self.watches.pop(task_id, None)

@@ -39,7 +39,7 @@ Z_SPAWN = 10  # body: pickle of (task id, settings dict); the task's socket atta
 Z_SIGNAL = 11  # body: pickle of (task id, signal number, seconds before SIGKILL or None)
 Z_PRELOAD = 12  # body: pickle of a list of module names to import in the zygote
 # Zygote -> main program.
-Z_STARTED = 20  # body: pickle of (task id, pid)
+Z_STARTED = 20  # body: pickle of (task id, (pid or error text, requests served, spares ready))
 Z_REAPED = 21  # body: pickle of (task id, exit code)
 Z_SPARES = 22  # body: pickle of (spawn requests served so far, spares ready now)
 

@@ -182,7 +182,9 @@ class Zygote:
             break
         os.close(fd)
         self.served += 1
-        self._report(_wire.Z_STARTED, (task_id, started))
+        # The count of spares rides along: one message, one wake-up of the main program.
+        self.reported = (self.served, len(self.spares))
+        self._report(_wire.Z_STARTED, (task_id, (started, *self.reported)))
         # What the main program changed since the last task also holds for the next spare.
         env = settings.get("env")
         if env is not None:
