@@ -47,20 +47,33 @@ def noop() -> None:
 # -- the ways to run noop() ------------------------------------------------------------------
 
 
-def raw_fork() -> Callable[[], None]:
-    """The floor: os.fork, a pipe for the result, waitpid."""
+def _fork_noop() -> Tuple[int, int]:
+    """Fork a child that sends noop()'s pickled result down a pipe; (pid, read end)."""
     import cloudpickle
 
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, cloudpickle.dumps(noop()))
+        os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _read_result(r: int) -> None:
+    import cloudpickle
+
+    with os.fdopen(r, "rb") as f:
+        cloudpickle.loads(f.read())
+
+
+def raw_fork() -> Callable[[], None]:
+    """The floor: os.fork, a pipe for the result, waitpid."""
+
     def run() -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            os.write(w, cloudpickle.dumps(noop()))
-            os._exit(0)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            cloudpickle.loads(f.read())
+        pid, r = _fork_noop()
+        _read_result(r)
         _pending.append(lambda: os.waitpid(pid, 0))
 
     return run
@@ -186,21 +199,9 @@ def burst(methods: Dict[str, Callable[[int], None]], repeats: int) -> Dict[str, 
 
 
 def burst_raw_fork(n: int) -> None:
-    import cloudpickle
-
-    pipes = []
-    for _ in range(n):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            os.write(w, cloudpickle.dumps(noop()))
-            os._exit(0)
-        os.close(w)
-        pipes.append((pid, r))
-    for pid, r in pipes:
-        with os.fdopen(r, "rb") as f:
-            cloudpickle.loads(f.read())
+    started = [_fork_noop() for _ in range(n)]
+    for pid, r in started:
+        _read_result(r)
         os.waitpid(pid, 0)
 
 

@@ -81,28 +81,6 @@ def test_burst_of_tasks_all_complete() -> None:
     assert [t.result(timeout=120) for t in tasks] == list(range(200))
 
 
-def test_many_threads_starting_tasks_at_once() -> None:
-    """16 threads each starting 20 tasks at once: no deadlock, no mixed-up results."""
-    errors: List[BaseException] = []
-
-    def run(offset: int) -> None:
-        try:
-            tasks = [ident(offset + i) for i in range(20)]
-            got = [t.result(timeout=120) for t in tasks]
-            if got != [offset + i for i in range(20)]:
-                errors.append(AssertionError(f"mixed up: {got}"))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(1000 * n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
-
-
 def test_crashing_tasks_do_not_break_bgtask() -> None:
     """200 tasks that crash each raise TaskCrashed; bgtask then still works, nothing leaks."""
 

@@ -109,7 +109,7 @@ def test_non_graceful_stop_kills_at_once(start_method: Optional[str], tmp_path: 
 
 
 def test_task_ignoring_sigterm_is_killed_after_grace(start_method: Optional[str], tmp_path: Path) -> None:
-    """A graceful task that ignores SIGTERM is killed after its grace; stop() returns then."""
+    """A task ignoring SIGTERM is killed after its grace; stop() returns within grace + 1 s."""
     ready = _marker(tmp_path, "ready")
 
     @background(graceful=True, grace=0.5, start_method=start_method)
@@ -125,6 +125,7 @@ def test_task_ignoring_sigterm_is_killed_after_grace(start_method: Optional[str]
     elapsed = time.monotonic() - started
     assert task.exitcode == -signal.SIGKILL
     assert elapsed >= 0.5  # the grace was given, not cut short
+    assert elapsed < 0.5 + 1.0 + 3.0  # grace + 1 s, plus slack for a loaded machine
     with pytest.raises(TaskStopped):
         task.result(0)
 
