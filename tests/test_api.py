@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,20 @@ def test_a_background_function_travels_without_its_handles() -> None:
 
     assert outer().result(timeout=60) == 42
     assert first.result(0) == 2
+
+
+def test_import_starts_nothing(tmp_path: Path) -> None:
+    """`import bgtask` starts no process and no thread: the zygote starts on the first call."""
+    from .helpers import run_script
+
+    result = run_script(
+        tmp_path,
+        """
+import os, threading
+import bgtask
+children = open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()
+print(len(children), threading.active_count())
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "1"]

@@ -169,6 +169,8 @@ w = worker(1.0)
 wait_ready("plain", "graceful", "cooperative", "worker")
 for t in (d1, d2, d3, w):
     print("PID", t.pid, flush=True)
+from bgtask import _launch
+print("ZYGOTE", _launch.get(None)._zygote.process.pid, flush=True)
 print("READY", flush=True)
 HOW = sys.argv[1] if len(sys.argv) > 1 else os.environ["BGTASK_TEST_HOW"]
 if HOW == "exit":
@@ -187,6 +189,7 @@ def test_daemons_stop_when_main_is_killed(tmp_path: Path, how: str) -> None:
     try:
         daemons = _pids(script, 3)
         worker_pid = int(script.expect("PID"))
+        zygote = int(script.expect("ZYGOTE"))
         script.expect("READY")
         if how != "exit":
             os.kill(script.proc.pid, getattr(signal, how))
@@ -200,6 +203,7 @@ def test_daemons_stop_when_main_is_killed(tmp_path: Path, how: str) -> None:
         # Non-daemon tasks run to their end, as in the stdlib.
         assert wait_until((tmp_path / "worker-done").exists, timeout=15)
         assert wait_until(lambda: not pid_alive(worker_pid), timeout=10)
+        assert wait_until(lambda: not pid_alive(zygote), timeout=10)  # no helper left either
         assert plain_gone < 5.0  # typically a few milliseconds; generous on a loaded machine
     finally:
         script.close()

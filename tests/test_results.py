@@ -367,3 +367,21 @@ print(bgtask.background(lambda: 3)().result(30))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3"
     assert "could not preload 'no_such_module_for_bgtask'" in result.stderr
+
+
+def test_sys_path_changed_after_the_zygote_started(tmp_path: Any) -> None:
+    """A directory added to sys.path after the first task is on the next task's sys.path."""
+
+    @background
+    def use_module() -> int:
+        import bgtask_late_module  # type: ignore[import-not-found]
+
+        return int(bgtask_late_module.VALUE)
+
+    assert background(lambda: 1)().result(timeout=60) == 1  # the zygote is running now
+    (tmp_path / "bgtask_late_module.py").write_text("VALUE = 42\n")
+    sys.path.append(str(tmp_path))
+    try:
+        assert use_module().result(timeout=60) == 42
+    finally:
+        sys.path.remove(str(tmp_path))
