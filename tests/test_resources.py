@@ -76,9 +76,9 @@ def test_multiprocessing_start_methods_leak_nothing(start_method: Optional[str])
 
 
 def test_burst_of_tasks_all_complete() -> None:
-    """200 tasks started at once all return their own result."""
-    tasks = [ident(i) for i in range(200)]
-    assert [t.result(timeout=120) for t in tasks] == list(range(200))
+    """500 tasks started at once all return their own result."""
+    tasks = [ident(i) for i in range(500)]
+    assert [t.result(timeout=120) for t in tasks] == list(range(500))
 
 
 def test_crashing_tasks_do_not_break_bgtask() -> None:

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import pytest
 
@@ -385,3 +385,30 @@ def test_sys_path_changed_after_the_zygote_started(tmp_path: Any) -> None:
         assert use_module().result(timeout=60) == 42
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_waiting_inside_a_done_callback_is_refused() -> None:
+    """A done-callback that waits for a running task gets BgTaskError, not a deadlock."""
+    seen: List[BaseException] = []
+    called = threading.Event()
+
+    @background
+    def forever() -> None:
+        threading.Event().wait()
+
+    other = forever()
+
+    def wait_for_other(_task: Any) -> None:
+        try:
+            other.join()
+        except BgTaskError as exc:
+            seen.append(exc)
+        called.set()
+
+    task = background(lambda: 1)()
+    task.add_done_callback(wait_for_other)
+    assert called.wait(60)
+    assert isinstance(seen[0], BgTaskError)
+    assert "monitor thread" in str(seen[0])
+    other.kill()
+    other.join(60)
