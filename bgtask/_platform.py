@@ -7,7 +7,6 @@ main program through a socket). Windows is refused with a clear error for now.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
@@ -50,17 +49,3 @@ def set_parent_death_signal(signum: int) -> bool:
         return _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0  # type: ignore[attr-defined,no-any-return]
     except AttributeError:  # a libc without prctl
         return False
-
-
-def close_fds_except(keep: set[int]) -> None:
-    """Close every descriptor above stderr that is not in ``keep`` (best effort)."""
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd" if IS_LINUX else "/dev/fd")]
-    except OSError:
-        return
-    for fd in fds:
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
