@@ -164,6 +164,8 @@ class Script:
             **kwargs,  # type: ignore[call-overload]
         )
         self._lines: queue.Queue[Optional[str]] = queue.Queue()
+        self._seen: List[str] = []
+        self._backlog: List[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -173,23 +175,47 @@ class Script:
             self._lines.put(line)
         self._lines.put(None)
 
-    def readline(self, timeout: float = DEADLINE_S) -> str:
-        """The next line of stdout (a handshake), or fail after ``timeout``; "" at EOF."""
+    def readline(self, timeout: float = DEADLINE_S) -> Optional[str]:
+        """The next line of stdout (a handshake), or fail after ``timeout``; ``None`` at EOF."""
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"no line from the script within {timeout:.1f} s") from None
-        return "" if line is None else line.strip()
+            state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+            raise AssertionError(
+                f"no line from the script within {timeout:.1f} s (script {state}; lines so far: "
+                f"{self._seen[-5:]}; stderr: {self.stderr()})"
+            ) from None
+        if line is None:
+            self._lines.put(None)  # EOF stays EOF for the next reader
+            return None
+        self._seen.append(line.strip())
+        return line.strip()
 
     def expect(self, prefix: str, timeout: float = DEADLINE_S) -> str:
-        """Read lines until one starts with ``prefix``; return the rest of it."""
+        """The first line not yet expected that starts with ``prefix``; return the rest of it.
+
+        Lines that did not match stay for later calls: a task and the main program write to the
+        same pipe, and their lines interleave in any order.
+        """
+        for i, line in enumerate(self._backlog):
+            if line.startswith(prefix):
+                del self._backlog[i]
+                return line[len(prefix) :].strip()
         deadline = time.monotonic() + timeout
         while True:
             line = self.readline(max(0.1, deadline - time.monotonic()))
+            if line is None:
+                try:
+                    self.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                raise AssertionError(
+                    f"output ended before {prefix!r} (script {self.proc.poll()}); "
+                    f"lines: {self._seen[-5:]}; stderr: {self.stderr()}"
+                )
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
-            if not line and self.proc.poll() is not None and self._lines.empty():
-                raise AssertionError(f"script ended before {prefix!r}; stderr: {self.stderr()}")
+            self._backlog.append(line)
 
     def stderr(self) -> str:
         assert self.proc.stderr is not None
