@@ -76,13 +76,17 @@ def prepare_process() -> None:
 
 
 def prepare_streams() -> None:
-    """Standard input from /dev/null, output line-buffered; a zygote does it once for all."""
+    """Standard input from /dev/null, output line-buffered; a zygote does it once for all.
+
+    Each line goes out in one write, also under ``python -u`` (which would write piece by
+    piece): tasks share the main program's output, and their lines must not interleave.
+    """
     _redirect_stdin()
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             try:
-                reconfigure(line_buffering=True)
+                reconfigure(line_buffering=True, write_through=False)
             except Exception:
                 pass
 
