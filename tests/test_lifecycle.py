@@ -458,7 +458,7 @@ def talker():
     try:
         for i in range(3):
             print("LINE", i)
-        print("WAITING")
+        print("WAITING", os.getpid())
         threading.Event().wait()
     finally:
         print("FINALLY")
@@ -468,18 +468,20 @@ print("STARTED", flush=True)
 announce_exit_wait()
 """,
     )
+    talker = 0
     try:
         script.expect("STARTED")
         assert script.expect("LINE") == "0"
         assert script.expect("LINE") == "1"
         assert script.expect("LINE") == "2"
-        script.expect("WAITING")  # not buffered: arrives while the task still runs
+        talker = int(script.expect("WAITING"))  # not buffered: arrives while the task runs
         script.expect("IN-EXIT-WAIT")
         script.signal_group(signal.SIGINT)  # a Ctrl-C during the exit wait stops the task
         script.expect("FINALLY")
         script.wait(30)
     finally:
         script.close()
+        kill_quietly([talker] if talker else [])  # a non-daemon task outlives a killed script
 
 
 def test_default_start_method_with_logging_threads(tmp_path: Path) -> None:
