@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, List, Optional
 
 import pytest
@@ -387,7 +388,7 @@ def test_sys_path_changed_after_the_zygote_started(tmp_path: Any) -> None:
         sys.path.remove(str(tmp_path))
 
 
-def test_waiting_inside_a_done_callback_is_refused() -> None:
+def test_waiting_inside_a_done_callback_is_refused(tmp_path: Any) -> None:
     """A done-callback that waits for a running task gets BgTaskError, not a deadlock."""
     seen: List[BaseException] = []
     called = threading.Event()
@@ -400,13 +401,22 @@ def test_waiting_inside_a_done_callback_is_refused() -> None:
 
     def wait_for_other(_task: Any) -> None:
         try:
-            other.join()
+            other.join(timeout=30)  # bounded: a failure of this test must not hang
         except BgTaskError as exc:
             seen.append(exc)
         called.set()
 
-    task = background(lambda: 1)()
-    task.add_done_callback(wait_for_other)
+    go = tmp_path / "go"
+
+    @background
+    def after_go() -> int:
+        while not go.exists():
+            time.sleep(0.01)
+        return 1
+
+    task = after_go()
+    task.add_done_callback(wait_for_other)  # added while it runs: called in the monitor thread
+    go.touch()
     assert called.wait(60)
     assert isinstance(seen[0], BgTaskError)
     assert "monitor thread" in str(seen[0])
