@@ -378,7 +378,6 @@ class MultiprocessingLauncher:
                 pass
         watch.process = process
         task._launcher = self
-        task._launcher_data = watch
         task._watch = watch
         task._sock = mine
         task._set_pid(process.pid)
@@ -412,7 +411,7 @@ class MultiprocessingLauncher:
         _attach(watch, mine)
 
     def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
-        watch = task._launcher_data
+        watch = task._watch
         pid = task._pid
         if watch.reaped or pid is None:
             return
