@@ -86,36 +86,44 @@ class Monitor:
     # -- called in the monitor thread -------------------------------------------------------
 
     def _run(self) -> None:
+        while True:
+            self._step()
+
+    def _step(self) -> None:
+        """One round: wait, then run handlers, queued calls and due timers.
+
+        A method of its own so that its locals (the last callbacks, and the tasks they hold) go
+        away after each round instead of staying alive until the next event.
+        """
         import time
 
-        while True:
-            with self._lock:
-                timeout = None
-                if self._timers:
-                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            try:
-                events = self._selector.select(timeout)
-            except InterruptedError:
-                continue
-            for key, _mask in events:
-                if key.data is None:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
+        with self._lock:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        try:
+            events = self._selector.select(timeout)
+        except InterruptedError:
+            return
+        for key, _mask in events:
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 4096):
                         pass
-                else:
-                    _guard(key.data)
-            with self._lock:
-                pending, self._pending = self._pending, []
-                due: List[Callback] = []
-                now = time.monotonic()
-                while self._timers and self._timers[0][0] <= now:
-                    due.append(heapq.heappop(self._timers)[2])
-            for fn in pending:
-                _guard(fn)
-            for fn in due:
-                _guard(fn)
+                except BlockingIOError:
+                    pass
+            else:
+                _guard(key.data)
+        with self._lock:
+            pending, self._pending = self._pending, []
+            due: List[Callback] = []
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+        for fn in pending:
+            _guard(fn)
+        for fn in due:
+            _guard(fn)
 
     def close_in_child(self) -> None:
         """Release this monitor's descriptors in a forked child, where its thread does not run."""
