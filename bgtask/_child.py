@@ -258,7 +258,7 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
         return
     first = not state.stopping
     state.stopping = True
-    state.event._event.set()
+    state.event._set()
     if first and state.running and not state.cooperative:
         raise _StopRequest()
 

@@ -16,7 +16,7 @@ is imported by the task runtime, so it imports nothing else of bgtask.
 
 from __future__ import annotations
 
-import threading
+import os
 from typing import Optional
 
 __all__ = ["StopEvent", "stop_event"]
@@ -40,14 +40,18 @@ class StopEvent:
     """
 
     __module__ = "bgtask"
-    __slots__ = ("_event",)
+    # Set from a signal handler, in the thread it may interrupt: a threading.Event would take the
+    # Condition lock that thread can be holding inside Event.wait(), and deadlock. A flag and a
+    # pipe take no lock: set() writes a byte, wait() waits for the pipe to be readable.
+    __slots__ = ("_flag", "_r", "_w")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._flag = False
+        self._r, self._w = os.pipe()
 
     def is_set(self) -> bool:
         """Return whether the task has been asked to stop."""
-        return self._event.is_set()
+        return self._flag
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the task is asked to stop or ``timeout`` seconds pass.
@@ -55,7 +59,17 @@ class StopEvent:
         Returns:
             ``True`` if the task was asked to stop, ``False`` on timeout.
         """
-        return self._event.wait(timeout)
+        if not self._flag:
+            import select
+
+            select.select([self._r], [], [], timeout)
+        return self._flag
+
+    def _set(self) -> None:
+        """Set the flag; safe in a signal handler."""
+        if not self._flag:
+            self._flag = True
+            os.write(self._w, b"\0")
 
     def __repr__(self) -> str:
         return f"<bgtask.StopEvent {'set' if self.is_set() else 'unset'}>"

@@ -258,3 +258,26 @@ def test_pid_is_its_own_process_group() -> None:
 
     pid, pgrp = groups().result(timeout=60)
     assert pid == pgrp
+
+
+def test_stop_lands_while_the_task_is_inside_its_event_wait(tmp_path: Path) -> None:
+    """A stop that arrives inside StopEvent.wait() sets the event; the task cannot deadlock."""
+    ready = tmp_path / "ready"
+
+    @background(graceful=True, grace=30.0)
+    def busy_waiter() -> int:
+        event = stop_event()
+        rounds = 0
+        ready.touch()
+        while not event.is_set():
+            event.wait(0.0001)  # nearly always inside wait() when the signal lands
+            rounds += 1
+        return rounds
+
+    for _ in range(20):
+        ready.unlink(missing_ok=True)
+        task = busy_waiter()
+        assert wait_until(ready.exists)
+        task.stop(timeout=10)
+        assert task.result(0) > 0
+        assert task.exitcode == 0  # finished on its own, not killed after its grace
