@@ -47,7 +47,13 @@ class StopEvent:
 
     def __init__(self) -> None:
         self._flag = False
-        self._r, self._w = os.pipe()
+        # Made by stop_event(), when the task first asks for the event: a task that never does
+        # holds no descriptor for it.
+        self._r = self._w = -1
+
+    def _open(self) -> None:
+        if self._w < 0:
+            self._r, self._w = os.pipe()
 
     def is_set(self) -> bool:
         """Return whether the task has been asked to stop."""
@@ -62,6 +68,7 @@ class StopEvent:
         if not self._flag:
             import select
 
+            self._open()
             select.select([self._r], [], [], timeout)
         return self._flag
 
@@ -69,7 +76,8 @@ class StopEvent:
         """Set the flag; safe in a signal handler."""
         if not self._flag:
             self._flag = True
-            os.write(self._w, b"\0")
+            if self._w >= 0:
+                os.write(self._w, b"\0")
 
     def __repr__(self) -> str:
         return f"<bgtask.StopEvent {'set' if self.is_set() else 'unset'}>"
@@ -113,6 +121,7 @@ def stop_event() -> StopEvent:
             "stop_event() was called outside a bgtask task; it is only available in the process "
             "of a function decorated with @background"
         )
+    _state.event._open()  # before the task counts as cooperative: a stop then always wakes it
     _state.cooperative = True
     return _state.event
 
