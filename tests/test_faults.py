@@ -804,7 +804,11 @@ def test_row33_no_listening_socket_and_clean_command_lines(tmp_path: Path) -> No
     from .helpers import descendants
 
     for pid in [os.getpid(), *descendants()]:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue  # a spare or task that ended since the listing
+        for fd in fds:
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
