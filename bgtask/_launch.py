@@ -3,9 +3,9 @@
 ::
 
     Task start ──> launcher.start(task, settings, payload)
-                      │ ZygoteLauncher (default): socketpair; the task's end goes to the zygote
-                      │   with SCM_RIGHTS, the zygote hands it to its spare child; the payload
-                      │   goes straight to the task over the socket
+                      │ ZygoteLauncher (default): take a spare the zygote handed over (its pid
+                      │   and a socket to it), tell the zygote it is now this task, write the
+                      │   settings and the payload to it
                       │ MultiprocessingLauncher ("fork", "spawn", "forkserver"): the task's end
                       │   is an argument of a multiprocessing.Process running the same runtime
                       v
@@ -19,6 +19,7 @@ stops signalling once the sentinel fires.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import signal
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 from . import _monitor, _wire
 
@@ -125,39 +126,39 @@ class ZygoteLauncher:
             self.preload.extend(new)
             zygote = self._zygote
         if new and zygote is not None and zygote.owner == os.getpid():
-            zygote.send(_wire.Z_PRELOAD, new)
+            zygote.preload(new)
 
     def start(self, task: Any, settings: Settings, payload: bytes) -> None:
-        watch = Watch(task)
-        mine, theirs = socket.socketpair()
-        try:
-            for attempt in range(2):
-                zygote = self._get()
-                try:
-                    spare_ready = zygote.spawn(watch, settings, theirs)
-                    break
-                except OSError:
-                    if attempt:
-                        raise
-                    zygote.lost()
-        except BaseException:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
+        # A spare that died before it read its call is replaced; a zygote that died, once.
+        lost_zygotes = 0
+        while True:
+            watch = Watch(task)
+            zygote = self._get()
+            try:
+                spare = zygote.activate(watch, settings)
+            except ConnectionError:
+                zygote.lost()
+                lost_zygotes += 1
+                if lost_zygotes > 1:
+                    raise
+                continue
+            try:
+                packed = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
+                _wire.send_messages(spare.sock, [(_wire.SETTINGS, packed), (_wire.PAYLOAD, payload)])
+            except OSError:
+                zygote.deactivate(spare)
+                continue
+            break
         task._launcher = self
+        task._launcher_data = (zygote, spare.serial)
         task._watch = watch
-        task._sock = mine
-        _send_payload(mine, payload)
-        _attach(watch, mine)
-        # With a spare ready the task has started; otherwise the zygote must fork, which may fail
-        # (out of processes or memory): wait for its answer, so that the call fails, not later.
-        if not spare_ready and task.pid is None:
-            raise OSError(task._start_error or "the zygote died before it started the task")
+        task._sock = spare.sock
+        task._set_pid(spare.pid)
+        _attach(watch, spare.sock)
 
     def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
-        zygote = task._launcher_data
-        zygote.send(_wire.Z_SIGNAL, (task.id, signum, escalate_after))
+        zygote, serial = task._launcher_data
+        zygote.send(_wire.Z_SIGNAL, (serial, signum, escalate_after))
 
     def _get(self) -> _ZygoteHandle:
         with self._lock:
@@ -180,23 +181,42 @@ class ZygoteLauncher:
 
 _BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import main; main({fd})"
 
+# How long a call waits for the zygote to fork a process when it holds no spare.
+SPARE_WAIT_S = 60.0
+
+
+class _Spare:
+    """A process the zygote forked ahead: its pid, and the main program's end of its channel."""
+
+    __slots__ = ("generation", "pid", "serial", "sock")
+
+    def __init__(self, serial: int, pid: int, generation: int, sock: socket.socket) -> None:
+        self.serial = serial
+        self.pid = pid
+        self.generation = generation
+        self.sock = sock
+
 
 class _ZygoteHandle:
-    """The main program's end of one zygote process."""
+    """The main program's end of one zygote process, and the spares it handed over."""
 
     def __init__(self, preload: List[str]) -> None:
         self.owner = os.getpid()
         self.alive = True
         self.lock = threading.Lock()
-        self.watches: Dict[int, Watch] = {}
-        self.reader = _wire.MessageReader()
-        self.last_env: Optional[Dict[Any, Any]] = None
-        self.last_path: Optional[List[str]] = None
-        # What the zygote last said: spawn requests served, spares ready. With the requests
-        # sent since, it tells whether a spare surely waits for the next call.
-        self.sent = 0
-        self.served = 0
-        self.spares = 0
+        self.changed = threading.Condition(self.lock)  # a spare arrived, a fork failed, or death
+        self.spares: Deque[_Spare] = collections.deque()
+        self.watches: Dict[int, Watch] = {}  # by spare serial, from activation until reaped
+        self.reader = _wire.MessageReader(maxfds=1)
+        # Generations: each change of environment or sys.path, and each preload, starts one, in
+        # the zygote too. A spare forked in an older generation gets the environment with its
+        # task; one older than the last preload lacks modules and is dropped.
+        self.generation = 0
+        self.preload_generation = 0
+        self.last_env = _environ_snapshot()  # what the zygote starts with
+        self.last_path = list(sys.path)
+        self.failures = 0  # forks the zygote reported failed, and the last reason
+        self.failure = ""
         mine, theirs = socket.socketpair()
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         args = [
@@ -216,82 +236,156 @@ class _ZygoteHandle:
         finally:
             theirs.close()
         self.ctl = mine
-        config = {"sys_path": list(sys.path), "preload": list(preload)}
+        config = {"sys_path": self.last_path, "preload": list(preload)}
         self.ctl.sendall(_wire.pack_data(0, config))
         _monitor.get().add_reader(self.ctl, self._on_readable)
 
-    def spawn(self, watch: Watch, settings: Settings, theirs: socket.socket) -> bool:
-        """Ask the zygote to start the task; return whether a spare was surely ready for it."""
-        task = watch.task
+    def activate(self, watch: Watch, settings: Settings) -> _Spare:
+        """Take a spare for the task (waiting for one if none is held) and tell the zygote.
+
+        Raises ``ConnectionError`` if the zygote is gone, ``OSError`` if it cannot fork.
+        """
+        with self.changed:
+            failures = None
+            deadline = None
+            while True:
+                if not self.alive:
+                    raise BrokenPipeError("the zygote is gone")
+                if self.spares:
+                    spare = self.spares.popleft()
+                    if spare.generation < self.preload_generation:
+                        spare.sock.close()
+                        continue
+                    break
+                if failures is None:
+                    failures = self.failures
+                    deadline = time.monotonic() + SPARE_WAIT_S
+                    self._send(_wire.Z_WANT, None)
+                elif self.failures != failures:
+                    raise OSError(self.failure)
+                assert deadline is not None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise OSError(f"the zygote forked no process within {SPARE_WAIT_S:.0f} s")
+                self.changed.wait(remaining)
+            try:
+                self._sync_environment()
+                if spare.generation < self.generation:
+                    settings["env"] = dict(os.environ)
+                    settings["sys_path"] = self.last_path
+                self.watches[spare.serial] = watch
+                message = (spare.serial, settings["daemon"], settings["graceful"], settings["grace"])
+                self._send(_wire.Z_ACTIVATE, message)
+            except BaseException:
+                self.watches.pop(spare.serial, None)
+                spare.sock.close()
+                raise
+            return spare
+
+    def deactivate(self, spare: _Spare) -> None:
+        """The spare died before it got its task: forget it (the zygote reaps it)."""
+        with self.lock:
+            self.watches.pop(spare.serial, None)
+        spare.sock.close()
+
+    def _sync_environment(self) -> None:
+        """Under the lock: tell the zygote a changed environment, for the spares it forks next."""
+        env = _environ_snapshot()
+        path = list(sys.path)
+        if env != self.last_env or path != self.last_path:
+            self.last_env = env
+            self.last_path = path
+            self._send(_wire.Z_SETENV, (dict(os.environ), path))
+            self.generation += 1
+
+    def preload(self, names: List[str]) -> None:
         with self.lock:
             if not self.alive:
-                raise BrokenPipeError("the zygote is gone")
-            env = _environ_snapshot()
-            if env != self.last_env:
-                self.last_env = env
-                settings["env"] = dict(os.environ)
-            path = list(sys.path)
-            if path != self.last_path:
-                settings["sys_path"] = self.last_path = path
-            self.watches[task.id] = watch
-            task._launcher_data = self
-            try:
-                _wire.send_message_with_fds(
-                    self.ctl,
-                    _wire.Z_SPAWN,
-                    pickle.dumps(settings, pickle.HIGHEST_PROTOCOL),
-                    [theirs.fileno()],
-                )
-            except OSError:
-                del self.watches[task.id]
-                self.last_env = self.last_path = None
-                raise
-            ready = self.spares - (self.sent - self.served) > 0
-            self.sent += 1
-            return ready
+                return
+            self._send(_wire.Z_PRELOAD, names)
+            self.generation += 1
+            self.preload_generation = self.generation
+            while self.spares:
+                self.spares.popleft().sock.close()
 
     def send(self, kind: int, data: Any) -> None:
         with self.lock:
             if not self.alive:
                 return
             try:
-                self.ctl.sendall(_wire.pack_data(kind, data))
+                self._send(kind, data)
             except OSError:
                 pass  # the monitor learns of the zygote's death from its socket
 
+    def _send(self, kind: int, data: Any) -> None:
+        self.ctl.sendall(_wire.pack_data(kind, data))
+
     def _on_readable(self) -> None:
-        """In the monitor: reports from the zygote."""
-        self.reader.feed_from(self.ctl)
-        messages, self.reader.messages = self.reader.messages, []
-        for kind, body in messages:
-            task_id, value = pickle.loads(body)
-            if kind == _wire.Z_SPARES:
+        """In the monitor: spares and reports from the zygote."""
+        reader = self.reader
+        reader.feed_from(self.ctl)
+        messages, reader.messages = reader.messages, []
+        all_fds, reader.fds = reader.fds, []
+        for (kind, body), fds in zip(messages, all_fds):
+            data = pickle.loads(body)
+            if kind == _wire.Z_SPARE:
+                serial, pid, generation = data
+                self._add_spare(serial, pid, generation, fds)
+                continue
+            for fd in fds:
+                os.close(fd)
+            if kind == _wire.Z_REAPED:
+                serial, exitcode = data
                 with self.lock:
-                    self.served, self.spares = task_id, value
-                continue
-            with self.lock:
-                if kind == _wire.Z_STARTED:
-                    value, self.served, self.spares = value
-                    watch = self.watches.get(task_id)
-                else:
-                    watch = self.watches.pop(task_id, None)
-            if watch is None:
-                continue
-            if kind == _wire.Z_STARTED:
-                if isinstance(value, int):
-                    watch.task._set_pid(value)
-                else:  # the zygote could not fork: the call raises it
-                    watch.task._start_error = value
-                    watch.task._set_pid(None)
-                    watch.launcher_lost = True
+                    watch = self.watches.pop(serial, None)
+                    if watch is None:
+                        self._drop_spare(serial)
+                if watch is not None:
+                    watch.exitcode = exitcode
                     watch.reaped = True
                     _maybe_finish(watch)
-            elif kind == _wire.Z_REAPED:
-                watch.exitcode = value
-                watch.reaped = True
-                _maybe_finish(watch)
-        if self.reader.eof:
+            elif kind == _wire.Z_NOSPARE:
+                with self.lock:
+                    self.failures += 1
+                    self.failure = data
+                    self.changed.notify_all()
+        if reader.eof:
             self.lost()
+
+    def _add_spare(self, serial: int, pid: int, generation: int, fds: List[int]) -> None:
+        with self.lock:
+            if len(fds) != 1:
+                # The kernel dropped the descriptor: this process has none free. The spare
+                # is of no use; a waiting call fails, and the zygote forks again only when asked.
+                for fd in fds:
+                    os.close(fd)
+                self.failures += 1
+                self.failure = "no free file descriptor in this process for the task's channel"
+                self.changed.notify_all()
+                if self.alive:
+                    try:
+                        self._send(_wire.Z_DROP, serial)
+                    except OSError:
+                        pass
+                return
+            spare = _Spare(serial, pid, generation, socket.socket(fileno=fds[0]))
+            if not self.alive or generation < self.preload_generation:
+                spare.sock.close()
+            else:
+                self.spares.append(spare)
+                self.changed.notify()
+
+    def _drop_spare(self, serial: int) -> None:
+        """Under the lock: a spare died unused (killed from outside)."""
+        for spare in self.spares:
+            if spare.serial == serial:
+                self.spares.remove(spare)
+                spare.sock.close()
+                return
+
+    def _close_spares(self) -> None:
+        while self.spares:
+            self.spares.popleft().sock.close()
 
     def lost(self) -> None:
         """The zygote died: its tasks can only be followed through their own sockets now."""
@@ -300,6 +394,8 @@ class _ZygoteHandle:
                 return
             self.alive = False
             watches, self.watches = list(self.watches.values()), {}
+            self._close_spares()
+            self.changed.notify_all()
 
         def finish_all() -> None:
             _monitor.get().remove_reader(self.ctl)
@@ -320,6 +416,8 @@ class _ZygoteHandle:
             if not self.alive:
                 return
             self.alive = False
+            self._close_spares()
+            self.changed.notify_all()
         try:
             self.ctl.shutdown(socket.SHUT_WR)
         except OSError:
@@ -328,14 +426,28 @@ class _ZygoteHandle:
             self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             pass  # it still stops its daemon tasks on its own, then exits
-        _monitor.get().remove_reader(self.ctl)
-        self.ctl.close()
+        monitor = _monitor.get()
+
+        def finish_all() -> None:
+            self._on_readable()  # the last reports: tasks reaped before the zygote exited
+            monitor.remove_reader(self.ctl)
+            self.ctl.close()
+            with self.lock:
+                watches, self.watches = list(self.watches.values()), {}
+            for watch in watches:  # still running: their sockets tell when they end
+                watch.launcher_lost = True
+                _maybe_finish(watch)
+
+        monitor.call_soon(finish_all)
 
     def close_in_child(self) -> None:
-        try:
-            self.ctl.close()
-        except OSError:
-            pass
+        """In a forked copy: release the descriptors; the copy gets a zygote of its own."""
+        for sock in [self.ctl, *(spare.sock for spare in self.spares)]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.spares.clear()
         self.alive = False
 
 

@@ -95,7 +95,6 @@ class Task(Generic[R]):
         self._launcher_data: Any = None  # the zygote's handle, for the default start method
         self._watch: Any = None
         self._sock: Any = None
-        self._start_error: Optional[str] = None
 
     # -- process facets ---------------------------------------------------------------------
 

@@ -2,27 +2,30 @@
 
 ::
 
-    main program --control socket--> zygote --fork--> spare (forked ahead, waiting)
-         |                              |                  | activated: gets its task socket,
-         +------- task socket ---------------------------->+ becomes the task process
-                                        |
-                                        +-- reaps tasks, reports exit codes to the main program
-                                        +-- main program gone (control socket EOF): stops daemon
-                                            tasks (SIGTERM, then SIGKILL of the group after grace)
+    zygote --fork--> spare (waits on its task channel)
+       |  --spare(pid, task channel)--> main program   two spares ahead, always
+       |                                    | a call takes a spare it holds: no round trip
+       |  <--activate(spare, daemon...)--   +--settings, payload--> spare: runs the task
+       |
+       +-- reaps tasks, reports exit codes to the main program
+       +-- main program gone (control socket EOF): stops daemon tasks (SIGTERM, then SIGKILL of
+           the group after grace), kills unused spares
 
 The zygote is started once, lazily, with exec (so it never inherits the main program's threads,
 locks or file descriptors), in a session of its own (so terminal signals do not reach it or its
-tasks). It has bgtask and cloudpickle imported and keeps one child forked ahead, so a call only
-hands over a socket. Being the parent of every task, it is the one process that can signal a task
-without racing pid reuse: it kills a group only while the group's leader is not yet reaped.
+tasks). It has bgtask and cloudpickle imported and keeps two children forked ahead, whose task
+channels it hands to the main program: a call writes the task straight to a process that already
+exists, so it cannot fail to start, and no call waits for the zygote unless the spares ran out.
+Being the parent of every task, the zygote is the one process that can signal a task without
+racing pid reuse: it kills a group only while the group's leader is not yet reaped.
 
 It imports only the task runtime; it never unpickles user data itself.
 """
 
 from __future__ import annotations
 
-import collections
 import gc
+import itertools
 import os
 import pickle
 import select
@@ -30,39 +33,46 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from . import _child, _wire
 from ._platform import set_parent_death_signal
 
-# Children forked ahead, waiting for a task: a burst of calls does not wait for forks.
+# Children forked ahead and handed to the main program: a call finds its process ready.
 SPARES = 2
 
 
-class _Child:
-    __slots__ = ("daemon", "grace", "graceful", "kill_at", "pid", "task_id")
+class _Proc:
+    """A child of the zygote: a spare until the main program activates it, then a task."""
 
-    def __init__(self, task_id: int, pid: int, settings: Dict[str, Any]) -> None:
-        self.task_id = task_id
+    __slots__ = ("daemon", "grace", "graceful", "kill_at", "pid", "serial", "task")
+
+    def __init__(self, serial: int, pid: int) -> None:
+        self.serial = serial
         self.pid = pid
-        self.daemon: bool = settings["daemon"]
-        self.graceful: bool = settings["graceful"]
-        self.grace: float = settings["grace"]
+        self.task = False
+        self.daemon = False
+        self.graceful = False
+        self.grace = 0.0
         self.kill_at: Optional[float] = None
 
 
 class Zygote:
     """The zygote's state and loop."""
 
-    def __init__(self, ctl: socket.socket) -> None:
+    def __init__(self, ctl: socket.socket, fork: Callable[[], int]) -> None:
         self.ctl: Optional[socket.socket] = ctl
+        self.fork = fork
         self.reader = _wire.MessageReader()
-        self.children: Dict[int, _Child] = {}  # by pid, until reaped
-        self.by_task: Dict[int, int] = {}  # task id -> pid, until reaped
-        self.spares: Deque[Tuple[int, socket.socket]] = collections.deque()
+        self.procs: Dict[int, _Proc] = {}  # by pid, until reaped
+        self.by_serial: Dict[int, _Proc] = {}
+        self.idle: Set[int] = set()  # serials of spares not activated yet
+        self.serials = itertools.count(1)
+        self.generation = 0  # bumped by every change of environment or preloaded modules
+        self.wanted = False  # a call waits for a spare: say so if none can be forked
+        self.paused = False  # the main program ran out of descriptors: fork only when asked
+        self.out = bytearray()  # reports not sent yet
         self.pid = os.getpid()
-        self.served = 0  # spawn requests handled, for the main program's count of spares
-        self.reported: Tuple[int, int] = (-1, -1)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -76,43 +86,40 @@ class Zygote:
 
     def serve(self) -> None:
         self._refill()
+        self._flush()
         while self.ctl is not None or self._daemons_left():
             readable = self._wait()
             if self.wake_r in readable:
                 self._drain_wakeups()
-            self._reap()
-            if self.ctl is not None and self.ctl in readable:
+            # Activations first: a task that already ended must be known as a task when it
+            # is reaped (the main program sends the activation before the task's payload).
+            if self.ctl is not None:
                 self._read_control()
+            self._reap()
             self._escalate()
             self._refill()
-            self._report_spares()
-        for _pid, sock in self.spares:
-            sock.close()  # the spare sees EOF and exits
+            self._flush()
         os._exit(0)
 
-    def _report_spares(self) -> None:
-        """Tell the main program how many spares are ready, so a call can know it will start."""
-        state = (self.served, len(self.spares))
-        if state != self.reported:
-            self.reported = state
-            self._report(_wire.Z_SPARES, state)
-
     def _refill(self) -> None:
-        """Fork spares up to ``SPARES``, but serve a waiting request first."""
-        while len(self.spares) < SPARES and self.ctl is not None:
+        """Fork spares up to ``SPARES``; a fork that fails is reported to a waiting call."""
+        while len(self.idle) < SPARES and self.ctl is not None and not self.paused:
             if select.select([self.ctl], [], [], 0)[0]:
-                return
+                return  # activations and requests first: the next round forks
             try:
                 self._fork_spare()
-            except OSError:
-                return  # out of processes or descriptors: a request will say so
+            except OSError as exc:  # EAGAIN at RLIMIT_NPROC, ENOMEM, EMFILE...
+                if self.wanted and not self.idle:
+                    self.wanted = False
+                    self._report(_wire.Z_NOSPARE, f"fork() failed: {exc}")
+                return
 
     def _wait(self) -> List[Any]:
         fds: List[Any] = [self.wake_r]
         if self.ctl is not None:
             fds.append(self.ctl)
-        deadlines = [c.kill_at for c in self.children.values() if c.kill_at is not None]
-        timeout = 1.0  # a lost SIGCHLD costs at most this; reaping never depends on it alone
+        deadlines = [p.kill_at for p in self.procs.values() if p.kill_at is not None]
+        timeout = 1.0  # a lost SIGCHLD or a failed fork costs at most this
         if deadlines:
             timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
         try:
@@ -129,110 +136,105 @@ class Zygote:
             pass
 
     def _daemons_left(self) -> bool:
-        return any(c.daemon for c in self.children.values())
+        return any(p.daemon for p in self.procs.values())
 
     # -- control messages -------------------------------------------------------------------
 
     def _read_control(self) -> None:
         assert self.ctl is not None
-        try:
-            message = _wire.recv_message_with_fds(self.ctl, 1)
-        except OSError:
-            message = None
-        if message is None:
+        self.reader.feed_from(self.ctl)
+        messages, self.reader.messages = self.reader.messages, []
+        for kind, body in messages:
+            data = pickle.loads(body)
+            if kind == _wire.Z_ACTIVATE:
+                self._activate(*data)
+            elif kind == _wire.Z_SIGNAL:
+                serial, signum, escalate_after = data
+                proc = self.by_serial.get(serial)
+                if proc is not None:
+                    self._signal(proc, signum, escalate_after)
+            elif kind == _wire.Z_WANT:
+                self.wanted = True
+                self.paused = False
+            elif kind == _wire.Z_DROP:
+                proc = self.by_serial.get(data)
+                if proc is not None and not proc.task:
+                    self._signal(proc, signal.SIGKILL, None)
+                self.paused = True
+            elif kind == _wire.Z_SETENV:
+                env, path = data
+                os.environ.clear()
+                os.environ.update(env)
+                sys.path[:] = path
+                self.generation += 1
+            elif kind == _wire.Z_PRELOAD:
+                preload(data)
+                self.fork = os.fork  # the modules may have at-fork work of their own
+                self.generation += 1
+                # Spares forked without the modules: the main program drops them too.
+                for serial in self.idle:
+                    self._signal(self.by_serial[serial], signal.SIGKILL, None)
+        if self.reader.eof:
             self._main_program_gone()
-            return
-        kind, body, fds = message
-        if kind == _wire.Z_SPAWN:
-            self._spawn(body, fds[0])
-        elif kind == _wire.Z_PRELOAD:
-            preload(pickle.loads(body))
-            for _pid, sock in self.spares:  # forked without the modules: let them go
-                sock.close()
-            self.spares.clear()
-        elif kind == _wire.Z_SIGNAL:
-            for fd in fds:
-                os.close(fd)
-            task_id, signum, escalate_after = pickle.loads(body)
-            pid = self.by_task.get(task_id)
-            if pid is not None:
-                self._signal(self.children[pid], signum, escalate_after)
 
-    def _spawn(self, body: bytes, fd: int) -> None:
-        settings: Dict[str, Any] = pickle.loads(body)
-        task_id: int = settings["task_id"]
-        started: Any = "no process could be started"
-        for _attempt in range(2):
-            if not self.spares:
-                try:
-                    self._fork_spare(close_in_child=fd)
-                except OSError as exc:  # EAGAIN at RLIMIT_NPROC, ENOMEM, EMFILE...
-                    started = f"fork() failed: {exc}"
-                    break
-            pid, sock = self.spares.popleft()
-            try:
-                _wire.send_message_with_fds(sock, _wire.Z_SPAWN, body, [fd])
-            except OSError:  # the spare died (killed from outside): fork another
-                sock.close()
-                continue
-            sock.close()
-            started = pid
-            self.children[pid] = _Child(task_id, pid, settings)
-            self.by_task[task_id] = pid
-            break
-        os.close(fd)
-        self.served += 1
-        # The count of spares rides along: one message, one wake-up of the main program.
-        self.reported = (self.served, len(self.spares))
-        self._report(_wire.Z_STARTED, (task_id, (started, *self.reported)))
-        # What the main program changed since the last task also holds for the next spare.
-        env = settings.get("env")
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(env)
-        if settings.get("sys_path") is not None:
-            sys.path[:] = settings["sys_path"]
+    def _activate(self, serial: int, daemon: bool, graceful: bool, grace: float) -> None:
+        proc = self.by_serial.get(serial)
+        if proc is None or proc.task:
+            return  # it died before the main program took it: its reap was reported
+        self.idle.discard(serial)
+        proc.task = True
+        proc.daemon = daemon
+        proc.graceful = graceful
+        proc.grace = grace
 
-    def _signal(self, child: _Child, signum: int, escalate_after: Optional[float]) -> None:
+    def _signal(self, proc: _Proc, signum: int, escalate_after: Optional[float]) -> None:
         try:
             if signum == signal.SIGKILL:
-                os.killpg(child.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
             else:
-                os.kill(child.pid, signum)
+                os.kill(proc.pid, signum)
         except OSError:
             pass
         if escalate_after is not None:
             kill_at = time.monotonic() + escalate_after
-            if child.kill_at is None or kill_at < child.kill_at:
-                child.kill_at = kill_at
+            if proc.kill_at is None or kill_at < proc.kill_at:
+                proc.kill_at = kill_at
 
     def _main_program_gone(self) -> None:
-        """Stop every daemon task: graceful ones get SIGTERM and ``grace`` seconds."""
+        """Stop every daemon task (graceful ones get SIGTERM and ``grace`` seconds), kill spares."""
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-        for child in list(self.children.values()):
-            if not child.daemon:
+        for proc in list(self.procs.values()):
+            if not proc.task:
+                self._signal(proc, signal.SIGKILL, None)
+            elif not proc.daemon:
                 continue
-            if child.graceful:
-                self._signal(child, signal.SIGTERM, child.grace)
+            elif proc.graceful:
+                self._signal(proc, signal.SIGTERM, proc.grace)
             else:
-                self._signal(child, signal.SIGKILL, None)
+                self._signal(proc, signal.SIGKILL, None)
 
     def _escalate(self) -> None:
         now = time.monotonic()
-        for child in self.children.values():
-            if child.kill_at is not None and child.kill_at <= now:
-                child.kill_at = None
-                self._signal(child, signal.SIGKILL, None)
+        for proc in self.procs.values():
+            if proc.kill_at is not None and proc.kill_at <= now:
+                proc.kill_at = None
+                self._signal(proc, signal.SIGKILL, None)
 
     def _report(self, kind: int, data: Any) -> None:
-        if self.ctl is None:
+        if self.ctl is not None:
+            self.out += _wire.pack_data(kind, data)
+
+    def _flush(self) -> None:
+        if self.ctl is None or not self.out:
+            self.out.clear()
             return
         try:
-            self.ctl.sendall(_wire.pack_data(kind, data))
+            self.ctl.sendall(self.out)
         except OSError:
             self._main_program_gone()
+        self.out.clear()
 
     # -- children ---------------------------------------------------------------------------
 
@@ -245,49 +247,60 @@ class Zygote:
             if info is None or info.si_pid == 0:
                 return
             pid = info.si_pid
-            child = self.children.pop(pid, None)
-            if child is not None:
-                # The leader is a zombie: its group id cannot be reused yet, so this reaches
-                # only what the task left behind in its group.
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            # The leader is a zombie: its group id cannot be reused yet, so this reaches only
+            # what the task left behind in its group.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
             _, status = os.waitpid(pid, 0)
-            if child is not None:
-                del self.by_task[child.task_id]
-                self._report(_wire.Z_REAPED, (child.task_id, os.waitstatus_to_exitcode(status)))
-            else:
-                for spare in self.spares:
-                    if spare[0] == pid:  # a spare died (killed from outside)
-                        spare[1].close()
-                        self.spares.remove(spare)
-                        break
+            proc = self.procs.pop(pid, None)
+            if proc is not None:
+                del self.by_serial[proc.serial]
+                self.idle.discard(proc.serial)
+                self._report(_wire.Z_REAPED, (proc.serial, os.waitstatus_to_exitcode(status)))
 
-    def _fork_spare(self, close_in_child: int = -1) -> None:
-        """Fork a spare; ``close_in_child`` is a task's socket the spare must not hold."""
+    def _fork_spare(self) -> None:
+        """Fork a spare and hand its task channel to the main program."""
+        assert self.ctl is not None
         mine, theirs = socket.socketpair()
         gc.freeze()  # objects of the zygote stay in pages the tasks share, unwritten
         try:
-            pid = os.fork()
+            pid = self.fork()
         except OSError:
             mine.close()
             theirs.close()
             raise
         if pid == 0:
             mine.close()
-            if close_in_child >= 0:
-                os.close(close_in_child)
             self._become_task(theirs)
         theirs.close()
         try:
             os.setpgid(pid, pid)  # also done in the child: whichever runs first wins the race
         except OSError:
             pass
-        self.spares.append((pid, mine))
+        proc = _Proc(next(self.serials), pid)
+        self.procs[pid] = proc
+        self.by_serial[proc.serial] = proc
+        self.idle.add(proc.serial)
+        self.wanted = False
+        # Reports before it first: a reaped pid is reported before its reuse by this spare.
+        self._flush()
+        try:
+            if self.ctl is not None:
+                _wire.send_message_with_fds(
+                    self.ctl,
+                    _wire.Z_SPARE,
+                    pickle.dumps((proc.serial, pid, self.generation), pickle.HIGHEST_PROTOCOL),
+                    [mine.fileno()],
+                )
+        except OSError:
+            self._main_program_gone()
+        finally:
+            mine.close()
 
     def _become_task(self, sock: socket.socket) -> None:
-        """In the spare: wait to be activated, then run the task; never returns."""
+        """In the spare: wait for a task from the main program, then run it; never returns."""
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -306,21 +319,15 @@ class Zygote:
             if os.getppid() != self.pid:
                 os._exit(0)
             _child.prepare_process()
-            message = _wire.recv_message_with_fds(sock, 1)
-            sock.close()
-            if message is None:
-                os._exit(0)
-            _kind, body, fds = message
-            settings = pickle.loads(body)
-            for _pid, other in self.spares:  # the spares forked before this one
-                other.close()
+            message = _wire.recv_message(sock)
+            if message is None or message[0] != _wire.SETTINGS:
+                os._exit(0)  # dropped unused: the main program ended, or preloaded modules
+            settings = pickle.loads(message[1])
             if not settings["daemon"]:
                 set_parent_death_signal(0)
-            task_sock = socket.socket(fileno=fds[0])
-            task_sock.set_inheritable(False)
         except BaseException:
             os._exit(1)
-        _child.run(task_sock, settings, prepared=True)
+        _child.run(sock, settings, prepared=True)
 
 
 def preload(names: List[str]) -> None:
@@ -348,6 +355,48 @@ def _thread_count() -> int:
         return threading.active_count()
 
 
+def plain_fork() -> Optional[Callable[[], int]]:
+    """The C library's ``fork()``, for a zygote that imported nothing beyond its own modules.
+
+    ``os.fork()`` also runs CPython's after-fork work in the child: it re-creates the locks
+    and thread records that other threads may have held, and runs the after-fork functions
+    modules registered. In this single-threaded process with only bgtask, cloudpickle and
+    their standard modules imported, that work has nothing to repair: those functions belong to
+    ``threading`` and ``logging`` and reset thread and lock state. Yet it writes to memory the
+    child shares with the zygote, and the copies cost each task about 0.4 ms, a third of what
+    it spends starting. So the zygote calls ``fork()`` itself, through ``ctypes``, which lets go
+    of the GIL around the call: the child takes it again as the only thread.
+
+    ``None`` (use ``os.fork``) when that reasoning may not hold: not Linux, not CPython with a
+    GIL, more than one thread, or a module with after-fork work of its own imported (``random``
+    reseeds itself in a child). A preload switches the zygote to ``os.fork`` for good.
+    """
+    if not sys.platform.startswith("linux") or sys.implementation.name != "cpython":
+        return None
+    if "t" in getattr(sys, "abiflags", "") or _thread_count() != 1:  # "t": free-threaded
+        return None
+    if any(name in sys.modules for name in ("random", "concurrent.futures.thread", "multiprocessing")):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_fork = libc.fork
+    except (OSError, AttributeError):
+        return None
+    c_fork.restype = ctypes.c_int
+    c_fork.argtypes = []
+
+    def fork() -> int:
+        pid: int = c_fork()
+        if pid < 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        return pid
+
+    return fork
+
+
 def main(ctl_fd: int) -> None:
     """Entry point of the zygote process; ``ctl_fd`` is its control socket."""
     ctl = socket.socket(fileno=ctl_fd)
@@ -358,6 +407,8 @@ def main(ctl_fd: int) -> None:
     config = pickle.loads(boot[1])
     sys.path[:] = config["sys_path"]
     set_parent_death_signal(0)  # loads libc here once, not in every task
-    preload(config.get("preload", ()))
+    modules = config.get("preload", ())
+    fork = None if modules else plain_fork()
+    preload(modules)
     _child.prepare_streams()  # inherited by every task
-    Zygote(ctl).serve()
+    Zygote(ctl, fork or os.fork).serve()

@@ -108,6 +108,20 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def settled_fd_count() -> int:
+    """``fd_count()`` once this process holds all the spares its zygote forks ahead.
+
+    Each spare comes with a socket, and the zygote hands spares over at its own pace; counted
+    with all of them held, the number is the same whenever nothing leaks.
+    """
+    from bgtask import _launch, _zygote
+
+    zygote = _launch.get(None)._zygote
+    if zygote is not None and zygote.alive:
+        assert wait_until(lambda: len(zygote.spares) == _zygote.SPARES, timeout=30)
+    return fd_count()
+
+
 def zombie_children() -> List[int]:
     me = str(os.getpid())
     found = []

@@ -539,10 +539,10 @@ def test_row27_fd_limit_fails_cleanly_at_the_call(tmp_path: Path) -> None:
     result = run_script(
         tmp_path,
         """
-import resource, threading
+import os, resource
 from bgtask import background, BgTaskError
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-hold = []
+reserve = os.open(os.devnull, os.O_RDONLY)  # to create "go" with, once at the limit
 
 @background
 def wait(event_path):
@@ -557,6 +557,7 @@ while error is None and len(tasks) < 500:
         tasks.append(wait("go"))
     except BgTaskError as exc:
         error = exc
+os.close(reserve)
 open("go", "w").close()
 print("STARTED", len(tasks), "ERROR", type(error).__name__, "SUM", sum(t.result(60) for t in tasks))
 """,
@@ -640,9 +641,9 @@ def test_row28_ten_thousand_tasks_with_handles_kept() -> None:
 
     run = background(make)
     run().result(60)
-    from .helpers import fd_count, zombie_children
+    from .helpers import settled_fd_count, zombie_children
 
-    fds, threads, rss = fd_count(), threading.active_count(), _rss()
+    fds, threads, rss = settled_fd_count(), threading.active_count(), _rss()
     handles = []
     for _ in range(10_000):
         task = run()
@@ -650,7 +651,7 @@ def test_row28_ten_thousand_tasks_with_handles_kept() -> None:
         handles.append(task)
     for task in handles:
         task.join(60)
-    assert fd_count() <= fds + 3
+    assert wait_until(lambda: settled_fd_count() <= fds, timeout=10)
     assert threading.active_count() == threads
     assert zombie_children() == []
     assert _rss() > rss + 5 * 2**30  # each handle keeps its result, as a future does
@@ -732,16 +733,16 @@ print("EXITING", time.time(), flush=True)
 
 def test_row32_a_thousand_crashes() -> None:
     """1,000 crashing tasks each raise TaskCrashed; bgtask keeps working; nothing leaks."""
-    from .helpers import fd_count
+    from .helpers import settled_fd_count
 
     run = background(lambda: os._exit(9))
     run().join(60)
-    fds = fd_count()
+    fds = settled_fd_count()
     for _ in range(1000):
         with pytest.raises(TaskCrashed):
             run().result(timeout=60)
     assert background(lambda: 5)().result(timeout=60) == 5
-    assert wait_until(lambda: fd_count() <= fds, timeout=10)
+    assert wait_until(lambda: settled_fd_count() <= fds, timeout=10)
 
 
 # -- quiet, security ----------------------------------------------------------------------------

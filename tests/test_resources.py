@@ -10,7 +10,7 @@ import pytest
 
 from bgtask import Task, TaskCrashed, background
 
-from .helpers import descendants, fd_count, zombie_children
+from .helpers import descendants, settled_fd_count, wait_until, zombie_children
 
 
 def _zombies_among_descendants() -> List[int]:
@@ -48,14 +48,14 @@ ident = background(_ident)
 def test_300_tasks_in_a_row_leak_nothing() -> None:
     """300 tasks, handles kept: open fds, threads and zombies stay at their baseline."""
     ident(0).join(60)  # start the zygote and the monitor before the baseline
-    fds, threads = fd_count(), threading.active_count()
+    fds, threads = settled_fd_count(), threading.active_count()
     tasks: List[Task[int]] = []
     for i in range(300):
         task = ident(i)
         assert task.result(timeout=60) == i
         task.join(60)
         tasks.append(task)
-    assert fd_count() <= fds
+    assert wait_until(lambda: settled_fd_count() <= fds, timeout=10)
     assert threading.active_count() == threads
     assert zombie_children() == []
     assert _zombies_among_descendants() == []
@@ -66,12 +66,12 @@ def test_multiprocessing_start_methods_leak_nothing(start_method: Optional[str])
     """40 tasks under each start method release their descriptors."""
     run = background(start_method=start_method)(_ident)
     run(0).join(60)
-    fds = fd_count()
+    fds = settled_fd_count()
     tasks = [run(i) for i in range(40)]
     assert [t.result(timeout=60) for t in tasks] == list(range(40))
     for task in tasks:
         task.join(60)
-    assert fd_count() <= fds
+    assert wait_until(lambda: settled_fd_count() <= fds, timeout=10)
     assert zombie_children() == []
 
 
@@ -89,9 +89,9 @@ def test_crashing_tasks_do_not_break_bgtask() -> None:
         os._exit(9)
 
     ident(0).join(60)
-    fds = fd_count()
+    fds = settled_fd_count()
     for _ in range(200):
         with pytest.raises(TaskCrashed):
             crash().result(timeout=60)
     assert ident(5).result(timeout=60) == 5
-    assert fd_count() <= fds + 2  # the last task's socket may still be closing
+    assert wait_until(lambda: settled_fd_count() <= fds, timeout=10)

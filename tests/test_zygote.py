@@ -1,0 +1,125 @@
+"""The default start method's zygote: spares handed over ahead, and what a task inherits."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import pytest
+
+from bgtask import _launch, _zygote, background
+
+from .helpers import pid_alive, run_script, wait_until
+
+
+def _held_spares() -> List[Any]:
+    zygote = _launch.get(None)._zygote
+    assert zygote is not None
+    assert wait_until(lambda: len(zygote.spares) == _zygote.SPARES, timeout=30)
+    with zygote.lock:
+        return list(zygote.spares)
+
+
+@background
+def _draw() -> Tuple[int, int]:
+    import random
+
+    return os.getpid(), random.getrandbits(64)
+
+
+def test_tasks_do_not_share_random_state() -> None:
+    """Tasks forked from one zygote draw different random numbers."""
+    draws = [task.result(timeout=60) for task in [_draw() for _ in range(6)]]
+    assert len({pid for pid, _ in draws}) == 6
+    assert len({value for _, value in draws}) == 6
+
+
+def test_tasks_do_not_share_random_state_when_random_is_preloaded(tmp_path: Path) -> None:
+    """With ``random`` imported in the zygote, each task is still seeded afresh."""
+    result = run_script(
+        tmp_path,
+        """
+import bgtask, random
+
+@bgtask.background
+def draw():
+    import random
+    return random.getrandbits(64)
+
+bgtask.preload("random")
+values = [t.result(60) for t in [draw() for _ in range(6)]]
+print(len(set(values)))
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "6"
+
+
+def test_a_task_uses_threads_locks_and_logging() -> None:
+    """Thread machinery works in a task as in any fresh process: pools, locks, logging."""
+
+    @background
+    def threaded() -> Any:
+        import concurrent.futures
+        import io
+        import logging
+        import threading
+
+        stream = io.StringIO()
+        logger = logging.getLogger("bgtask-test-task")
+        logger.addHandler(logging.StreamHandler(stream))
+        lock = threading.Lock()
+        total = []
+
+        def work(i: int) -> int:
+            with lock:
+                total.append(i)
+            logger.warning("item %d", i)
+            return i * i
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            squares = list(pool.map(work, range(20)))
+        main_is_current = threading.main_thread() is threading.current_thread()
+        logged = stream.getvalue().count("item")
+        return sum(squares), len(total), logged, main_is_current, threading.active_count()
+
+    assert threaded().result(timeout=60) == (2470, 20, 20, True, 1)
+
+
+def test_a_spare_killed_from_outside_is_replaced() -> None:
+    """Spares killed before they get a task cost nothing: calls get live processes."""
+    assert background(lambda: 1)().result(timeout=60) == 1  # the zygote runs, spares held
+    spares = _held_spares()
+    for spare in spares:
+        os.kill(spare.pid, signal.SIGKILL)
+    # Dead, but maybe not yet reported: a call may still take one, find it dead and retry.
+    assert wait_until(lambda: not any(pid_alive(spare.pid) for spare in spares))
+    tasks = [background(lambda i=i: i * 2)() for i in range(4)]
+    assert [task.result(timeout=60) for task in tasks] == [0, 2, 4, 6]
+    assert not {task.pid for task in tasks} & {spare.pid for spare in spares}
+
+
+def test_environment_changes_between_calls_reach_each_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each task sees the environment of its own call, however often it changes."""
+
+    @background
+    def look() -> Any:
+        return os.environ.get("BGTASK_TEST_ROUND")
+
+    assert look().result(timeout=60) is None
+    for i in range(8):
+        monkeypatch.setenv("BGTASK_TEST_ROUND", str(i))
+        tasks = [look() for _ in range(3)]  # some on spares forked before the change
+        assert [task.result(timeout=60) for task in tasks] == [str(i)] * 3
+    monkeypatch.delenv("BGTASK_TEST_ROUND")
+    assert look().result(timeout=60) is None
+
+
+def test_unused_spares_end_with_the_zygote() -> None:
+    """Closing the zygote (program exit) ends the spares it forked for this process."""
+    assert background(lambda: 1)().result(timeout=60) == 1
+    spares = _held_spares()
+    _launch.shutdown_all()
+    assert wait_until(lambda: not any(pid_alive(spare.pid) for spare in spares))
