@@ -40,12 +40,14 @@ from ._platform import set_parent_death_signal
 
 # Children forked ahead and handed to the main program: a call finds its process ready.
 SPARES = 2
+# At most this many forks beyond SPARES for calls that wait: what a burst may leave unused.
+MAX_OWED = 8
 
 
 class _Proc:
     """A child of the zygote: a spare until the main program activates it, then a task."""
 
-    __slots__ = ("daemon", "grace", "graceful", "kill_at", "pid", "serial", "task")
+    __slots__ = ("daemon", "grace", "graceful", "pid", "serial", "task")
 
     def __init__(self, serial: int, pid: int) -> None:
         self.serial = serial
@@ -54,7 +56,6 @@ class _Proc:
         self.daemon = False
         self.graceful = False
         self.grace = 0.0
-        self.kill_at: Optional[float] = None
 
 
 class Zygote:
@@ -66,10 +67,15 @@ class Zygote:
         self.reader = _wire.MessageReader()
         self.procs: Dict[int, _Proc] = {}  # by pid, until reaped
         self.by_serial: Dict[int, _Proc] = {}
+        # When to SIGKILL the groups of graceful tasks asked to stop. Each round of the loop
+        # looks only at these: work per round does not grow with the number of tasks.
+        self.kill_at: Dict[int, float] = {}  # by pid
         self.idle: Set[int] = set()  # serials of spares not activated yet
         self.serials = itertools.count(1)
         self.generation = 0  # bumped by every change of environment or preloaded modules
-        self.wanted = False  # a call waits for a spare: say so if none can be forked
+        # Calls that found no spare and wait: each gets a fork beyond SPARES, so that a burst of
+        # calls keeps the zygote forking instead of waiting for its spares to be taken.
+        self.owed = 0
         self.paused = False  # the main program ran out of descriptors: fork only when asked
         self.out = bytearray()  # reports not sent yet
         self.pid = os.getpid()
@@ -103,14 +109,14 @@ class Zygote:
 
     def _refill(self) -> None:
         """Fork spares up to ``SPARES``; a fork that fails is reported to a waiting call."""
-        while len(self.idle) < SPARES and self.ctl is not None and not self.paused:
+        while (len(self.idle) < SPARES or self.owed) and self.ctl is not None and not self.paused:
             if select.select([self.ctl], [], [], 0)[0]:
                 return  # activations and requests first: the next round forks
             try:
                 self._fork_spare()
             except OSError as exc:  # EAGAIN at RLIMIT_NPROC, ENOMEM, EMFILE...
-                if self.wanted and not self.idle:
-                    self.wanted = False
+                if self.owed and not self.idle:
+                    self.owed = 0
                     self._report(_wire.Z_NOSPARE, f"fork() failed: {exc}")
                 return
 
@@ -118,10 +124,9 @@ class Zygote:
         fds: List[Any] = [self.wake_r]
         if self.ctl is not None:
             fds.append(self.ctl)
-        deadlines = [p.kill_at for p in self.procs.values() if p.kill_at is not None]
         timeout = 1.0  # a lost SIGCHLD or a failed fork costs at most this
-        if deadlines:
-            timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
+        if self.kill_at:
+            timeout = max(0.0, min(timeout, min(self.kill_at.values()) - time.monotonic()))
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
@@ -154,7 +159,7 @@ class Zygote:
                 if proc is not None:
                     self._signal(proc, signum, escalate_after)
             elif kind == _wire.Z_WANT:
-                self.wanted = True
+                self.owed = min(self.owed + 1, MAX_OWED)
                 self.paused = False
             elif kind == _wire.Z_DROP:
                 proc = self.by_serial.get(data)
@@ -197,8 +202,8 @@ class Zygote:
             pass
         if escalate_after is not None:
             kill_at = time.monotonic() + escalate_after
-            if proc.kill_at is None or kill_at < proc.kill_at:
-                proc.kill_at = kill_at
+            if kill_at < self.kill_at.get(proc.pid, kill_at + 1):
+                self.kill_at[proc.pid] = kill_at
 
     def _main_program_gone(self) -> None:
         """Stop every daemon task (graceful ones get SIGTERM and ``grace`` seconds), kill spares."""
@@ -216,11 +221,13 @@ class Zygote:
                 self._signal(proc, signal.SIGKILL, None)
 
     def _escalate(self) -> None:
+        if not self.kill_at:
+            return
         now = time.monotonic()
-        for proc in self.procs.values():
-            if proc.kill_at is not None and proc.kill_at <= now:
-                proc.kill_at = None
-                self._signal(proc, signal.SIGKILL, None)
+        for pid, kill_at in list(self.kill_at.items()):
+            if kill_at <= now:
+                del self.kill_at[pid]
+                self._signal(self.procs[pid], signal.SIGKILL, None)
 
     def _report(self, kind: int, data: Any) -> None:
         if self.ctl is not None:
@@ -255,6 +262,7 @@ class Zygote:
                 pass
             _, status = os.waitpid(pid, 0)
             proc = self.procs.pop(pid, None)
+            self.kill_at.pop(pid, None)
             if proc is not None:
                 del self.by_serial[proc.serial]
                 self.idle.discard(proc.serial)
@@ -283,7 +291,7 @@ class Zygote:
         self.procs[pid] = proc
         self.by_serial[proc.serial] = proc
         self.idle.add(proc.serial)
-        self.wanted = False
+        self.owed = max(0, self.owed - 1)
         # Reports before it first: a reaped pid is reported before its reuse by this spare.
         self._flush()
         try:
@@ -303,8 +311,7 @@ class Zygote:
         """In the spare: wait for a task from the main program, then run it; never returns."""
         try:
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _child.set_handler(signal.SIGCHLD, _child.SIG_DFL)  # SIGINT: prepare_process()
             os.close(self.wake_r)
             os.close(self.wake_w)
             if self.ctl is not None:

@@ -547,7 +547,8 @@ reserve = os.open(os.devnull, os.O_RDONLY)  # to create "go" with, once at the l
 @background
 def wait(event_path):
     import os, time
-    while not os.path.exists(event_path):
+    deadline = time.monotonic() + 120  # never outlive a test that failed
+    while not os.path.exists(event_path) and time.monotonic() < deadline:
         time.sleep(0.01)
     return 1
 
@@ -576,7 +577,8 @@ from bgtask import background, BgTaskError
 
 @background
 def wait_for_go():
-    while not os.path.exists("go"):
+    deadline = time.monotonic() + 120  # never outlive a test that failed
+    while not os.path.exists("go") and time.monotonic() < deadline:
         time.sleep(0.01)
     return 1
 
