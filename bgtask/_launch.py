@@ -368,7 +368,9 @@ class _ZygoteHandle:
                     except OSError:
                         pass
                 return
-            spare = _Spare(serial, pid, generation, socket.socket(fileno=fds[0]))
+            sock = socket.socket(fileno=fds[0])
+            sock.set_inheritable(False)  # where MSG_CMSG_CLOEXEC is missing (macOS)
+            spare = _Spare(serial, pid, generation, sock)
             if not self.alive or generation < self.preload_generation:
                 spare.sock.close()
             else:

@@ -107,36 +107,6 @@ def recv_message(sock: socket.socket) -> Optional[Tuple[int, bytearray]]:
     return kind, body
 
 
-def recv_message_with_fds(sock: socket.socket, maxfds: int) -> Optional[Tuple[int, bytes, List[int]]]:
-    """Read one message whose header carries file descriptors (``SCM_RIGHTS``).
-
-    The sender attaches the descriptors to the first byte of the message, and this reads the
-    header with ``recvmsg``, so descriptors always arrive with the message they belong to.
-    """
-    import socket
-
-    head = b""
-    fds: List[int] = []
-    while len(head) < HEADER.size:
-        data, ancdata, _flags, _addr = sock.recvmsg(HEADER.size - len(head), socket.CMSG_SPACE(maxfds * 4))
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                usable = len(cdata) - len(cdata) % 4
-                fds.extend(struct.unpack(f"{usable // 4}i", cdata[:usable]))
-        if not data:
-            for fd in fds:
-                _close_quietly(fd)
-            return None
-        head += data
-    kind, size = HEADER.unpack(head)
-    body = recv_exact(sock, size) if size else bytearray()
-    if body is None:
-        for fd in fds:
-            _close_quietly(fd)
-        return None
-    return kind, bytes(body), fds
-
-
 def send_message_with_fds(sock: socket.socket, kind: int, body: bytes, fds: List[int]) -> None:
     """Send one message with ``fds`` attached to its first byte."""
     import socket
@@ -219,8 +189,11 @@ class MessageReader:
     def _recv_head_with_fds(self, sock: socket.socket) -> bytes:
         import socket
 
+        # Received descriptors are closed on exec from the start (Linux), so that no program
+        # this process runs in another thread meanwhile inherits them.
+        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
         data, ancdata, _flags, _addr = sock.recvmsg(
-            HEADER.size - len(self._head), socket.CMSG_SPACE(self._maxfds * 4), socket.MSG_DONTWAIT
+            HEADER.size - len(self._head), socket.CMSG_SPACE(self._maxfds * 4), flags
         )
         for level, ctype, cdata in ancdata:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:

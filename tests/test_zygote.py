@@ -117,6 +117,12 @@ def test_environment_changes_between_calls_reach_each_task(monkeypatch: pytest.M
     assert look().result(timeout=60) is None
 
 
+def test_task_channels_are_not_inherited_by_programs_this_process_runs() -> None:
+    """The sockets to spares, which become tasks' channels, are closed on exec."""
+    assert background(lambda: 1)().result(timeout=60) == 1
+    assert not any(os.get_inheritable(spare.sock.fileno()) for spare in _held_spares())
+
+
 def test_unused_spares_end_with_the_zygote() -> None:
     """Closing the zygote (program exit) ends the spares it forked for this process."""
     assert background(lambda: 1)().result(timeout=60) == 1
