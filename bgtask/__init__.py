@@ -11,7 +11,8 @@ The package's modules, imports running one way (task side first)::
     _child                               the task runtime (task side only)
     _zygote                              the process that forks tasks (task side only)
     _monitor                             the main program's I/O thread
-    _launch                              starting tasks: zygote or multiprocessing
+    _launch                              the seam between a task and how it is started
+    _launch_zygote, _launch_mp           the two launchers: bgtask's zygote, multiprocessing
     _outcome                             classifying what a task sent; the errors result() raises
     _task                                the Task handle and its state machine
     _lifecycle                           registry of live tasks, exit procedure

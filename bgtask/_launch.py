@@ -3,14 +3,16 @@
 ::
 
     Task start ──> launcher.start(task, settings, payload)
-                      │ ZygoteLauncher (default): take a spare the zygote handed over (its pid
-                      │   and a socket to it), tell the zygote it is now this task, write the
-                      │   settings and the payload to it
-                      │ MultiprocessingLauncher ("fork", "spawn", "forkserver"): the task's end
-                      │   is an argument of a multiprocessing.Process running the same runtime
+                      │ ZygoteLauncher (_launch_zygote, the default): take a spare the zygote
+                      │   handed over (its pid and a socket to it), tell the zygote it is now
+                      │   this task, write the settings and the payload to it
+                      │ MultiprocessingLauncher (_launch_mp: "fork", "spawn", "forkserver"): the
+                      │   task's end is an argument of a multiprocessing.Process running the
+                      │   same runtime
                       v
-               the monitor watches the socket (outcome) and the exit (zygote report or sentinel);
-               once reaped, Task._finish() gets the exit code and the messages
+               attach(): the monitor watches the socket (outcome) and the exit (zygote report
+               or sentinel); once reaped, maybe_finish() hands Task._finish() the exit code and
+               the messages
 
 Every launcher signals only what it started and has not seen reaped: the zygote kills a group
 while its leader is still unreaped; the multiprocessing path is the parent (fork, spawn) and
@@ -19,25 +21,13 @@ stops signalling once the sentinel fires.
 
 from __future__ import annotations
 
-import collections
-import os
-import pickle
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from . import _monitor, _wire
 
 Settings = Dict[str, Any]
-
-# How long the exit procedure waits for a zygote to exit after its control socket closed.
-ZYGOTE_EXIT_WAIT_S = 2.0
-# How soon to look again for the exit status of a process whose sentinel fired.
-REAP_RETRY_S = 0.001
 
 
 class Watch:
@@ -61,7 +51,7 @@ _EARLY = (_wire.RESULT, _wire.ERROR, _wire.FAILED)
 _watch_lock = threading.Lock()
 
 
-def _attach(watch: Watch, sock: socket.socket) -> None:
+def attach(watch: Watch, sock: socket.socket) -> None:
     """Start reading the task's socket, eagerly; from any thread, once the payload is sent."""
     monitor = _monitor.get()
 
@@ -72,22 +62,22 @@ def _attach(watch: Watch, sock: socket.socket) -> None:
             watch.task._set_outcome(reader.messages[0])
         if reader.eof:
             monitor.remove_reader(sock)
-            _maybe_finish(watch)
+            maybe_finish(watch)
 
     with _watch_lock:
         watch.sock = sock
         if not (watch.reaped or watch.launcher_lost):
             monitor.add_reader(sock, on_readable)
             return
-    monitor.call_soon(lambda: _maybe_finish(watch))
+    monitor.call_soon(lambda: maybe_finish(watch))
 
 
-def _maybe_finish(watch: Watch) -> None:
+def maybe_finish(watch: Watch) -> None:
     """In the monitor: finish the task once its process is reaped and its socket drained."""
     with _watch_lock:
         sock = watch.sock
         if sock is None:
-            return  # the payload is still being sent; _attach calls again
+            return  # the payload is still being sent; attach() calls again
         if not (watch.reaped or (watch.launcher_lost and watch.reader.eof)):
             return
         watch.sock = None
@@ -96,465 +86,6 @@ def _maybe_finish(watch: Watch) -> None:
     _monitor.get().remove_reader(sock)
     sock.close()
     watch.task._finish(watch.exitcode, watch.reader.messages, watch.reader.partial)
-
-
-def _send_payload(sock: socket.socket, payload: bytes) -> None:
-    try:
-        _wire.send_message(sock, _wire.PAYLOAD, payload)
-    except OSError:
-        pass  # the task died before it read its call: its exit code tells the rest
-
-
-def _environ_snapshot() -> Dict[Any, Any]:
-    """A cheap copy of the environment, to tell whether it changed since the last task."""
-    data = getattr(os.environ, "_data", None)  # the encoded mapping: no decoding needed
-    return dict(data) if isinstance(data, dict) else dict(os.environ)
-
-
-class ZygoteLauncher:
-    """Start tasks through this process's zygote, started on first use and again if it dies."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._zygote: Optional[_ZygoteHandle] = None
-        self.preload: List[str] = []
-
-    def add_preload(self, names: List[str]) -> None:
-        """Modules for the zygote to import: now if it runs, at its start otherwise."""
-        with self._lock:
-            new = [name for name in names if name not in self.preload]
-            self.preload.extend(new)
-            zygote = self._zygote
-        if new and zygote is not None and zygote.owner == os.getpid():
-            zygote.preload(new)
-
-    def start(self, task: Any, settings: Settings, payload: bytes) -> None:
-        # A spare that died before it read its call is replaced; a zygote that died, once.
-        lost_zygotes = 0
-        while True:
-            watch = Watch(task)
-            zygote = self._get()
-            try:
-                spare = zygote.activate(watch, settings)
-            except ConnectionError:
-                zygote.lost()
-                lost_zygotes += 1
-                if lost_zygotes > 1:
-                    raise
-                continue
-            try:
-                packed = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
-                _wire.send_messages(spare.sock, [(_wire.SETTINGS, packed), (_wire.PAYLOAD, payload)])
-            except OSError:
-                zygote.deactivate(spare)
-                continue
-            break
-        task._launcher = self
-        task._launcher_data = (zygote, spare.serial)
-        task._watch = watch
-        task._sock = spare.sock
-        task._set_pid(spare.pid)
-        _attach(watch, spare.sock)
-
-    def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
-        zygote, serial = task._launcher_data
-        zygote.send(_wire.Z_SIGNAL, (serial, signum, escalate_after))
-
-    def _get(self) -> _ZygoteHandle:
-        with self._lock:
-            if self._zygote is None or not self._zygote.alive or self._zygote.owner != os.getpid():
-                self._zygote = _ZygoteHandle(self.preload)
-            return self._zygote
-
-    def shutdown(self) -> None:
-        with self._lock:
-            zygote, self._zygote = self._zygote, None
-        if zygote is not None and zygote.owner == os.getpid():
-            zygote.close()
-
-    def forget_in_child(self) -> None:
-        zygote, self._zygote = self._zygote, None
-        self._lock = threading.Lock()
-        if zygote is not None:
-            zygote.close_in_child()
-
-
-_BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import main; main({fd})"
-
-# How long a call waits for the zygote to fork a process when it holds no spare.
-SPARE_WAIT_S = 60.0
-
-
-class _Spare:
-    """A process the zygote forked ahead: its pid, and the main program's end of its channel."""
-
-    __slots__ = ("generation", "pid", "serial", "sock")
-
-    def __init__(self, serial: int, pid: int, generation: int, sock: socket.socket) -> None:
-        self.serial = serial
-        self.pid = pid
-        self.generation = generation
-        self.sock = sock
-
-
-class _ZygoteHandle:
-    """The main program's end of one zygote process, and the spares it handed over."""
-
-    def __init__(self, preload: List[str]) -> None:
-        self.owner = os.getpid()
-        self.alive = True
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)  # a spare arrived, a fork failed, or death
-        self.spares: Deque[_Spare] = collections.deque()
-        self.watches: Dict[int, Watch] = {}  # by spare serial, from activation until reaped
-        self.reader = _wire.MessageReader(maxfds=1)
-        # Generations: each change of environment or sys.path, and each preload, starts one, in
-        # the zygote too. A spare forked in an older generation gets the environment with its
-        # task; one older than the last preload lacks modules and is dropped.
-        self.generation = 0
-        self.preload_generation = 0
-        self.last_env = _environ_snapshot()  # what the zygote starts with
-        self.last_path = list(sys.path)
-        self.failures = 0  # forks the zygote reported failed, and the last reason
-        self.failure = ""
-        mine, theirs = socket.socketpair()
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args = [
-            sys.executable,
-            *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-            "-c",
-            _BOOT.format(path=package_parent, fd=theirs.fileno()),
-        ]
-        try:
-            self.process = subprocess.Popen(
-                args,
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()
-        self.ctl = mine
-        config = {"sys_path": self.last_path, "preload": list(preload)}
-        self.ctl.sendall(_wire.pack_data(0, config))
-        _monitor.get().add_reader(self.ctl, self._on_readable)
-
-    def activate(self, watch: Watch, settings: Settings) -> _Spare:
-        """Take a spare for the task (waiting for one if none is held) and tell the zygote.
-
-        Raises ``ConnectionError`` if the zygote is gone, ``OSError`` if it cannot fork.
-        """
-        with self.changed:
-            failures = None
-            deadline = None
-            while True:
-                if not self.alive:
-                    raise BrokenPipeError("the zygote is gone")
-                if self.spares:
-                    spare = self.spares.popleft()
-                    if spare.generation < self.preload_generation:
-                        spare.sock.close()
-                        continue
-                    break
-                if failures is None:
-                    failures = self.failures
-                    deadline = time.monotonic() + SPARE_WAIT_S
-                    self._send(_wire.Z_WANT, None)
-                elif self.failures != failures:
-                    raise OSError(self.failure)
-                assert deadline is not None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise OSError(f"the zygote forked no process within {SPARE_WAIT_S:.0f} s")
-                self.changed.wait(remaining)
-            try:
-                self._sync_environment()
-                if spare.generation < self.generation:
-                    settings["env"] = dict(os.environ)
-                    settings["sys_path"] = self.last_path
-                self.watches[spare.serial] = watch
-                message = (spare.serial, settings["daemon"], settings["graceful"], settings["grace"])
-                self._send(_wire.Z_ACTIVATE, message)
-            except BaseException:
-                self.watches.pop(spare.serial, None)
-                spare.sock.close()
-                raise
-            return spare
-
-    def deactivate(self, spare: _Spare) -> None:
-        """The spare died before it got its task: forget it (the zygote reaps it)."""
-        with self.lock:
-            self.watches.pop(spare.serial, None)
-        spare.sock.close()
-
-    def _sync_environment(self) -> None:
-        """Under the lock: tell the zygote a changed environment, for the spares it forks next."""
-        env = _environ_snapshot()
-        path = list(sys.path)
-        if env != self.last_env or path != self.last_path:
-            self.last_env = env
-            self.last_path = path
-            self._send(_wire.Z_SETENV, (dict(os.environ), path))
-            self.generation += 1
-
-    def preload(self, names: List[str]) -> None:
-        with self.lock:
-            if not self.alive:
-                return
-            self._send(_wire.Z_PRELOAD, names)
-            self.generation += 1
-            self.preload_generation = self.generation
-            while self.spares:
-                self.spares.popleft().sock.close()
-
-    def send(self, kind: int, data: Any) -> None:
-        with self.lock:
-            if not self.alive:
-                return
-            try:
-                self._send(kind, data)
-            except OSError:
-                pass  # the monitor learns of the zygote's death from its socket
-
-    def _send(self, kind: int, data: Any) -> None:
-        self.ctl.sendall(_wire.pack_data(kind, data))
-
-    def _on_readable(self) -> None:
-        """In the monitor: spares and reports from the zygote."""
-        reader = self.reader
-        reader.feed_from(self.ctl)
-        messages, reader.messages = reader.messages, []
-        all_fds, reader.fds = reader.fds, []
-        for (kind, body), fds in zip(messages, all_fds):
-            data = pickle.loads(body)
-            if kind == _wire.Z_SPARE:
-                serial, pid, generation = data
-                self._add_spare(serial, pid, generation, fds)
-                continue
-            for fd in fds:
-                os.close(fd)
-            if kind == _wire.Z_REAPED:
-                serial, exitcode = data
-                with self.lock:
-                    watch = self.watches.pop(serial, None)
-                    if watch is None:
-                        self._drop_spare(serial)
-                if watch is not None:
-                    watch.exitcode = exitcode
-                    watch.reaped = True
-                    _maybe_finish(watch)
-            elif kind == _wire.Z_NOSPARE:
-                with self.lock:
-                    self.failures += 1
-                    self.failure = data
-                    self.changed.notify_all()
-        if reader.eof:
-            self.lost()
-
-    def _add_spare(self, serial: int, pid: int, generation: int, fds: List[int]) -> None:
-        with self.lock:
-            if len(fds) != 1:
-                # The kernel dropped the descriptor: this process has none free. The spare
-                # is of no use; a waiting call fails, and the zygote forks again only when asked.
-                for fd in fds:
-                    os.close(fd)
-                self.failures += 1
-                self.failure = "no free file descriptor in this process for the task's channel"
-                self.changed.notify_all()
-                if self.alive:
-                    try:
-                        self._send(_wire.Z_DROP, serial)
-                    except OSError:
-                        pass
-                return
-            sock = socket.socket(fileno=fds[0])
-            sock.set_inheritable(False)  # where MSG_CMSG_CLOEXEC is missing (macOS)
-            spare = _Spare(serial, pid, generation, sock)
-            if not self.alive or generation < self.preload_generation:
-                spare.sock.close()
-            else:
-                self.spares.append(spare)
-                self.changed.notify()
-
-    def _drop_spare(self, serial: int) -> None:
-        """Under the lock: a spare died unused (killed from outside)."""
-        for spare in self.spares:
-            if spare.serial == serial:
-                self.spares.remove(spare)
-                spare.sock.close()
-                return
-
-    def _close_spares(self) -> None:
-        while self.spares:
-            self.spares.popleft().sock.close()
-
-    def lost(self) -> None:
-        """The zygote died: its tasks can only be followed through their own sockets now."""
-        with self.lock:
-            if not self.alive:
-                return
-            self.alive = False
-            watches, self.watches = list(self.watches.values()), {}
-            self._close_spares()
-            self.changed.notify_all()
-
-        def finish_all() -> None:
-            _monitor.get().remove_reader(self.ctl)
-            self.ctl.close()
-            try:
-                self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                pass
-            for watch in watches:
-                watch.launcher_lost = True
-                _maybe_finish(watch)
-
-        _monitor.get().call_soon(finish_all)
-
-    def close(self) -> None:
-        """Orderly end: the zygote exits on EOF once it has no daemon task left."""
-        with self.lock:
-            if not self.alive:
-                return
-            self.alive = False
-            self._close_spares()
-            self.changed.notify_all()
-        try:
-            self.ctl.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pass  # it still stops its daemon tasks on its own, then exits
-        monitor = _monitor.get()
-
-        def finish_all() -> None:
-            self._on_readable()  # the last reports: tasks reaped before the zygote exited
-            monitor.remove_reader(self.ctl)
-            self.ctl.close()
-            with self.lock:
-                watches, self.watches = list(self.watches.values()), {}
-            for watch in watches:  # still running: their sockets tell when they end
-                watch.launcher_lost = True
-                _maybe_finish(watch)
-
-        monitor.call_soon(finish_all)
-
-    def close_in_child(self) -> None:
-        """In a forked copy: release the descriptors; the copy gets a zygote of its own."""
-        for sock in [self.ctl, *(spare.sock for spare in self.spares)]:
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self.spares.clear()
-        self.alive = False
-
-
-class MultiprocessingLauncher:
-    """Start tasks with a ``multiprocessing`` context: "fork", "spawn" or "forkserver".
-
-    The task process runs the same runtime. The main module is prepared the way
-    ``multiprocessing`` does it for the method (spawn and forkserver import it again, so a
-    script needs the ``__main__`` guard there); functions still travel by value.
-    """
-
-    def __init__(self, method: str) -> None:
-        import multiprocessing
-
-        self.method = method
-        self.context: Any = multiprocessing.get_context(method)
-
-    def start(self, task: Any, settings: Settings, payload: bytes) -> None:
-        settings["watch_parent"] = True
-        # Under fork the atexit handlers in this process are the main program's, not the task's.
-        settings["run_atexit"] = self.method != "fork"
-        watch = Watch(task)
-        mine, theirs = socket.socketpair()
-        try:
-            process = self.context.Process(
-                target=_run_task, args=(theirs, settings), name=f"bgtask:{task.name}", daemon=False
-            )
-            # Process.start() polls every known child; close() in the monitor must not run then.
-            with _mp_lock:
-                process.start()
-        except BaseException:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
-        if self.method == "fork":
-            try:
-                os.setpgid(process.pid, process.pid)  # the child does it too; no exec to race
-            except OSError:
-                pass
-        watch.process = process
-        task._launcher = self
-        task._watch = watch
-        task._sock = mine
-        task._set_pid(process.pid)
-        _send_payload(mine, payload)
-        monitor = _monitor.get()
-
-        def reap() -> None:
-            with _mp_lock:
-                process.join(0)
-                if process.exitcode is None:
-                    # The sentinel closes while the process exits, a moment before it can be
-                    # reaped: look again very soon rather than block the monitor.
-                    monitor.call_at(time.monotonic() + REAP_RETRY_S, reap)
-                    return
-                watch.exitcode = process.exitcode
-                watch.reaped = True
-                process.close()  # releases its descriptors now, not when the handle is collected
-            _maybe_finish(watch)
-
-        def on_exit() -> None:
-            monitor.remove_reader(process.sentinel)
-            # The leader is exiting and not yet reaped (this process is its parent, except
-            # under forkserver), so its group id is still its own: end what it left behind.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            reap()
-
-        monitor.add_reader(process.sentinel, on_exit)
-        _attach(watch, mine)
-
-    def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
-        watch = task._watch
-        pid = task._pid
-        if watch.reaped or pid is None:
-            return
-        try:
-            os.kill(pid, signum)
-            if signum == signal.SIGKILL:
-                os.killpg(pid, signum)
-        except OSError:
-            pass
-        if escalate_after is not None:
-            _monitor.get().call_at(
-                time.monotonic() + escalate_after, lambda: self.signal(task, signal.SIGKILL, None)
-            )
-
-    def shutdown(self) -> None:
-        pass
-
-    def forget_in_child(self) -> None:
-        pass
-
-
-# multiprocessing's registry of children is not safe against close() in another thread.
-_mp_lock = threading.Lock()
-
-
-def _run_task(sock: socket.socket, settings: Settings) -> None:
-    from . import _child
-
-    _child.run(sock, settings)
 
 
 _launchers: Dict[Optional[str], Any] = {}
@@ -568,7 +99,14 @@ def get(method: Optional[str]) -> Any:
         with _launchers_lock:
             launcher = _launchers.get(method)
             if launcher is None:
-                launcher = ZygoteLauncher() if method is None else MultiprocessingLauncher(method)
+                if method is None:
+                    from ._launch_zygote import ZygoteLauncher
+
+                    launcher = ZygoteLauncher()
+                else:
+                    from ._launch_mp import MultiprocessingLauncher
+
+                    launcher = MultiprocessingLauncher(method)
                 _launchers[method] = launcher
     return launcher
 
@@ -579,9 +117,8 @@ def shutdown_all() -> None:
 
 
 def forget_in_child() -> None:
-    global _launchers_lock, _watch_lock, _mp_lock
+    global _launchers_lock, _watch_lock
     _launchers_lock = threading.Lock()  # another thread may have held them at the fork
     _watch_lock = threading.Lock()
-    _mp_lock = threading.Lock()
     for launcher in _launchers.values():
         launcher.forget_in_child()
