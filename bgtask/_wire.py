@@ -107,16 +107,6 @@ def recv_message(sock: socket.socket) -> Optional[Tuple[int, bytearray]]:
     return kind, body
 
 
-def send_message_with_fds(sock: socket.socket, kind: int, body: bytes, fds: List[int]) -> None:
-    """Send one message with ``fds`` attached to its first byte."""
-    import socket
-
-    data = pack(kind, body)
-    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
-    if sent < len(data):
-        sock.sendall(data[sent:])
-
-
 class MessageReader:
     """Incremental reader of one stream of messages; it never blocks (``MSG_DONTWAIT``).
 

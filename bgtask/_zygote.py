@@ -24,6 +24,7 @@ It imports only the task runtime; it never unpickles user data itself.
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import os
@@ -31,9 +32,10 @@ import pickle
 import select
 import signal
 import socket
+import struct
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
 from . import _child, _wire
 from ._platform import set_parent_death_signal
@@ -77,7 +79,10 @@ class Zygote:
         # calls keeps the zygote forking instead of waiting for its spares to be taken.
         self.owed = 0
         self.paused = False  # the main program ran out of descriptors: fork only when asked
-        self.out = bytearray()  # reports not sent yet
+        # Messages not sent yet: [bytes, the spare channel to attach or None]. The zygote never
+        # blocks on writing to the main program, so it always reads what the main program
+        # sends, and neither can wait for the other.
+        self.out: Deque[List[Any]] = collections.deque()
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -92,7 +97,6 @@ class Zygote:
 
     def serve(self) -> None:
         self._refill()
-        self._flush()
         while self.ctl is not None or self._daemons_left():
             readable = self._wait()
             if self.wake_r in readable:
@@ -103,13 +107,18 @@ class Zygote:
                 self._read_control()
             self._reap()
             self._escalate()
-            self._refill()
             self._flush()
+            self._refill()
         os._exit(0)
 
     def _refill(self) -> None:
-        """Fork spares up to ``SPARES``; a fork that fails is reported to a waiting call."""
+        """Fork spares up to ``SPARES``; a fork that fails is reported to a waiting call.
+
+        Not while earlier messages wait to be sent: the main program is not reading.
+        """
         while (len(self.idle) < SPARES or self.owed) and self.ctl is not None and not self.paused:
+            if self.out:
+                return
             if select.select([self.ctl], [], [], 0)[0]:
                 return  # activations and requests first: the next round forks
             try:
@@ -118,17 +127,21 @@ class Zygote:
                 if self.owed and not self.idle:
                     self.owed = 0
                     self._report(_wire.Z_NOSPARE, f"fork() failed: {exc}")
+                    self._flush()
                 return
 
     def _wait(self) -> List[Any]:
-        fds: List[Any] = [self.wake_r]
+        readers: List[Any] = [self.wake_r]
+        writers: List[Any] = []
         if self.ctl is not None:
-            fds.append(self.ctl)
+            readers.append(self.ctl)
+            if self.out:
+                writers.append(self.ctl)
         timeout = 1.0  # a lost SIGCHLD or a failed fork costs at most this
         if self.kill_at:
             timeout = max(0.0, min(timeout, min(self.kill_at.values()) - time.monotonic()))
         try:
-            readable, _, _ = select.select(fds, [], [], timeout)
+            readable, _, _ = select.select(readers, writers, [], timeout)
         except InterruptedError:
             return []
         return readable
@@ -210,6 +223,7 @@ class Zygote:
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
+        self._drop_output()
         for proc in list(self.procs.values()):
             if not proc.task:
                 self._signal(proc, signal.SIGKILL, None)
@@ -230,17 +244,41 @@ class Zygote:
                 self._signal(self.procs[pid], signal.SIGKILL, None)
 
     def _report(self, kind: int, data: Any) -> None:
-        if self.ctl is not None:
-            self.out += _wire.pack_data(kind, data)
+        if self.ctl is None:
+            return
+        message = _wire.pack_data(kind, data)
+        if self.out:
+            self.out[-1][0] += message  # goes out in the same system call
+        else:
+            self.out.append([bytearray(message), None])
 
     def _flush(self) -> None:
-        if self.ctl is None or not self.out:
-            self.out.clear()
-            return
-        try:
-            self.ctl.sendall(self.out)
-        except OSError:
-            self._main_program_gone()
+        """Send what the main program can take now; the rest waits for the socket."""
+        while self.out and self.ctl is not None:
+            entry = self.out[0]
+            data, channel = entry
+            try:
+                if channel is None:
+                    sent = self.ctl.send(data, socket.MSG_DONTWAIT)
+                else:  # the channel rides on the message's first byte
+                    rights = struct.pack("i", channel.fileno())
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                    sent = self.ctl.sendmsg([data], ancillary, socket.MSG_DONTWAIT)
+                    channel.close()
+                    entry[1] = None
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._main_program_gone()
+                return
+            del data[:sent]
+            if not data:
+                self.out.popleft()
+
+    def _drop_output(self) -> None:
+        for _data, channel in self.out:
+            if channel is not None:
+                channel.close()
         self.out.clear()
 
     # -- children ---------------------------------------------------------------------------
@@ -292,20 +330,10 @@ class Zygote:
         self.by_serial[proc.serial] = proc
         self.idle.add(proc.serial)
         self.owed = max(0, self.owed - 1)
-        # Reports before it first: a reaped pid is reported before its reuse by this spare.
+        message = pickle.dumps((proc.serial, pid, self.generation), pickle.HIGHEST_PROTOCOL)
+        # After the reports queued before it: a reaped pid is reported before its reuse here.
+        self.out.append([bytearray(_wire.pack(_wire.Z_SPARE, message)), mine])
         self._flush()
-        try:
-            if self.ctl is not None:
-                _wire.send_message_with_fds(
-                    self.ctl,
-                    _wire.Z_SPARE,
-                    pickle.dumps((proc.serial, pid, self.generation), pickle.HIGHEST_PROTOCOL),
-                    [mine.fileno()],
-                )
-        except OSError:
-            self._main_program_gone()
-        finally:
-            mine.close()
 
     def _become_task(self, sock: socket.socket) -> None:
         """In the spare: wait for a task from the main program, then run it; never returns."""
@@ -316,6 +344,7 @@ class Zygote:
             os.close(self.wake_w)
             if self.ctl is not None:
                 self.ctl.close()
+            self._drop_output()
             try:
                 os.setpgid(0, 0)
             except OSError:

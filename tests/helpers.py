@@ -141,7 +141,8 @@ def write_script(tmp_path: Path, source: str, name: str = "script.py") -> Path:
 
 def script_env() -> Dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(ROOT), str(ROOT / "tests" / "script_site"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
