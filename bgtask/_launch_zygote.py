@@ -31,6 +31,8 @@ from ._launch import Settings, Watch, attach, maybe_finish
 ZYGOTE_EXIT_WAIT_S = 2.0
 # How long a call waits for the zygote to fork a process when it holds no spare.
 SPARE_WAIT_S = 60.0
+# How many spares found dead (killed from outside) a call replaces before it gives up.
+DEAD_SPARES_MAX = 8
 
 
 def _environ_snapshot() -> Dict[Any, Any]:
@@ -58,7 +60,7 @@ class ZygoteLauncher:
 
     def start(self, task: Any, settings: Settings, payload: bytes) -> None:
         # A spare that died before it read its call is replaced; a zygote that died, once.
-        lost_zygotes = 0
+        lost_zygotes = dead_spares = 0
         while True:
             watch = Watch(task)
             zygote = self._get()
@@ -75,6 +77,9 @@ class ZygoteLauncher:
                 _wire.send_messages(spare.sock, [(_wire.SETTINGS, packed), (_wire.PAYLOAD, payload)])
             except OSError:
                 zygote.deactivate(spare)
+                dead_spares += 1
+                if dead_spares > DEAD_SPARES_MAX:
+                    raise OSError("the zygote's processes die before they get their task") from None
                 continue
             break
         task._launcher = self
