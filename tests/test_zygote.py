@@ -9,7 +9,7 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from bgtask import _launch, _zygote, background
+from bgtask import TaskCrashed, _launch, _zygote, background
 
 from .helpers import pid_alive, run_script, wait_until
 
@@ -129,3 +129,39 @@ def test_unused_spares_end_with_the_zygote() -> None:
     spares = _held_spares()
     _launch.shutdown_all()
     assert wait_until(lambda: not any(pid_alive(spare.pid) for spare in spares))
+
+
+def test_a_killed_zygote_is_replaced_and_its_tasks_are_followed_to_their_end(tmp_path: Path) -> None:
+    """SIGKILL of the zygote: its daemon tasks die, a worker finishes, the next call works."""
+    go = tmp_path / "go"
+
+    @background
+    def worker() -> str:
+        import time
+
+        deadline = time.monotonic() + 60
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "done"
+
+    @background(daemon=True)
+    def daemon() -> None:
+        import threading
+
+        threading.Event().wait()
+
+    running, doomed = worker(), daemon()
+    assert running.pid  # both started
+    assert doomed.pid
+    zygote = _launch.get(None)._zygote
+    assert zygote is not None
+    os.kill(zygote.process.pid, signal.SIGKILL)
+    doomed.join(30)
+    assert not doomed.is_alive()
+    assert isinstance(doomed.exception(0), TaskCrashed)
+    assert running.is_alive()
+    go.touch()
+    assert running.result(timeout=60) == "done"
+    running.join(30)
+    assert not running.is_alive()
+    assert background(lambda: 7)().result(timeout=60) == 7
