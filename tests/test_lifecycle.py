@@ -251,7 +251,7 @@ def test_second_ctrl_c_stops_a_worker_that_never_ends(tmp_path: Path) -> None:
 def endless():
     try:
         ready("endless")
-        threading.Event().wait()
+        threading.Event().wait(120)  # bounded: a non-daemon task must not outlive a failed test
     finally:
         (HERE / "endless-cleanup").write_text("yes")
 
@@ -459,7 +459,7 @@ def talker():
         for i in range(3):
             print("LINE", i)
         print("WAITING", os.getpid())
-        threading.Event().wait()
+        threading.Event().wait(120)  # bounded: a non-daemon task must not outlive a failed test
     finally:
         print("FINALLY")
 
