@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, List, Tuple
 
@@ -165,3 +166,49 @@ def test_a_killed_zygote_is_replaced_and_its_tasks_are_followed_to_their_end(tmp
     running.join(30)
     assert not running.is_alive()
     assert background(lambda: 7)().result(timeout=60) == 7
+
+
+def test_after_fork_functions_of_preloaded_modules_run_in_each_task(tmp_path: Path) -> None:
+    """A preloaded module's ``os.register_at_fork`` function runs in every task it is forked into."""
+    (tmp_path / "bgtask_atfork_probe.py").write_text(
+        "import os\nFORKED = []\nos.register_at_fork(after_in_child=lambda: FORKED.append(os.getpid()))\n"
+    )
+    result = run_script(
+        tmp_path,
+        """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import bgtask
+
+@bgtask.background
+def probe():
+    import bgtask_atfork_probe
+    return bgtask_atfork_probe.FORKED == [os.getpid()]
+
+bgtask.background(abs)(-1).result(60)  # the zygote runs: the preload switches its fork
+bgtask.preload("bgtask_atfork_probe")
+print([t.result(60) for t in [probe() for _ in range(4)]])
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[True, True, True, True]"
+
+
+A_THREAD = "import threading; threading.Thread(target=threading.Event().wait, daemon=True).start()"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C library's fork is used on Linux only")
+@pytest.mark.parametrize(
+    ("setup", "plain"),
+    [("", True), ("import random", False), (A_THREAD, False)],
+    ids=["pristine", "random", "thread"],
+)
+def test_the_zygote_forks_with_the_c_library_only_while_that_is_safe(
+    tmp_path: Path, setup: str, plain: bool
+) -> None:
+    """The C library's fork() is chosen in a pristine single-threaded process, else os.fork()."""
+    result = run_script(
+        tmp_path, f"{setup}\nfrom bgtask import _zygote\nprint(_zygote.plain_fork() is not None)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(plain)
