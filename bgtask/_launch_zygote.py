@@ -235,8 +235,7 @@ class _ZygoteHandle:
             self._send(_wire.Z_PRELOAD, names)
             self.generation += 1
             self.preload_generation = self.generation
-            while self.spares:
-                self.spares.popleft().sock.close()
+            self._close_spares()
 
     def send(self, kind: int, data: Any) -> None:
         with self.lock:
@@ -325,22 +324,9 @@ class _ZygoteHandle:
             if not self.alive:
                 return
             self.alive = False
-            watches, self.watches = list(self.watches.values()), {}
             self._close_spares()
             self.changed.notify_all()
-
-        def finish_all() -> None:
-            _monitor.get().remove_reader(self.ctl)
-            self.ctl.close()
-            try:
-                self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                pass
-            for watch in watches:
-                watch.launcher_lost = True
-                maybe_finish(watch)
-
-        _monitor.get().call_soon(finish_all)
+        _monitor.get().call_soon(lambda: self._release(ZYGOTE_EXIT_WAIT_S))
 
     def close(self) -> None:
         """Orderly end: the zygote exits on EOF once it has no daemon task left."""
@@ -358,19 +344,26 @@ class _ZygoteHandle:
             self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             pass  # it still stops its daemon tasks on its own, then exits
+        _monitor.get().call_soon(lambda: self._release(0.0))
+
+    def _release(self, wait_s: float) -> None:
+        """In the monitor, once the zygote is gone or going: read its last reports, close it.
+
+        The tasks still running are then followed through their own sockets.
+        """
+        self._on_readable()
         monitor = _monitor.get()
-
-        def finish_all() -> None:
-            self._on_readable()  # the last reports: tasks reaped before the zygote exited
-            monitor.remove_reader(self.ctl)
-            self.ctl.close()
-            with self.lock:
-                watches, self.watches = list(self.watches.values()), {}
-            for watch in watches:  # still running: their sockets tell when they end
-                watch.launcher_lost = True
-                maybe_finish(watch)
-
-        monitor.call_soon(finish_all)
+        monitor.remove_reader(self.ctl)
+        self.ctl.close()
+        try:
+            self.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+        with self.lock:
+            watches, self.watches = list(self.watches.values()), {}
+        for watch in watches:
+            watch.launcher_lost = True
+            maybe_finish(watch)
 
     def close_in_child(self) -> None:
         """In a forked copy: release the descriptors; the copy gets a zygote of its own."""

@@ -92,7 +92,7 @@ class Task(Generic[R]):
         self._future: Optional[concurrent.futures.Future[R]] = None
         # Set by the launcher.
         self._launcher: Any = None
-        self._launcher_data: Any = None  # the zygote's handle, for the default start method
+        self._launcher_data: Any = None  # (zygote handle, spare serial) under the default method
         self._watch: Any = None
         self._sock: Any = None
 
