@@ -349,18 +349,20 @@ class Zygote:
                 os.setpgid(0, 0)
             except OSError:
                 pass
-            # A daemon task dies with its zygote; the zygote itself outlives the main program
-            # only to stop its daemon tasks gracefully.
-            set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != self.pid:
-                os._exit(0)
             _child.prepare_process()
+            # A spare ends when its channel does: the main program holds the other end, and
+            # closes it when the zygote dies; the kernel closes it when the main program does.
             message = _wire.recv_message(sock)
             if message is None or message[0] != _wire.SETTINGS:
                 os._exit(0)  # dropped unused: the main program ended, or preloaded modules
             settings = pickle.loads(message[1])
-            if not settings["daemon"]:
-                set_parent_death_signal(0)
+            if settings["daemon"]:
+                # A daemon task dies with its zygote (which outlives the main program only to
+                # stop daemon tasks gracefully). Set here, not at the fork: a non-daemon task
+                # must outlive the zygote, and clearing the signal later would race its exit.
+                set_parent_death_signal(signal.SIGKILL)
+                if os.getppid() != self.pid:
+                    os._exit(1)  # the zygote is already gone
         except BaseException:
             os._exit(1)
         _child.run(sock, settings, prepared=True)

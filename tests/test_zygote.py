@@ -168,6 +168,22 @@ def test_a_killed_zygote_is_replaced_and_its_tasks_are_followed_to_their_end(tmp
     assert background(lambda: 7)().result(timeout=60) == 7
 
 
+def test_a_worker_survives_its_zygote_dying_right_after_the_call() -> None:
+    """A non-daemon task outlives a zygote killed before the task could even start running."""
+
+    @background
+    def worker() -> str:
+        return "ok"
+
+    for _ in range(20):
+        task = worker()
+        zygote = _launch.get(None)._zygote
+        assert zygote is not None
+        os.kill(zygote.process.pid, signal.SIGKILL)
+        assert task.result(timeout=60) == "ok"
+        task.join(30)
+
+
 def test_after_fork_functions_of_preloaded_modules_run_in_each_task(tmp_path: Path) -> None:
     """A preloaded module's ``os.register_at_fork`` function runs in every task it is forked into."""
     (tmp_path / "bgtask_atfork_probe.py").write_text(
