@@ -133,7 +133,7 @@ def test_unused_spares_end_with_the_zygote() -> None:
 
 
 def test_a_killed_zygote_is_replaced_and_its_tasks_are_followed_to_their_end(tmp_path: Path) -> None:
-    """SIGKILL of the zygote: its daemon tasks die, a worker finishes, the next call works."""
+    """SIGKILL of the zygote: its spares and daemon tasks end, a worker finishes, calls go on."""
     go = tmp_path / "go"
 
     @background
@@ -154,9 +154,11 @@ def test_a_killed_zygote_is_replaced_and_its_tasks_are_followed_to_their_end(tmp
     running, doomed = worker(), daemon()
     assert running.pid  # both started
     assert doomed.pid
+    spares = _held_spares()
     zygote = _launch.get(None)._zygote
     assert zygote is not None
     os.kill(zygote.process.pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(pid_alive(spare.pid) for spare in spares))
     doomed.join(30)
     assert not doomed.is_alive()
     assert isinstance(doomed.exception(0), TaskCrashed)
