@@ -318,24 +318,26 @@ class _ZygoteHandle:
         while self.spares:
             self.spares.popleft().sock.close()
 
-    def lost(self) -> None:
-        """The zygote died: its tasks can only be followed through their own sockets now."""
+    def _end(self) -> bool:
+        """Mark this handle gone, drop its spares, wake waiting calls; ``False`` if it was."""
         with self.lock:
             if not self.alive:
-                return
+                return False
             self.alive = False
             self._close_spares()
             self.changed.notify_all()
+            return True
+
+    def lost(self) -> None:
+        """The zygote died: its tasks can only be followed through their own sockets now."""
+        if not self._end():
+            return
         _monitor.get().call_soon(lambda: self._release(ZYGOTE_EXIT_WAIT_S))
 
     def close(self) -> None:
         """Orderly end: the zygote exits on EOF once it has no daemon task left."""
-        with self.lock:
-            if not self.alive:
-                return
-            self.alive = False
-            self._close_spares()
-            self.changed.notify_all()
+        if not self._end():
+            return
         try:
             self.ctl.shutdown(socket.SHUT_WR)
         except OSError:
