@@ -4,27 +4,39 @@
 a ``Task`` handle: a process (pid, exitcode, join, stop, kill), a future (result, exception,
 done, callbacks) and an awaitable at once.
 
-The package's modules, imports running one way (task side first)::
+Who does what, and where it runs (imports run one way, top to bottom; the task side imports
+nothing of the main side, so a task starts without paying for it)::
 
-    _wire, _stop, _errors, _platform     leaf modules shared by both sides
-    _serialization                       the only cloudpickle import
-    _child                               the task runtime (task side only)
-    _zygote                              the process that forks tasks (task side only)
-    _monitor                             the main program's I/O thread
-    _launch                              the seam between a task and how it is started
-    _launch_zygote, _launch_mp           the two launchers: bgtask's zygote, multiprocessing
-    _outcome                             classifying what a task sent; the errors result() raises
-    _task                                the Task handle and its state machine
-    _lifecycle                           registry of live tasks, exit procedure
-    _decorator                           @background
-
-The task side never imports the parent side, so a task starts without paying for it.
+    main program, caller's thread
+      _decorator     @background; a call pickles (_serialization), asks a launcher, returns a Task
+      _task          Task: a Future and a process handle; decodes the outcome in the caller
+      _lifecycle     the live tasks; the exit procedure (atexit)
+      _launch        the launcher seam: get(method).start(settings, payload) -> TaskProcess
+      _launch_zygote the zygote's client: spares, activation, reports (the default method)
+      _launch_mp     multiprocessing's "fork", "spawn", "forkserver"
+    main program, monitor thread (owns every task's end)
+      _process       TaskProcess: one started process; the only place its end is decided
+      _monitor       the I/O thread: channels, zygote reports, sentinels, timers
+    task side: the zygote process and the task processes
+      _zygote        forks spares, reaps tasks, stops daemon tasks when the main program dies
+      _child         the task runtime, from a spare's first line to os._exit
+      _stop          StopEvent, stop_event()
+    shared
+      _wire          every message between processes, defined once; framing
+      _outcome       what a task's messages mean; the errors result() raises
+      _serialization the only cloudpickle import
+      _errors        the exceptions
+      _platform      every operating-system branch
 """
+
+from typing import TYPE_CHECKING, Any, List
 
 from ._decorator import Background, background, preload
 from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
 from ._stop import StopEvent, stop_event
-from ._task import Task
+
+if TYPE_CHECKING:
+    from ._task import Task
 
 __version__ = "0.1.0"
 
@@ -41,3 +53,17 @@ __all__ = [
     "preload",
     "stop_event",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Task is a concurrent.futures.Future, whose import (logging, threading) the first call pays
+    # rather than `import bgtask`.
+    if name == "Task":
+        from ._task import Task
+
+        return Task
+    raise AttributeError(f"module 'bgtask' has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted({*globals(), "Task"})

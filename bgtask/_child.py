@@ -2,12 +2,21 @@
 
 ::
 
-    prepare    own process group, quiet SIGINT, SIGTERM -> graceful stop, stdin from /dev/null,
-               line-buffered stdout/stderr, the caller's environment, cwd and sys.path
-    receive    the pickled call from the main program, on the task's own socket
+    prepare    own process group, child subreaper, quiet SIGINT, SIGTERM -> graceful stop,
+               stdin from /dev/null, line-buffered stdout/stderr (a zygote's spare does this
+               ahead of its call, in become_spare())
+    settings   the caller's environment, cwd, sys.path, argv, standard output and error, name
+    receive    the pickled call from the main program, on the task's own channel
     run        the function (a coroutine function runs under asyncio.run)
     report     exactly one message back: RESULT, ERROR, STOPPED, EXITED or FAILED
-    finish     stop or wait for the task's own tasks, run its atexit handlers, flush, os._exit
+    finish     stop or wait for the task's own tasks, run its atexit handlers, kill what it
+               left running, flush, os._exit
+
+The settings dict (``Settings``) holds: ``name``, ``daemon``, ``graceful``, ``grace``, ``cwd``,
+``argv``; optionally ``env`` and ``sys_path`` (when they changed since the zygote forked the
+spare), ``stdio`` (standard output and error arrive as descriptors with the call),
+``watch_parent`` (watch the channel for the main program's death: no zygote does it) and
+``run_atexit``.
 
 The process ends when the function returns: threads it left behind end with it. This module is
 the child side of bgtask and imports nothing of the parent side (its import cost is start-up
@@ -16,14 +25,15 @@ latency): only the wire format, the stop event and pickling.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Dict, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Set
 
-from . import _stop, _wire
+from . import _platform, _stop, _wire
 from ._serialization import dumps_value, loads, pack_exception
 from ._stop import _StopRequest, _TaskState
 
@@ -54,7 +64,7 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     """
     global _task_sock
     code = 1
-    state = _TaskState(settings["task_id"], settings["graceful"])
+    state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
     try:
@@ -67,12 +77,52 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
         except _StopRequest as stop:
             _report_stopped(sock, stop)
             code = -signal.SIGTERM
-        _finish(settings, state)
+        _finish(settings)
     except _StopRequest:  # a second stop during cleanup: the outcome is already reported
         code = -signal.SIGTERM
     except BaseException:  # never let an error in bgtask's own code escape with a traceback
         code = code or 1
+    try:
+        end_descendants()
+    except BaseException:
+        pass
     _exit(code)
+
+
+def become_spare(sock: socket.socket, zygote_pid: int) -> NoReturn:
+    """In a process the zygote just forked: wait for a task from the main program, run it.
+
+    A spare ends when its channel does: the main program holds the other end, and closes it
+    when the zygote dies; the kernel closes it when the main program does.
+    """
+    try:
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        # Hooks that preloaded modules registered in the zygote are not the task's (the fork
+        # server clears them the same way).
+        clear = getattr(atexit, "_clear", None)
+        if clear is not None:
+            clear()
+        prepare_process()
+        message = _wire.recv_message(sock, maxfds=2)
+        if message is None or message[0] != _wire.SETTINGS:
+            os._exit(0)  # dropped unused: the main program ended, or preloaded modules
+        import pickle
+
+        settings = pickle.loads(message[1])
+        _adopt_stdio(message[2])
+        if settings["daemon"]:
+            # A daemon task dies with its zygote (which outlives the main program only to
+            # stop daemon tasks gracefully). Set here, not at the fork: a non-daemon task
+            # must outlive the zygote, and clearing the signal later would race its exit.
+            _platform.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != zygote_pid:
+                os._exit(1)  # the zygote is already gone
+    except BaseException:
+        os._exit(1)
+    run(sock, settings, prepared=True)
 
 
 _task_sock: Optional[socket.socket] = None
@@ -80,11 +130,15 @@ _task_sock: Optional[socket.socket] = None
 
 def prepare_process() -> None:
     """What does not depend on the task; a zygote's spare does it ahead of the call."""
+    global _subreaper
     if os.getpgrp() != os.getpid():
         try:
             os.setpgid(0, 0)
         except OSError:
             pass
+    # What leaves this task's group (a double fork, setsid) stays its descendant: killed at
+    # its end by end_descendants(), or by the zygote, which adopts it when the task is gone.
+    _subreaper = _platform.set_child_subreaper()
     # Terminal Ctrl-C is for the main program to act on. A Python-level handler, not SIG_IGN,
     # so that programs this task runs with exec get the default disposition back.
     set_handler(signal.SIGINT, _ignore_signal)
@@ -105,6 +159,9 @@ def prepare_streams() -> None:
                 reconfigure(line_buffering=True, write_through=False)
             except Exception:
                 pass
+
+
+_subreaper = False
 
 
 def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) -> None:
@@ -128,19 +185,43 @@ def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) 
             os.chdir(cwd)
         except OSError:
             pass
+    # The same name as under multiprocessing, whatever the start method.
+    mp_process = sys.modules.get("multiprocessing.process")
+    if mp_process is not None:
+        mp_process.current_process().name = settings["name"]
+
+
+def _adopt_stdio(fds: List[int]) -> None:
+    """Standard output and error sent with the call: the main program's current ones."""
+    if len(fds) == 2:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+    for fd in fds:
+        os.close(fd)
+
+
+def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) -> int:
+    try:
+        message = _wire.recv_message(sock, maxfds=2 if settings.get("stdio") else 0)
+    except _wire.ProtocolError:
+        message = None
+    if message is None or message[0] != _wire.PAYLOAD:
+        return 0  # the main program went away before it sent the call: nothing to do
+    _adopt_stdio(message[2])
     if settings.get("watch_parent") and settings["daemon"]:
+        # Started only now: the main program sends nothing more on the channel, so this
+        # thread's reads cannot take the call from the runtime.
         threading.Thread(
             target=_watch_parent,
             args=(sock, state, settings["grace"]),
             name="bgtask-parent-watch",
             daemon=True,
         ).start()
-
-
-def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) -> int:
-    message = _wire.recv_message(sock)
-    if message is None or message[0] != _wire.PAYLOAD:
-        return 0  # the main program went away before it sent the call: nothing to do
     body = message[1]
     try:
         fn, args, kwargs = loads(body)
@@ -212,14 +293,12 @@ def _user_frames(tb: Any) -> Any:
     return tb
 
 
-def _finish(settings: Settings, state: _TaskState) -> None:
+def _finish(settings: Settings) -> None:
     """Do what a normal interpreter exit would, bounded: nested tasks, atexit, streams."""
     lifecycle = sys.modules.get("bgtask._lifecycle")
     if lifecycle is not None:
         lifecycle.shutdown()
     if settings.get("run_atexit", True):
-        import atexit
-
         atexit._run_exitfuncs()
 
 
@@ -297,9 +376,51 @@ def _watch_parent(sock: socket.socket, state: _TaskState, grace: float) -> None:
             pass
         threading.Event().wait(grace)
     try:
+        end_descendants()
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
         os._exit(1)
+
+
+# How long end_descendants() waits for what it killed to be gone.
+END_DESCENDANTS_S = 1.0
+
+
+def end_descendants() -> None:
+    """Kill this task's children, and what they leave behind, at the task's end.
+
+    Only where this process is a child subreaper (Linux): orphaned descendants are then its
+    children, listed by the kernel, and none can escape by leaving the process group. Each is
+    killed while unreaped (its pid and group id are still its own), then reaped, so that what
+    it orphaned comes here too and goes the same way.
+    """
+    if not _subreaper:
+        return
+    import time
+
+    deadline = time.monotonic() + END_DESCENDANTS_S
+    killed: Set[int] = set()
+    while time.monotonic() < deadline:
+        pids = [pid for pid in _platform.children() or () if pid not in killed]
+        # The task's own zygote, still stopping its daemon tasks, ends on its own.
+        pids = [pid for pid in pids if _platform.process_name(pid) != _platform.ZYGOTE_NAME]
+        if not pids:
+            return
+        for pid in pids:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        killed.update(pids)
+        for pid in pids:
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.001)
 
 
 def _redirect_stdin() -> None:

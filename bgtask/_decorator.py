@@ -9,17 +9,20 @@ launcher of its start method.
 from __future__ import annotations
 
 import functools
-import itertools
+import math
 import os
 import sys
+import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
 
 from . import _lifecycle
 from ._errors import BgTaskError
 from ._platform import check_supported
-from ._task import Task
+
+if TYPE_CHECKING:
+    from ._task import Task
 
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
@@ -30,7 +33,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 START_METHODS = (None, "fork", "spawn", "forkserver")
-_ids = itertools.count(1)
+
+
+# Guards every Background's set of started tasks: a WeakSet cannot be iterated while another
+# thread adds to it.
+_started_lock = threading.Lock()
 
 
 class Background(Generic[P, R]):
@@ -61,7 +68,8 @@ class Background(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
         task: Task[R] = _start(self._fn, args, kwargs, self._options)
-        self._started.add(task)
+        with _started_lock:
+            self._started.add(task)
         return task
 
     def join(self, timeout: Optional[float] = None) -> None:
@@ -70,7 +78,9 @@ class Background(Generic[P, R]):
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            pending = [t for t in list(self._started) if not t._finished]
+            with _started_lock:
+                started = list(self._started)
+            pending = [t for t in started if t.is_alive()]
             if not pending:
                 return
             for task in pending:
@@ -96,27 +106,21 @@ class Background(Generic[P, R]):
 
 def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
     # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
-    from . import _launch, _monitor
+    from . import _launch
     from ._serialization import dumps_call
+    from ._task import Task
 
-    check_supported()
     _refuse_during_bootstrap()
     payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
     name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
     task: Task[Any] = Task(
-        next(_ids),
-        name,
-        daemon=options["daemon"],
-        graceful=options["graceful"],
-        grace=options["grace"],
-        start_method=options["start_method"],
+        name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"]
     )
     try:
         cwd: Optional[str] = os.getcwd()
     except OSError:
         cwd = None
     settings = {
-        "task_id": task.id,
         "name": name,
         "daemon": options["daemon"],
         "graceful": options["graceful"],
@@ -125,25 +129,33 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
         "argv": list(sys.argv),
     }
     _lifecycle.register(task)
-    launcher = _launch.get(options["start_method"])
-    if options["start_method"] is not None:
-        _lifecycle.move_hook_last()
     try:
-        launcher.start(task, settings, payload)
+        process = _launch.get(options["start_method"]).start(settings, payload)
     except BaseException as exc:
         _lifecycle.unregister(task)
-        if not isinstance(exc, OSError):
-            raise
-        raise BgTaskError(
-            f"could not start task {name!r}: {exc} (too many open files or processes? see "
-            "`ulimit -n` and `ulimit -u`)"
-        ) from exc
-    timeout = options["timeout"]
-    if timeout is not None:
-        import time
-
-        _monitor.get().call_at(time.monotonic() + timeout, lambda: task._request_stop("timeout"))
+        if isinstance(exc, OSError):
+            raise BgTaskError(f"could not start task {name!r}: {_why_not_started(exc)}") from exc
+        raise
+    task._attach(process)
+    if options["start_method"] is not None:
+        _lifecycle.run_before_multiprocessing()
+    if options["timeout"] is not None:
+        task._arm_timeout(options["timeout"])
     return task
+
+
+def _why_not_started(exc: OSError) -> str:
+    import errno
+
+    from ._launch_zygote import ZygoteGone
+
+    if isinstance(exc, ZygoteGone):
+        return f"{exc}: bgtask's zygote process exited at its start (see its standard error)"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return f"{exc} (no file descriptor left: see `ulimit -n`)"
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        return f"{exc} (no process left: see `ulimit -u`, or the memory and pids limits)"
+    return str(exc)
 
 
 def preload(*modules: str) -> None:
@@ -164,7 +176,11 @@ def preload(*modules: str) -> None:
     for module in modules:
         if not isinstance(module, str):
             raise TypeError(f"preload() takes module names, not {type(module).__name__}")
-    _launch.get(None).add_preload(list(modules))
+    from ._launch_zygote import ZygoteLauncher
+
+    launcher = _launch.get(None)
+    assert isinstance(launcher, ZygoteLauncher)
+    launcher.add_preload(list(modules))
 
 
 def _refuse_during_bootstrap() -> None:
@@ -181,17 +197,20 @@ def _refuse_during_bootstrap() -> None:
 
 
 def _check_options(options: Dict[str, Any]) -> None:
+    """Wrong types raise ``TypeError``, wrong values ``ValueError``, as the stdlib does."""
     for flag in ("daemon", "graceful"):
         if not isinstance(options[flag], bool):
             raise TypeError(f"background(): {flag} must be a bool, not {type(options[flag]).__name__}")
-    grace = options["grace"]
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
-        raise ValueError(f"background(): grace must be a number of seconds >= 0, not {grace!r}")
-    options["grace"] = float(grace)
-    timeout = options["timeout"]
-    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-    if timeout is not None and not (number and timeout > 0):
-        raise ValueError(f"background(): timeout must be None or a number of seconds > 0, not {timeout!r}")
+    for key, zero_ok in (("grace", True), ("timeout", False)):
+        value = options[key]
+        if value is None and key == "timeout":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"background(): {key} must be a number of seconds, not {type(value).__name__}")
+        if not (value >= 0 if zero_ok else value > 0) or not math.isfinite(value):
+            bound = ">= 0" if zero_ok else "> 0"
+            raise ValueError(f"background(): {key} must be a finite number of seconds {bound}, not {value!r}")
+        options[key] = float(value)
     if options["name"] is not None and not isinstance(options["name"], str):
         raise TypeError(f"background(): name must be a str or None, not {type(options['name']).__name__}")
     if options["start_method"] not in START_METHODS:

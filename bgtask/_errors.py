@@ -27,6 +27,7 @@ __all__ = [
     "TaskError",
     "TaskStopped",
     "describe_exit",
+    "set_cause",
 ]
 
 
@@ -174,10 +175,22 @@ _CAUSES = {
 }
 
 
+def set_cause(exc: BaseException, cause: Optional[BaseException]) -> None:
+    """``exc.__cause__ = cause``, also for exceptions that refuse new attributes.
+
+    A frozen dataclass exception's ``__setattr__`` refuses every assignment, ``__cause__``
+    included; the slot itself takes it.
+    """
+    _CAUSE.__set__(exc, cause)
+
+
+_CAUSE = BaseException.__dict__["__cause__"]
+
+
 def describe_exit(exitcode: Optional[int]) -> str:
     """Say in words how a process with this exit code ended, naming the likely cause."""
     if exitcode is None:
-        return "ended, exit status unknown"
+        return "exit status unknown"
     sig = _signal_of(exitcode)
     if sig is not None:
         return _CAUSES.get(sig, f"killed by {sig.name}")

@@ -1,7 +1,13 @@
 """Starting tasks with a ``multiprocessing`` context: start methods "fork", "spawn", "forkserver".
 
-The task process runs the same runtime as under the zygote (``_child.run``); its socket is an
-argument of the ``multiprocessing.Process``, and its exit is seen through the process sentinel.
+The task process runs the same runtime as under the zygote (``_child.run``); its channel is an
+argument of the ``multiprocessing.Process``. Its exit is seen, in the monitor thread:
+
+- under "fork" and "spawn" (this program is the parent) through a pidfd where the platform has
+  them, else the process sentinel; the process is signalled and reaped in that thread only, so
+  a signal never reaches a reaped, reused pid;
+- under "forkserver" (the fork server is the parent and reaps) through the sentinel, which the
+  fork server writes once it has reaped the task; signals go through a pidfd while it runs.
 """
 
 from __future__ import annotations
@@ -13,26 +19,20 @@ import threading
 import time
 from typing import Any, Optional
 
-from . import _monitor, _wire
-from ._launch import Settings, Watch, attach, maybe_finish
+from . import _monitor, _platform, _wire
+from ._launch import Settings
+from ._process import TaskProcess
 
 # How soon to look again for the exit status of a process whose sentinel fired.
 REAP_RETRY_S = 0.001
 
 
-def _send_payload(sock: socket.socket, payload: bytes) -> None:
-    try:
-        _wire.send_message(sock, _wire.PAYLOAD, payload)
-    except OSError:
-        pass  # the task died before it read its call: its exit code tells the rest
-
-
 class MultiprocessingLauncher:
     """Start tasks with a ``multiprocessing`` context: "fork", "spawn" or "forkserver".
 
-    The task process runs the same runtime. The main module is prepared the way
-    ``multiprocessing`` does it for the method (spawn and forkserver import it again, so a
-    script needs the ``__main__`` guard there); functions still travel by value.
+    The main module is prepared the way ``multiprocessing`` does it for the method (spawn and
+    forkserver import it again, so a script needs the ``__main__`` guard there); functions still
+    travel by value.
     """
 
     def __init__(self, method: str) -> None:
@@ -41,88 +41,107 @@ class MultiprocessingLauncher:
         self.method = method
         self.context: Any = multiprocessing.get_context(method)
 
-    def start(self, task: Any, settings: Settings, payload: bytes) -> None:
-        settings["watch_parent"] = True
+    def start(self, settings: Settings, payload: bytes) -> TaskProcess:
+        settings = dict(settings, watch_parent=True)
         # Under fork the atexit handlers in this process are the main program's, not the task's.
         settings["run_atexit"] = self.method != "fork"
-        watch = Watch(task)
-        mine, theirs = socket.socketpair()
-        try:
-            process = self.context.Process(
-                target=_run_task, args=(theirs, settings), name=f"bgtask:{task.name}", daemon=False
-            )
-            # Process.start() polls every known child; close() in the monitor must not run then.
-            with _mp_lock:
+        # The fork server's standard streams are those it started with: send the current ones.
+        stdio = (1, 2) if self.method == "forkserver" else ()
+        settings["stdio"] = bool(stdio)
+        # multiprocessing's registry of children is not safe against close() in another
+        # thread, and Process.start() polls (and may reap) every known child: hold the lock
+        # wherever this module signals or reaps. Under it too, the channel is made and started
+        # as one step, so that no other start forks a copy of this program holding it.
+        with _mp_lock:
+            mine, theirs = socket.socketpair()
+            try:
+                process = self.context.Process(
+                    target=_run_task, args=(theirs, settings), name=settings["name"], daemon=False
+                )
                 process.start()
-        except BaseException:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
+            except BaseException:
+                mine.close()
+                raise
+            finally:
+                theirs.close()
+        pid: int = process.pid
+        parent = self.method != "forkserver"
         if self.method == "fork":
             try:
-                os.setpgid(process.pid, process.pid)  # the child does it too; no exec to race
+                os.setpgid(pid, pid)  # the child does it too; no exec to race
             except OSError:
                 pass
-        watch.process = process
-        task._launcher = self
-        task._watch = watch
-        task._sock = mine
-        task._set_pid(process.pid)
-        _send_payload(mine, payload)
+        exit_fd = _platform.open_pidfd(pid) if parent else None
         monitor = _monitor.get()
+
+        def unreaped() -> bool:
+            # Under the lock. Read without a system call: polling would reap it here.
+            popen = process._popen
+            return popen is not None and popen.returncode is None
+
+        def signaller(signum: int, escalate_after: Optional[float]) -> bool:
+            if not parent:
+                return False  # signalled through its pidfd
+            with _mp_lock:
+                if unreaped():  # its pid and group id are still its own
+                    _kill(pid, signum)
+            return True
+
+        def close_exit_fd() -> None:
+            if exit_fd is not None:
+                os.close(exit_fd)
+
+        task_process = TaskProcess(pid, mine, signaller, parent=parent, on_end=close_exit_fd)
+        try:
+            _wire.send_messages(mine, [(_wire.PAYLOAD, payload)], fds=stdio)
+        except OSError:
+            pass  # the task died before it read its call: its exit code tells the rest
 
         def reap() -> None:
             with _mp_lock:
                 process.join(0)
-                if process.exitcode is None:
-                    # The sentinel closes while the process exits, a moment before it can be
-                    # reaped: look again very soon rather than block the monitor.
-                    monitor.call_at(time.monotonic() + REAP_RETRY_S, reap)
-                    return
-                watch.exitcode = process.exitcode
-                watch.reaped = True
-                process.close()  # releases its descriptors now, not when the handle is collected
-            maybe_finish(watch)
+                exitcode = process.exitcode
+                if exitcode is not None:
+                    process.close()  # releases its descriptors now, not when collected
+            if exitcode is None:
+                # The sentinel closes while the process exits, a moment before it can be
+                # reaped: look again very soon rather than block the monitor.
+                monitor.call_at(time.monotonic() + REAP_RETRY_S, reap)
+                return
+            task_process.reaped(exitcode)
 
         def on_exit() -> None:
-            monitor.remove_reader(process.sentinel)
-            # The leader is exiting and not yet reaped (this process is its parent, except
-            # under forkserver), so its group id is still its own: end what it left behind.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            monitor.remove_reader(watched)
+            if parent:
+                # The leader has exited and is not reaped (this process is its parent), so its
+                # group id is still its own: end what it left behind in its group.
+                with _mp_lock:
+                    if unreaped():
+                        _kill(pid, signal.SIGKILL)
             reap()
 
-        monitor.add_reader(process.sentinel, on_exit)
-        attach(watch, mine)
+        watched: Any = exit_fd if exit_fd is not None else process.sentinel
+        monitor.add_reader(watched, on_exit)
+        return task_process
 
-    def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
-        watch = task._watch
-        pid = task._pid
-        if watch.reaped or pid is None:
-            return
-        try:
-            os.kill(pid, signum)
-            if signum == signal.SIGKILL:
-                os.killpg(pid, signum)
-        except OSError:
-            pass
-        if escalate_after is not None:
-            _monitor.get().call_at(
-                time.monotonic() + escalate_after, lambda: self.signal(task, signal.SIGKILL, None)
-            )
-
-    def shutdown(self) -> None:
-        pass
+    def close(self) -> None:
+        pass  # multiprocessing's own exit hook joins what is left
 
     def forget_in_child(self) -> None:
         global _mp_lock
         _mp_lock = threading.Lock()  # another thread may have held it at the fork
 
 
-# multiprocessing's registry of children is not safe against close() in another thread.
+def _kill(pid: int, signum: int) -> None:
+    """Signal a child that is not reaped yet; SIGKILL goes to its whole group too."""
+    try:
+        os.kill(pid, signum)
+        if signum == signal.SIGKILL:
+            os.killpg(pid, signum)
+    except OSError:
+        pass
+
+
 _mp_lock = threading.Lock()
 
 

@@ -2,14 +2,15 @@
 
 ::
 
-    zygote ──spare(serial, pid, generation) + its channel──> spares held here (usually two)
-    call: take a spare (wait for one if none is held) ──activate(serial, daemon...)──> zygote
+    zygote ──Spare(serial, pid, generation) + its channel──> SparePool (usually two held)
+    call: take a spare (wait for one if none is held) ──Activate(serial, daemon...)──> zygote
           write settings + payload to the spare's channel: it is the task now
-    zygote ──reaped(serial, exit code)──> the task's watch
+    zygote ──Reaped(serial, exit code)──> the task's TaskProcess (in the monitor)
 
 Spares are named by serial numbers the zygote never reuses, so a message cannot reach a process
 that only got a recycled pid. The environment and ``sys.path`` travel to the zygote when they
-change (a new generation); a spare forked in an older generation gets them with its task.
+change (a new generation); a spare forked in an older generation gets them with its task. When
+the zygote dies, its tasks are followed through their channels and signalled through pidfds.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import _monitor, _wire
-from ._launch import Settings, Watch, attach, maybe_finish
+from ._launch import Settings
+from ._process import TaskProcess
 
 # How long the exit procedure waits for a zygote to exit after its control socket closed.
 ZYGOTE_EXIT_WAIT_S = 2.0
@@ -35,10 +38,8 @@ SPARE_WAIT_S = 60.0
 DEAD_SPARES_MAX = 8
 
 
-def _environ_snapshot() -> Dict[Any, Any]:
-    """A cheap copy of the environment, to tell whether it changed since the last task."""
-    data = getattr(os.environ, "_data", None)  # the encoded mapping: no decoding needed
-    return dict(data) if isinstance(data, dict) else dict(os.environ)
+class ZygoteGone(ConnectionError):
+    """The zygote exited or died; a new one is started for the next call."""
 
 
 class ZygoteLauncher:
@@ -46,7 +47,7 @@ class ZygoteLauncher:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._zygote: Optional[_ZygoteHandle] = None
+        self._client: Optional[ZygoteClient] = None
         self.preload: List[str] = []
 
     def add_preload(self, names: List[str]) -> None:
@@ -54,68 +55,70 @@ class ZygoteLauncher:
         with self._lock:
             new = [name for name in names if name not in self.preload]
             self.preload.extend(new)
-            zygote = self._zygote
-        if new and zygote is not None and zygote.owner == os.getpid():
-            zygote.preload(new)
+            client = self._client
+        if new and client is not None and client.owner == os.getpid():
+            client.preload(new)
 
-    def start(self, task: Any, settings: Settings, payload: bytes) -> None:
+    def start(self, settings: Settings, payload: bytes) -> TaskProcess:
         # A spare that died before it read its call is replaced; a zygote that died, once.
         lost_zygotes = dead_spares = 0
-        while True:
-            watch = Watch(task)
-            zygote = self._get()
-            try:
-                spare = zygote.activate(watch, settings)
-            except ConnectionError:
-                zygote.lost()
-                lost_zygotes += 1
-                if lost_zygotes > 1:
-                    raise
-                continue
-            try:
-                packed = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
-                _wire.send_messages(spare.sock, [(_wire.SETTINGS, packed), (_wire.PAYLOAD, payload)])
-            except OSError:
-                zygote.deactivate(spare)
-                dead_spares += 1
-                if dead_spares > DEAD_SPARES_MAX:
-                    raise OSError("the zygote's processes die before they get their task") from None
-                continue
-            break
-        task._launcher = self
-        task._launcher_data = (zygote, spare.serial)
-        task._watch = watch
-        task._sock = spare.sock
-        task._set_pid(spare.pid)
-        attach(watch, spare.sock)
+        monitor = _monitor.get()
+        monitor.hold()  # spares arrive through the monitor while this call waits for one
+        try:
+            while True:
+                client = self.client()
+                try:
+                    spare = client.pool.take(client)
+                    process, messages, fds = client.activate(spare, settings, payload)
+                except ZygoteGone:
+                    client.lost()
+                    lost_zygotes += 1
+                    if lost_zygotes > 1:
+                        raise
+                    continue
+                try:
+                    _wire.send_messages(spare.sock, messages, fds)
+                except BaseException as exc:
+                    # The spare died (OSError), or the call was interrupted mid-write: either
+                    # way it never runs this call; closing its channel ends it.
+                    client.deactivate(spare.serial)
+                    process.discard()
+                    if not isinstance(exc, OSError):
+                        raise
+                    dead_spares += 1
+                    if dead_spares > DEAD_SPARES_MAX:
+                        raise OSError("the zygote's processes die before they get their task") from None
+                    continue
+                return process
+        finally:
+            monitor.release()
 
-    def signal(self, task: Any, signum: int, escalate_after: Optional[float]) -> None:
-        zygote, serial = task._launcher_data
-        zygote.send(_wire.Z_SIGNAL, (serial, signum, escalate_after))
-
-    def _get(self) -> _ZygoteHandle:
+    def client(self) -> ZygoteClient:
+        """The running zygote's client, started if there is none."""
         with self._lock:
-            if self._zygote is None or not self._zygote.alive or self._zygote.owner != os.getpid():
-                self._zygote = _ZygoteHandle(self.preload)
-            return self._zygote
+            client = self._client
+            if client is None or not client.alive or client.owner != os.getpid():
+                client = self._client = ZygoteClient(self.preload)
+            return client
 
-    def shutdown(self) -> None:
+    def current(self) -> Optional[ZygoteClient]:
+        """The zygote's client if one runs (for tests and diagnostics)."""
+        return self._client
+
+    def close(self) -> None:
         with self._lock:
-            zygote, self._zygote = self._zygote, None
-        if zygote is not None and zygote.owner == os.getpid():
-            zygote.close()
+            client, self._client = self._client, None
+        if client is not None and client.owner == os.getpid():
+            client.close()
 
     def forget_in_child(self) -> None:
-        zygote, self._zygote = self._zygote, None
+        client, self._client = self._client, None
         self._lock = threading.Lock()
-        if zygote is not None:
-            zygote.close_in_child()
+        if client is not None:
+            client.close_in_child()
 
 
-_BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import main; main({fd})"
-
-
-class _Spare:
+class Spare:
     """A process the zygote forked ahead: its pid, and the main program's end of its channel."""
 
     __slots__ = ("generation", "pid", "serial", "sock")
@@ -127,26 +130,117 @@ class _Spare:
         self.sock = sock
 
 
-class _ZygoteHandle:
-    """The main program's end of one zygote process, and the spares it handed over."""
+class SparePool:
+    """The spares this program holds, and what a call waiting for one needs to know."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.changed = threading.Condition(lock)  # a spare arrived, a fork failed, or death
+        self.spares: Deque[Spare] = collections.deque()
+        self.failures = 0  # forks the zygote reported failed, and the last reason
+        self.failure = ""
+        # A spare forked before the last preload lacks the preloaded modules: it is dropped.
+        self.preload_generation = 0
+        self.closed = False
+
+    def take(self, client: ZygoteClient) -> Spare:
+        """A spare, waiting for the zygote to fork one if none is held.
+
+        Raises ``ZygoteGone`` if the zygote is gone, ``OSError`` if it cannot fork.
+        """
+        with self.changed:
+            failures: Optional[int] = None
+            deadline = 0.0
+            while True:
+                if self.closed:
+                    raise ZygoteGone("the zygote is gone")
+                while self.spares:
+                    spare = self.spares.popleft()
+                    if spare.generation >= self.preload_generation:
+                        return spare
+                    spare.sock.close()
+                if failures is None:
+                    failures = self.failures
+                    deadline = time.monotonic() + SPARE_WAIT_S
+                    client.send_locked(_wire.Want())
+                elif self.failures != failures:
+                    raise OSError(self.failure)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise OSError(f"the zygote forked no process within {SPARE_WAIT_S:.0f} s")
+                self.changed.wait(remaining)
+
+    def put(self, spare: Spare) -> None:
+        """Under the lock: a spare arrived."""
+        if self.closed or spare.generation < self.preload_generation:
+            spare.sock.close()
+        else:
+            self.spares.append(spare)
+            self.changed.notify()
+
+    def fail(self, reason: str) -> None:
+        """Under the lock: no spare is coming for a waiting call."""
+        self.failures += 1
+        self.failure = reason
+        self.changed.notify_all()
+
+    def drop(self, serial: int) -> None:
+        """Under the lock: a spare died unused (killed from outside)."""
+        for spare in self.spares:
+            if spare.serial == serial:
+                self.spares.remove(spare)
+                spare.sock.close()
+                return
+
+    def clear(self) -> None:
+        """Under the lock: close every spare held."""
+        while self.spares:
+            self.spares.popleft().sock.close()
+
+    def close(self) -> None:
+        """Under the lock: the zygote is gone; wake every waiting call."""
+        self.closed = True
+        self.clear()
+        self.changed.notify_all()
+
+
+_BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import main; main({fd})"
+
+
+def _environ_snapshot() -> Dict[Any, Any]:
+    """A cheap copy of the environment, to tell whether it changed since the last task."""
+    data = getattr(os.environ, "_data", None)  # the encoded mapping: no decoding needed
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
+def _stdio_identity() -> Tuple[Any, ...]:
+    """What standard output and error are now: a task gets them when they changed."""
+    ids: List[Any] = []
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+            ids.append((st.st_dev, st.st_ino))
+        except OSError:
+            ids.append(None)
+    return tuple(ids)
+
+
+class ZygoteClient:
+    """The main program's end of one zygote process: its control socket and its spares."""
 
     def __init__(self, preload: List[str]) -> None:
         self.owner = os.getpid()
         self.alive = True
         self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)  # a spare arrived, a fork failed, or death
-        self.spares: Deque[_Spare] = collections.deque()
-        self.watches: Dict[int, Watch] = {}  # by spare serial, from activation until reaped
+        self.pool = SparePool(self.lock)
+        self.processes: Dict[int, TaskProcess] = {}  # by spare serial, from activation to end
         self.reader = _wire.MessageReader(maxfds=1)
         # Generations: each change of environment or sys.path, and each preload, starts one, in
         # the zygote too. A spare forked in an older generation gets the environment with its
-        # task; one older than the last preload lacks modules and is dropped.
+        # task.
         self.generation = 0
-        self.preload_generation = 0
         self.last_env = _environ_snapshot()  # what the zygote starts with
         self.last_path = list(sys.path)
-        self.failures = 0  # forks the zygote reported failed, and the last reason
-        self.failure = ""
+        self.stdio = _stdio_identity()
         mine, theirs = socket.socketpair()
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         args = [
@@ -166,57 +260,56 @@ class _ZygoteHandle:
         finally:
             theirs.close()
         self.ctl = mine
-        config = {"sys_path": self.last_path, "preload": list(preload)}
-        self.ctl.sendall(_wire.pack_data(0, config))
+        self.ctl.sendall(_wire.encode(_wire.Boot(self.last_path, list(preload))))
         _monitor.get().add_reader(self.ctl, self._on_readable)
 
-    def activate(self, watch: Watch, settings: Settings) -> _Spare:
-        """Take a spare for the task (waiting for one if none is held) and tell the zygote.
+    # -- calls ------------------------------------------------------------------------------
 
-        Raises ``ConnectionError`` if the zygote is gone, ``OSError`` if it cannot fork.
+    def activate(
+        self, spare: Spare, settings: Settings, payload: bytes
+    ) -> Tuple[TaskProcess, List[Tuple[int, bytes]], Tuple[int, ...]]:
+        """Make the spare this call's task: the zygote is told, and its process is followed.
+
+        Returns the process and what to write to the spare's channel (with the descriptors to
+        attach). Raises ``ZygoteGone`` if the zygote is gone.
         """
-        with self.changed:
-            failures = None
-            deadline = None
-            while True:
+        serial = spare.serial
+
+        def signaller(signum: int, escalate_after: Optional[float]) -> bool:
+            return self.send(_wire.Signal(serial, signum, escalate_after))
+
+        def forget() -> None:
+            with self.lock:
+                self.processes.pop(serial, None)
+
+        process = TaskProcess(spare.pid, spare.sock, signaller, parent=False, on_end=forget)
+        try:
+            with self.lock:
                 if not self.alive:
-                    raise BrokenPipeError("the zygote is gone")
-                if self.spares:
-                    spare = self.spares.popleft()
-                    if spare.generation < self.preload_generation:
-                        spare.sock.close()
-                        continue
-                    break
-                if failures is None:
-                    failures = self.failures
-                    deadline = time.monotonic() + SPARE_WAIT_S
-                    self._send(_wire.Z_WANT, None)
-                elif self.failures != failures:
-                    raise OSError(self.failure)
-                assert deadline is not None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise OSError(f"the zygote forked no process within {SPARE_WAIT_S:.0f} s")
-                self.changed.wait(remaining)
-            try:
+                    raise ZygoteGone("the zygote is gone")
                 self._sync_environment()
                 if spare.generation < self.generation:
-                    settings["env"] = dict(os.environ)
-                    settings["sys_path"] = self.last_path
-                self.watches[spare.serial] = watch
-                message = (spare.serial, settings["daemon"], settings["graceful"], settings["grace"])
-                self._send(_wire.Z_ACTIVATE, message)
-            except BaseException:
-                self.watches.pop(spare.serial, None)
-                spare.sock.close()
-                raise
-            return spare
+                    settings = dict(settings, env=dict(os.environ), sys_path=self.last_path)
+                fds: Tuple[int, ...] = ()
+                if _stdio_identity() != self.stdio:
+                    settings = dict(settings, stdio=True)
+                    fds = (1, 2)
+                self.processes[serial] = process
+                self.send_locked(
+                    _wire.Activate(serial, settings["daemon"], settings["graceful"], settings["grace"])
+                )
+        except BaseException as exc:
+            process.discard()
+            if isinstance(exc, OSError) and not isinstance(exc, ZygoteGone):
+                raise ZygoteGone(f"the zygote is gone: {exc}") from exc
+            raise
+        packed = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
+        return process, [(_wire.SETTINGS, packed), (_wire.PAYLOAD, payload)], fds
 
-    def deactivate(self, spare: _Spare) -> None:
+    def deactivate(self, serial: int) -> None:
         """The spare died before it got its task: forget it (the zygote reaps it)."""
         with self.lock:
-            self.watches.pop(spare.serial, None)
-        spare.sock.close()
+            self.processes.pop(serial, None)
 
     def _sync_environment(self) -> None:
         """Under the lock: tell the zygote a changed environment, for the spares it forks next."""
@@ -225,114 +318,100 @@ class _ZygoteHandle:
         if env != self.last_env or path != self.last_path:
             self.last_env = env
             self.last_path = path
-            self._send(_wire.Z_SETENV, (dict(os.environ), path))
+            self.send_locked(_wire.SetEnv(dict(os.environ), path))
             self.generation += 1
 
     def preload(self, names: List[str]) -> None:
         with self.lock:
             if not self.alive:
                 return
-            self._send(_wire.Z_PRELOAD, names)
+            self.send_locked(_wire.Preload(names))
             self.generation += 1
-            self.preload_generation = self.generation
-            self._close_spares()
+            self.pool.preload_generation = self.generation
+            self.pool.clear()
 
-    def send(self, kind: int, data: Any) -> None:
+    def send(self, message: Any) -> bool:
+        """Send a control message; ``False`` if the zygote is gone."""
         with self.lock:
             if not self.alive:
-                return
+                return False
             try:
-                self._send(kind, data)
+                self.send_locked(message)
             except OSError:
-                pass  # the monitor learns of the zygote's death from its socket
+                return False  # the monitor learns of the zygote's death from its socket
+            return True
 
-    def _send(self, kind: int, data: Any) -> None:
-        self.ctl.sendall(_wire.pack_data(kind, data))
+    def send_locked(self, message: Any) -> None:
+        """Under the lock: send a control message whole.
+
+        Signals are blocked meanwhile, in the main thread: a ``KeyboardInterrupt`` between two
+        partial writes would tear the frame, and the zygote would read garbage.
+        """
+        data = _wire.encode(message)
+        with _signals_deferred():
+            self.ctl.sendall(data)
+
+    # -- in the monitor ---------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        """In the monitor: spares and reports from the zygote."""
+        """Spares and reports from the zygote."""
         reader = self.reader
         reader.feed_from(self.ctl)
         messages, reader.messages = reader.messages, []
         all_fds, reader.fds = reader.fds, []
         for (kind, body), fds in zip(messages, all_fds):
-            data = pickle.loads(body)
-            if kind == _wire.Z_SPARE:
-                serial, pid, generation = data
-                self._add_spare(serial, pid, generation, fds)
+            message = _wire.decode(kind, body)
+            if isinstance(message, _wire.Spare):
+                self._add_spare(message, fds)
                 continue
             for fd in fds:
                 os.close(fd)
-            if kind == _wire.Z_REAPED:
-                serial, exitcode = data
+            if isinstance(message, _wire.Reaped):
                 with self.lock:
-                    watch = self.watches.pop(serial, None)
-                    if watch is None:
-                        self._drop_spare(serial)
-                if watch is not None:
-                    watch.exitcode = exitcode
-                    watch.reaped = True
-                    maybe_finish(watch)
-            elif kind == _wire.Z_NOSPARE:
+                    process = self.processes.get(message.serial)
+                    if process is None:
+                        self.pool.drop(message.serial)
+                if process is not None:
+                    process.reaped(message.exitcode)
+            elif isinstance(message, _wire.NoSpare):
                 with self.lock:
-                    self.failures += 1
-                    self.failure = data
-                    self.changed.notify_all()
+                    self.pool.fail(message.reason)
         if reader.eof:
             self.lost()
 
-    def _add_spare(self, serial: int, pid: int, generation: int, fds: List[int]) -> None:
+    def _add_spare(self, message: _wire.Spare, fds: List[int]) -> None:
         with self.lock:
             if len(fds) != 1:
                 # The kernel dropped the descriptor: this process has none free. The spare
                 # is of no use; a waiting call fails, and the zygote forks again only when asked.
                 for fd in fds:
                     os.close(fd)
-                self.failures += 1
-                self.failure = "no free file descriptor in this process for the task's channel"
-                self.changed.notify_all()
+                self.pool.fail("no free file descriptor in this process for the task's channel")
                 if self.alive:
                     try:
-                        self._send(_wire.Z_DROP, serial)
+                        self.send_locked(_wire.Drop(message.serial))
                     except OSError:
                         pass
                 return
             sock = socket.socket(fileno=fds[0])
             sock.set_inheritable(False)  # where MSG_CMSG_CLOEXEC is missing (macOS)
-            spare = _Spare(serial, pid, generation, sock)
-            if not self.alive or generation < self.preload_generation:
-                spare.sock.close()
-            else:
-                self.spares.append(spare)
-                self.changed.notify()
+            self.pool.put(Spare(message.serial, message.pid, message.generation, sock))
 
-    def _drop_spare(self, serial: int) -> None:
-        """Under the lock: a spare died unused (killed from outside)."""
-        for spare in self.spares:
-            if spare.serial == serial:
-                self.spares.remove(spare)
-                spare.sock.close()
-                return
-
-    def _close_spares(self) -> None:
-        while self.spares:
-            self.spares.popleft().sock.close()
+    # -- the end ----------------------------------------------------------------------------
 
     def _end(self) -> bool:
-        """Mark this handle gone, drop its spares, wake waiting calls; ``False`` if it was."""
+        """Mark this client gone, drop its spares, wake waiting calls; ``False`` if it was."""
         with self.lock:
             if not self.alive:
                 return False
             self.alive = False
-            self._close_spares()
-            self.changed.notify_all()
+            self.pool.close()
             return True
 
     def lost(self) -> None:
-        """The zygote died: its tasks can only be followed through their own sockets now."""
-        if not self._end():
-            return
-        _monitor.get().call_soon(lambda: self._release(ZYGOTE_EXIT_WAIT_S))
+        """The zygote died: its tasks can only be followed through their own channels now."""
+        if self._end():
+            _monitor.get().call_soon(self._release)
 
     def close(self) -> None:
         """Orderly end: the zygote exits on EOF once it has no daemon task left."""
@@ -346,33 +425,47 @@ class _ZygoteHandle:
             self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             pass  # it still stops its daemon tasks on its own, then exits
-        _monitor.get().call_soon(lambda: self._release(0.0))
+        _monitor.get().call_soon(self._release)
 
-    def _release(self, wait_s: float) -> None:
+    def _release(self) -> None:
         """In the monitor, once the zygote is gone or going: read its last reports, close it.
 
-        The tasks still running are then followed through their own sockets.
+        The tasks still running are then followed through their own channels.
         """
         self._on_readable()
-        monitor = _monitor.get()
-        monitor.remove_reader(self.ctl)
+        _monitor.get().remove_reader(self.ctl)
         self.ctl.close()
-        try:
-            self.process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.process.poll() is None:
+            # Reaped later, without blocking the monitor; a zygote that closed its socket
+            # exits once its daemon tasks are stopped.
+            threading.Thread(target=self._reap_later, name="bgtask-zygote-reaper", daemon=True).start()
         with self.lock:
-            watches, self.watches = list(self.watches.values()), {}
-        for watch in watches:
-            watch.launcher_lost = True
-            maybe_finish(watch)
+            processes, self.processes = list(self.processes.values()), {}
+        for process in processes:
+            process.lost()
+
+    def _reap_later(self) -> None:
+        self.process.wait()
 
     def close_in_child(self) -> None:
         """In a forked copy: release the descriptors; the copy gets a zygote of its own."""
-        for sock in [self.ctl, *(spare.sock for spare in self.spares)]:
+        for sock in [self.ctl, *(spare.sock for spare in self.pool.spares)]:
             try:
                 sock.close()
             except OSError:
                 pass
-        self.spares.clear()
-        self.alive = False
+
+
+class _signals_deferred:
+    """Block SIGINT in the main thread for a moment (nothing elsewhere: signals go there)."""
+
+    __slots__ = ("_old",)
+
+    def __enter__(self) -> None:
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old)

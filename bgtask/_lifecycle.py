@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
 from typing import Any, List, Set
@@ -33,6 +34,7 @@ _lock = threading.Lock()
 _live: Set[Any] = set()  # strong references: a task is watched whether or not its handle is kept
 _hook_owner = 0  # pid of the process whose atexit hook is registered
 _fork_hook = False  # registered on first use (a process that never starts a task forks faster)
+_after_multiprocessing = 0  # pid of the process whose hook was moved after multiprocessing's
 
 
 def register(task: Any) -> None:
@@ -53,16 +55,21 @@ def unregister(task: Any) -> None:
         _live.discard(task)
 
 
-def move_hook_last() -> None:
+def run_before_multiprocessing() -> None:
     """Make sure bgtask's exit hook runs before ``multiprocessing``'s, which joins children.
 
     ``atexit`` runs hooks last-registered first; ``multiprocessing.util`` registers its hook when
-    it is first imported, possibly after ours.
+    it is first imported, possibly after ours. Called after each start with a multiprocessing
+    method; it moves the hook once, after that import.
     """
+    global _after_multiprocessing
+    if _after_multiprocessing == os.getpid():
+        return
     with _lock:
-        if _hook_owner == os.getpid():
+        if _hook_owner == os.getpid() and "multiprocessing.util" in sys.modules:
             atexit.unregister(shutdown)
             atexit.register(shutdown)
+            _after_multiprocessing = os.getpid()
 
 
 def live_tasks() -> List[Any]:
@@ -82,18 +89,18 @@ def shutdown() -> None:
     except BaseException:  # noqa: BLE001 (an exit hook must not die halfway, leaving tasks running)
         for task in live_tasks():
             task._request_stop("exit", hard=True)
-    _launch.shutdown_all()
+    _launch.close_all()
 
 
 def _wait_for_non_daemons() -> None:
     interrupts = 0
     while True:
-        pending = [t for t in live_tasks() if not t.is_daemon and not t._finished]
+        pending = [t for t in live_tasks() if not t.is_daemon and not t._exited]
         if not pending:
             return
         try:
             for task in pending:
-                task._wait_finished(None)
+                task._wait_exit(None)
         except KeyboardInterrupt:
             interrupts += 1
             for task in pending:
@@ -101,7 +108,7 @@ def _wait_for_non_daemons() -> None:
 
 
 def _stop_daemons() -> None:
-    daemons = [t for t in live_tasks() if t.is_daemon and not t._finished]
+    daemons = [t for t in live_tasks() if t.is_daemon and not t._exited]
     if not daemons:
         return
     for task in daemons:
@@ -110,9 +117,9 @@ def _stop_daemons() -> None:
     deadline = time.monotonic() + longest + EXIT_WAIT_MARGIN_S
     hard = False
     for task in daemons:
-        while not task._finished:
+        while not task._exited:
             try:
-                task._wait_finished(max(0.0, deadline - time.monotonic()))
+                task._wait_exit(max(0.0, deadline - time.monotonic()))
                 break
             except KeyboardInterrupt:
                 if not hard:
@@ -126,11 +133,12 @@ def _stop_daemons() -> None:
 def _after_fork_in_child() -> None:
     """A forked copy of the program owns none of the original's tasks, zygote or threads."""
     global _lock
-    from . import _launch, _monitor
+    from . import _launch, _monitor, _process
 
     _lock = threading.Lock()
     for task in _live:
         task._forget_in_child()
     _live.clear()
+    _process.forget_in_child()
     _launch.forget_in_child()
     _monitor.forget_in_child()

@@ -3,16 +3,21 @@
 ::
 
     callers ──(queue + wake pipe)──> monitor thread ── selector over:
-                                        · each task's socket: read eagerly, so a task never
+                                        · each task's channel: read eagerly, so a task never
                                           blocks on a full pipe, whatever size its result
-                                        · each zygote's control socket: started / reaped reports
+                                        · each zygote's control socket: spares, reaped reports
                                         · each multiprocessing sentinel (other start methods)
                                         · timers: task timeouts, stop escalation
 
-A task is finished when its process has been reaped: the monitor then reads what is left on the
-task's socket without blocking, closes it, and hands the outcome to the ``Task``. It never
-unpickles user data (that happens in the thread that asks for the result) and never runs user
-code other than done-callbacks.
+Everything that decides a task's end runs here (``_process.TaskProcess``), so those decisions
+need no lock. The monitor never unpickles user data (that happens in the thread that asks for a
+result) and runs no user code besides done-callbacks; whatever a callback raises, a
+``SystemExit`` included, is logged and the monitor goes on.
+
+The thread runs only while something needs it: each started process holds it (``hold()``) until
+its end is known. With no task running and nothing queued, the thread exits, so that a program
+that forks later (a pre-forking server) forks with no thread of bgtask's; the next call starts
+it again.
 """
 
 from __future__ import annotations
@@ -22,13 +27,29 @@ import itertools
 import os
 import selectors
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import time
+from typing import Any, Callable, List, Optional, Tuple
 
 Callback = Callable[[], None]
 
 
+class Timer:
+    """A call scheduled with :meth:`Monitor.call_at`; ``cancel()`` drops it and what it holds."""
+
+    __slots__ = ("_monitor", "fn", "when")
+
+    def __init__(self, monitor: Monitor, when: float, fn: Callback) -> None:
+        self._monitor = monitor
+        self.when = when
+        self.fn: Optional[Callback] = fn
+
+    def cancel(self) -> None:
+        """Drop the call, from any thread; nothing if it ran already."""
+        self._monitor._cancel(self)
+
+
 class Monitor:
-    """The single I/O thread of one process; created lazily, recreated in a forked child."""
+    """The I/O thread of one process; created lazily, recreated in a forked child."""
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
@@ -38,12 +59,12 @@ class Monitor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._pending: List[Callback] = []
-        self._timers: List[Tuple[float, int, Callback]] = []
+        self._timers: List[Tuple[float, int, Timer]] = []
+        self._live_timers = 0
         self._seq = itertools.count()
-        self._handlers: Dict[int, Callable[[], None]] = {}
+        self._holds = 0
+        self._thread: Optional[threading.Thread] = None
         self.owner_pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
-        self._thread.start()
 
     # -- called from any thread -------------------------------------------------------------
 
@@ -51,24 +72,37 @@ class Monitor:
         """Run ``fn`` in the monitor thread."""
         with self._lock:
             self._pending.append(fn)
+            self._ensure_thread()
         self._wake()
 
-    def call_at(self, when: float, fn: Callback) -> None:
+    def call_at(self, when: float, fn: Callback) -> Timer:
         """Run ``fn`` in the monitor thread at ``time.monotonic() >= when``."""
+        timer = Timer(self, when, fn)
         with self._lock:
-            heapq.heappush(self._timers, (when, next(self._seq), fn))
+            heapq.heappush(self._timers, (when, next(self._seq), timer))
+            self._live_timers += 1
+            self._ensure_thread()
+        self._wake()
+        return timer
+
+    def _cancel(self, timer: Timer) -> None:
+        with self._lock:
+            if timer.fn is not None:
+                timer.fn = None
+                self._live_timers -= 1
+
+    def hold(self) -> None:
+        """Keep the thread running until :meth:`release` (one per started process)."""
+        with self._lock:
+            self._holds += 1
+            self._ensure_thread()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds -= 1
         self._wake()
 
-    def in_monitor_thread(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # already full of wake-ups
-
-    def add_reader(self, fileobj: Any, handler: Callable[[], None]) -> None:
+    def add_reader(self, fileobj: Any, handler: Callback) -> None:
         """Call ``handler`` in the monitor thread whenever ``fileobj`` is readable.
 
         Registering needs no wake-up: the kernel adds the descriptor to the wait in progress.
@@ -83,11 +117,30 @@ class Monitor:
             except (KeyError, ValueError):
                 pass
 
+    def in_monitor_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def _ensure_thread(self) -> None:
+        """Under the lock: start the thread if it is not running."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
+            self._thread.start()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already full of wake-ups
+
     # -- called in the monitor thread -------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             self._step()
+            with self._lock:
+                if not (self._holds or self._pending or self._live_timers):
+                    self._thread = None
+                    return
 
     def _step(self) -> None:
         """One round: wait, then run handlers, queued calls and due timers.
@@ -95,16 +148,13 @@ class Monitor:
         A method of its own so that its locals (the last callbacks, and the tasks they hold) go
         away after each round instead of staying alive until the next event.
         """
-        import time
-
         with self._lock:
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        try:
-            events = self._selector.select(timeout)
-        except InterruptedError:
-            return
+            if self._pending:
+                timeout = 0.0
+        events = self._selector.select(timeout)
         for key, _mask in events:
             if key.data is None:
                 try:
@@ -119,7 +169,11 @@ class Monitor:
             due: List[Callback] = []
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
-                due.append(heapq.heappop(self._timers)[2])
+                timer = heapq.heappop(self._timers)[2]
+                if timer.fn is not None:
+                    due.append(timer.fn)
+                    timer.fn = None
+                    self._live_timers -= 1
         for fn in pending:
             _guard(fn)
         for fn in due:
@@ -138,13 +192,17 @@ class Monitor:
             pass
 
 
-def _guard(fn: Callable[[], None]) -> None:
+def _guard(fn: Callback) -> None:
+    """Run ``fn``; whatever it raises is logged, so that the monitor outlives anything."""
     try:
         fn()
-    except Exception:  # the monitor must survive anything; say what went wrong
-        import logging
+    except BaseException:
+        try:
+            import logging
 
-        logging.getLogger("bgtask").exception("bgtask monitor: unexpected error")
+            logging.getLogger("bgtask").exception("bgtask monitor: unexpected error in %r", fn)
+        except BaseException:
+            pass
 
 
 _monitor: Optional[Monitor] = None
@@ -152,7 +210,7 @@ _monitor_lock = threading.Lock()
 
 
 def get() -> Monitor:
-    """The monitor of this process, started on first use."""
+    """The monitor of this process, made on first use."""
     global _monitor
     monitor = _monitor
     if monitor is not None and monitor.owner_pid == os.getpid():
@@ -161,6 +219,12 @@ def get() -> Monitor:
         if _monitor is None or _monitor.owner_pid != os.getpid():
             _monitor = Monitor()
         return _monitor
+
+
+def in_monitor_thread() -> bool:
+    """Whether the caller runs in this process's monitor thread."""
+    monitor = _monitor
+    return monitor is not None and monitor.owner_pid == os.getpid() and monitor.in_monitor_thread()
 
 
 def forget_in_child() -> None:

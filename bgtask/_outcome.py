@@ -11,22 +11,36 @@ The monitor classifies (cheaply, in its thread); the thread that asks for the re
 from __future__ import annotations
 
 import pickle
-import signal
 from typing import Any, List, Optional, Tuple
 
 from . import _wire
-from ._errors import BgTaskError, RemoteTraceback, SerializationError, TaskCrashed, TaskStopped, describe_exit
+from ._errors import (
+    BgTaskError,
+    RemoteTraceback,
+    SerializationError,
+    TaskCrashed,
+    TaskStopped,
+    describe_exit,
+    set_cause,
+)
 
 STOP_REASONS = {
     "stop": "by stop()",
     "kill": "by kill()",
     "timeout": "by its timeout",
     "exit": "at the end of the program",
+    "cancel": "by cancel()",
 }
 
 
-def classify(messages: List[Tuple[int, Any]], stop_reason: Optional[str], partial: bool) -> Tuple[str, Any]:
-    """Turn what the task sent into (outcome, body); see the module docstring."""
+def classify(
+    messages: List[Tuple[int, Any]], stop_reason: Optional[str], partial: bool, corrupt: Optional[str]
+) -> Tuple[str, Any]:
+    """Turn what the task sent into (outcome, body); see the module docstring.
+
+    ``corrupt``: the task wrote bytes that are not bgtask's messages to its channel (a stale
+    descriptor number, say), which ended the reading.
+    """
     if messages:
         kind, body = messages[0]
         if kind == _wire.RESULT:
@@ -41,15 +55,14 @@ def classify(messages: List[Tuple[int, Any]], stop_reason: Optional[str], partia
             return "failed", pickle.loads(body)
     if stop_reason is not None:
         return "stopped", None
+    if corrupt is not None:
+        return "crashed", (
+            "it wrote something other than bgtask's messages to its channel with the main "
+            f"program (a write to a stale descriptor number?): {corrupt}"
+        )
     if partial:
         return "crashed", "it died while sending its outcome"
     return "crashed", None
-
-
-def guess_exitcode(outcome: str) -> int:
-    # Only when the zygote died before it could report the exit: a daemon task then died of its
-    # parent-death signal.
-    return 0 if outcome in ("returned", "raised", "failed") else -signal.SIGKILL
 
 
 def decode(
@@ -61,7 +74,27 @@ def decode(
     exitcode: Optional[int],
     stop_reason: Optional[str],
 ) -> Tuple[Any, Optional[BaseException]]:
-    """The task's value, or the exception ``result()`` raises, for an outcome and its body."""
+    """The task's value, or the exception ``result()`` raises, for an outcome and its body.
+
+    Never raises: whatever goes wrong while decoding becomes the exception to raise.
+    """
+    try:
+        return _decode(outcome, body, name=name, pid=pid, exitcode=exitcode, stop_reason=stop_reason)
+    except BaseException as exc:  # noqa: BLE001 (user objects' __setstate__ may raise anything)
+        error = BgTaskError(f"the outcome of task {name!r} could not be read: {type(exc).__name__}: {exc}")
+        set_cause(error, exc)
+        return None, error
+
+
+def _decode(
+    outcome: str,
+    body: Any,
+    *,
+    name: str,
+    pid: Optional[int],
+    exitcode: Optional[int],
+    stop_reason: Optional[str],
+) -> Tuple[Any, Optional[BaseException]]:
     from ._serialization import loads, unpack_exception
 
     error: BaseException
@@ -72,7 +105,7 @@ def decode(
             error = SerializationError(
                 f"the return value of task {name!r} could not be unpickled here: {type(exc).__name__}: {exc}"
             )
-            error.__cause__ = exc
+            set_cause(error, exc)
             return None, error
     if outcome == "raised":
         return None, unpack_exception(body)
@@ -86,7 +119,7 @@ def decode(
             pid=pid,
         )
         if body:
-            error.__cause__ = RemoteTraceback("Where the task was when it stopped:\n" + body)
+            set_cause(error, RemoteTraceback("Where the task was when it stopped:\n" + body))
         return None, error
     if outcome == "failed":
         what, *packet = body
@@ -96,17 +129,17 @@ def decode(
                 f"task {name!r} could not unpickle its function or arguments in the task "
                 f"process: {packet[1]}: {packet[2]}"
             )
-            error.__cause__ = cause
+            set_cause(error, cause)
             return None, error
         value_desc, type_name, message, tb_text = packet
         error = SerializationError(
             f"task {name!r} returned {value_desc}, which cannot be pickled: {type_name}: {message}"
         )
-        error.__cause__ = RemoteTraceback(tb_text)
+        set_cause(error, RemoteTraceback(tb_text))
         return None, error
-    detail = f": {body}" if body else ""
+    detail = f"; {body}" if body else ""
     return None, TaskCrashed(
-        f"task {name!r} (pid {pid}) {describe_exit(exitcode)} without reporting a result{detail}",
+        f"task {name!r} (pid {pid}) ended without reporting a result: {describe_exit(exitcode)}{detail}",
         exitcode=exitcode,
         pid=pid,
     )

@@ -1,20 +1,33 @@
 """Every operating-system-specific branch of bgtask.
 
-Linux is the primary platform; macOS behaves the same for everything a user can observe, except
-that it has no parent-death signal (a daemon task there relies on its zygote, which watches the
-main program through a socket). Windows is refused with a clear error for now.
+Linux is the primary platform. macOS behaves the same for everything a user can observe, with
+these differences, each handled here:
+
+- no parent-death signal: a daemon task there relies on its zygote, which watches the main
+  program through a socket;
+- no ``os.waitid``: the zygote learns of a child's exit from kqueue before it reaps it (Linux
+  without ``waitid`` uses a pidfd per child the same way);
+- no child subreaper: a process that leaves its task's process group and session escapes;
+- no ``/proc``: thread counts come from ``threading``, and a task's children are not listed.
+
+Windows is refused with a clear error for now.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 IS_LINUX = sys.platform.startswith("linux")
 IS_WINDOWS = sys.platform == "win32"
 
 _PR_SET_PDEATHSIG = 1
-_libc: Optional[object] = None
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
+# The name bgtask's zygotes show in ps and top: an adopted zygote is left to end on its own.
+ZYGOTE_NAME = "bgtask-zygote"
+_libc: Any = None
 
 
 def check_supported() -> None:
@@ -28,6 +41,29 @@ def check_supported() -> None:
         )
 
 
+def libc() -> Any:
+    """The C library, loaded once (``None`` where ctypes cannot load it)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except (ImportError, OSError):
+            _libc = False
+    return _libc or None
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not IS_LINUX:
+        return False
+    lib = libc()
+    try:
+        return lib is not None and lib.prctl(option, value, 0, 0, 0) == 0
+    except AttributeError:  # a libc without prctl
+        return False
+
+
 def set_parent_death_signal(signum: int) -> bool:
     """Ask the kernel to send ``signum`` to this process when its parent dies (Linux only).
 
@@ -35,17 +71,271 @@ def set_parent_death_signal(signum: int) -> bool:
     ``os.getppid()`` with the parent it expects afterwards: the signal is not sent if the parent
     died before the call.
     """
-    global _libc
-    if not IS_LINUX:
-        return False
-    if _libc is None:
-        import ctypes
+    return _prctl(_PR_SET_PDEATHSIG, signum)
 
+
+def set_child_subreaper() -> bool:
+    """Make this process adopt its orphaned descendants instead of init (Linux only).
+
+    A process that leaves its task's process group and session (a double fork, ``setsid``)
+    is then still a descendant of the task, and of the zygote once the task is gone, so it can
+    be found and killed. Returns whether the platform has the mechanism.
+    """
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_process_name(name: str) -> None:
+    """Set the name ``ps`` and ``top`` show for this process (Linux: 15 bytes at most)."""
+    if not IS_LINUX:
+        return
+    lib = libc()
+    if lib is not None:
         try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            return False
+            lib.prctl(_PR_SET_NAME, name.encode(errors="replace")[:15], 0, 0, 0)
+        except AttributeError:
+            pass
+
+
+def process_name(pid: int) -> Optional[str]:
+    """The name ``set_process_name`` gave process ``pid`` (Linux); ``None`` if unknown."""
     try:
-        return _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0  # type: ignore[attr-defined,no-any-return]
-    except AttributeError:  # a libc without prctl
-        return False
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def thread_count() -> int:
+    """Threads of this process at the OS level (threads started by C code included)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def children() -> Optional[List[int]]:
+    """This process's children, from ``/proc`` (Linux); ``None`` where they cannot be listed."""
+    pids: List[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return pids
+
+
+def plain_fork() -> Optional[Callable[[], int]]:
+    """The C library's ``fork()``, for a zygote that imported nothing beyond its own modules.
+
+    ``os.fork()`` also runs CPython's after-fork work in the child: it re-creates the locks
+    and thread records that other threads may have held, and runs the after-fork functions
+    modules registered. In a single-threaded process with only bgtask, cloudpickle and their
+    standard modules imported, that work has nothing to repair: those functions belong to
+    ``threading`` and ``logging`` and reset thread and lock state. Yet it writes to memory the
+    child shares with the zygote, and the copies cost each task about 0.4 ms, a third of what
+    it spends starting. So the zygote calls ``fork()`` itself, through ``ctypes``, which lets go
+    of the GIL around the call: the child takes it again as the only thread.
+
+    ``None`` (use ``os.fork``) when that reasoning may not hold: not Linux, not CPython with a
+    GIL, more than one thread, a module with after-fork work of its own imported (``random``
+    reseeds itself in a child), or ``BGTASK_PLAIN_FORK=0`` in the environment. A preload
+    switches the zygote to ``os.fork`` for good.
+    """
+    if os.environ.get("BGTASK_PLAIN_FORK") == "0":
+        return None
+    if not IS_LINUX or sys.implementation.name != "cpython":
+        return None
+    if "t" in getattr(sys, "abiflags", "") or thread_count() != 1:  # "t": free-threaded
+        return None
+    if any(name in sys.modules for name in ("random", "concurrent.futures.thread", "multiprocessing.util")):
+        return None
+    lib = libc()
+    c_fork = getattr(lib, "fork", None)
+    if c_fork is None:
+        return None
+    import ctypes
+
+    c_fork.restype = ctypes.c_int
+    c_fork.argtypes = []
+
+    def fork() -> int:
+        pid: int = c_fork()
+        if pid < 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        return pid
+
+    return fork
+
+
+# -- pidfds: signalling a process that is not our child, without racing pid reuse --------------
+
+
+def open_pidfd(pid: int) -> Optional[int]:
+    """A descriptor that names process ``pid`` for as long as it is open (Linux 5.3+)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """Whether the process a pidfd names has exited (it is readable then)."""
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def pidfd_signal(pidfd: int, signum: int) -> None:
+    """Send ``signum`` to the process a pidfd names; nothing if it is gone."""
+    import signal
+
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except (OSError, AttributeError):
+        pass
+
+
+# -- learning of a child's exit before reaping it --------------------------------------------
+
+
+class ExitWatcher:
+    """Tells the zygote which of its children have exited, *before* they are reaped.
+
+    Between its exit and its reaping, a child's pid and process group id cannot be reused, so
+    the zygote can kill what the child left in its group without hitting another process. Three
+    ways, by what the platform has: ``waitid(WNOWAIT)`` (Linux), kqueue's ``NOTE_EXIT`` (macOS,
+    BSD), a pidfd per child (Linux without ``waitid``).
+    """
+
+    def fileno(self) -> Optional[int]:
+        """A descriptor that turns readable when a watched child exits, or ``None``."""
+        return None
+
+    def watch(self, pid: int) -> None:
+        """Start watching child ``pid``, from right after its fork."""
+
+    def forget(self, pid: int) -> None:
+        """Stop watching ``pid``: it was reaped."""
+
+    def exited(self) -> Iterator[int]:
+        """Children that exited and are not reaped yet; reap each before asking for more."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the watcher's descriptors (in a forked child, say)."""
+
+
+class _WaitidWatcher(ExitWatcher):
+    def exited(self) -> Iterator[int]:
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            yield info.si_pid
+
+
+class _PidfdWatcher(ExitWatcher):
+    def __init__(self) -> None:
+        import select
+
+        self._fds: Dict[int, int] = {}
+        self._poller = select.poll()
+        self._pids: Dict[int, int] = {}  # by pidfd
+
+    def watch(self, pid: int) -> None:
+        import select
+
+        if pid in self._fds:
+            return
+        fd = os.pidfd_open(pid)
+        os.set_inheritable(fd, False)
+        self._fds[pid] = fd
+        self._pids[fd] = pid
+        self._poller.register(fd, select.POLLIN)
+
+    def forget(self, pid: int) -> None:
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            self._poller.unregister(fd)
+            del self._pids[fd]
+            os.close(fd)
+
+    def exited(self) -> Iterator[int]:
+        for fd, _event in self._poller.poll(0):
+            pid = self._pids.get(fd)
+            if pid is not None:
+                yield pid
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        self._pids.clear()
+
+
+class _KqueueWatcher(ExitWatcher):
+    def __init__(self) -> None:
+        import select
+
+        self._kq = select.kqueue()  # type: ignore[attr-defined]
+        self._early: List[int] = []
+
+    def fileno(self) -> Optional[int]:
+        return self._kq.fileno()  # type: ignore[no-any-return]
+
+    def watch(self, pid: int) -> None:
+        import select
+
+        event = select.kevent(  # type: ignore[attr-defined]
+            pid,
+            select.KQ_FILTER_PROC,  # type: ignore[attr-defined]
+            select.KQ_EV_ADD | select.KQ_EV_ONESHOT,  # type: ignore[attr-defined]
+            select.KQ_NOTE_EXIT,  # type: ignore[attr-defined]
+        )
+        try:
+            self._kq.control([event], 0, 0)
+        except ProcessLookupError:
+            self._early.append(pid)  # it exited already: a zombie until reaped
+
+    def exited(self) -> Iterator[int]:
+        early, self._early = self._early, []
+        yield from early
+        for event in self._kq.control(None, 64, 0):
+            yield event.ident
+
+    def close(self) -> None:
+        self._kq.close()
+
+
+def exit_watcher() -> ExitWatcher:
+    """The best way this platform has to see a child's exit before reaping it."""
+    if hasattr(os, "waitid") and hasattr(os, "WNOWAIT"):
+        return _WaitidWatcher()
+    import select
+
+    if hasattr(select, "kqueue"):
+        return _KqueueWatcher()
+    if hasattr(os, "pidfd_open"):
+        return _PidfdWatcher()
+    raise OSError("bgtask's zygote needs os.waitid, kqueue or pidfds to follow its children")
+
+
+def reap(pid: int) -> int:
+    """Reap child ``pid`` (it has exited) and return its exit code, ``-N`` for signal N."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import cloudpickle
 
-from ._errors import RemoteTraceback, SerializationError, TaskError
+from ._errors import RemoteTraceback, SerializationError, TaskError, set_cause
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -151,5 +151,5 @@ def unpack_exception(packet: ExceptionPacket) -> BaseException:
             exc = None
     if not isinstance(exc, BaseException):
         exc = TaskError(type_name, message, tb_text)
-    exc.__cause__ = RemoteTraceback(tb_text)
+    set_cause(exc, RemoteTraceback(tb_text))
     return exc

@@ -66,10 +66,14 @@ class StopEvent:
             ``True`` if the task was asked to stop, ``False`` on timeout.
         """
         if not self._flag:
-            import select
+            import selectors
 
             self._open()
-            select.select([self._r], [], [], timeout)
+            # selectors, not select(): under start_method="fork" the task inherits the main
+            # program's descriptors, and this pipe's number may be over FD_SETSIZE.
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._r, selectors.EVENT_READ)
+                selector.select(timeout)
         return self._flag
 
     def _set(self) -> None:
@@ -86,15 +90,14 @@ class StopEvent:
 class _TaskState:
     """What the running task process knows about itself; one per task process."""
 
-    __slots__ = ("cooperative", "event", "graceful", "running", "stopping", "task_id")
+    __slots__ = ("cooperative", "event", "graceful", "running", "stopping")
 
-    def __init__(self, task_id: int, graceful: bool) -> None:
+    def __init__(self, graceful: bool) -> None:
         self.event = StopEvent()
         self.cooperative = False  # the task asked for its stop event
         self.stopping = False  # a stop was requested
         self.running = True  # the function has not returned yet: a stop may still be raised
         self.graceful = graceful
-        self.task_id = task_id
 
     def running_done(self) -> None:
         """Mark the function as returned: from now on a stop request raises nothing."""

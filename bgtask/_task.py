@@ -1,56 +1,58 @@
 """``Task``: the handle of one task process, a future and a process at once.
 
-States and the only transitions::
+A ``Task`` is a ``concurrent.futures.Future``: ``concurrent.futures.wait``, ``as_completed`` and
+``asyncio.wrap_future`` take it as it is. Its states, and the only transitions::
 
-    RUNNING ──stop()/kill()/timeout/program exit──> STOPPING
-       │                                               │
-       └──────── outcome known ───────────────────────>└──> FINISHED
+    RUNNING ──outcome known──────────> FINISHED      (returned, raised, stopped, crashed, failed)
+       └─────cancel()────────────────> CANCELLED     (the process is stopped)
 
-Separately, the process *exits* (``is_alive()`` turns false, ``exitcode`` is set) once it has
-been reaped and its socket drained. A returned value, a raised exception or a pickling failure is
-known as soon as the task sends it, a moment before the process exits: ``result()`` returns then,
-``join()`` waits for the exit. Any other outcome is fixed when the process exits. The outcome is
-exactly one of:
+Both ends are final: ``done()`` never goes back to ``False``. A stop request (``stop()``,
+``kill()``, a timeout, the program's exit) changes no state; it decides the outcome only if the
+process then ends without reporting one. Separately, the process *exits* (``is_alive()`` turns
+false, ``exitcode`` is set) once it has been reaped and its channel drained. A returned value, a
+raised exception or a pickling failure is known as soon as the task sends it, a moment before the
+process exits: ``result()`` returns then, ``join()`` waits for the exit. The outcome is exactly
+one of:
 
     returned   the function returned a value (even after a stop request: the value counts)
     raised     the function raised; result() re-raises it with the task's traceback as cause
     stopped    a stop request ended it first                     -> TaskStopped
     crashed    the process ended without reporting an outcome    -> TaskCrashed
     failed     bgtask could not unpickle the call in the task, or pickle the result there
+    cancelled  cancel() came first                                -> CancelledError
 
-Done-callbacks run in the monitor thread (``bgtask-monitor``), or at once in the caller when the
-task is already finished. The result is unpickled in the thread that asks for it, once.
+Everything about the process comes from its ``TaskProcess`` (``_process``), in the monitor
+thread. Done-callbacks run there, or at once in the caller when the task is already done. The
+result is unpickled in the thread that asks for it, outside any lock, once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
-import sys
-import threading
-from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, List, Optional, Tuple, TypeVar, final
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from typing import TYPE_CHECKING, Any, Callable, Generator, List, NoReturn, Optional, Tuple, TypeVar, final
 
-from . import _lifecycle
+from . import _lifecycle, _monitor
 from ._errors import BgTaskError, describe_exit
-from ._outcome import STOP_REASONS, classify, decode, guess_exitcode
+from ._outcome import STOP_REASONS, classify, decode
 
 if TYPE_CHECKING:
-    import concurrent.futures
+    from ._process import TaskProcess
 
 R = TypeVar("R")
 
-_RUNNING, _STOPPING, _FINISHED = "running", "stopping", "finished"
-
 
 @final
-class Task(Generic[R]):
+class Task(concurrent.futures.Future[R]):
     """The handle of a task: a process running a function, and that function's future result.
 
     Returned by calling a function decorated with ``@background``; never created directly. It
     works like a ``multiprocessing.Process`` (``pid``, ``exitcode``, ``is_alive()``, ``join()``,
-    ``kill()``), like a ``concurrent.futures.Future`` (``result()``, ``exception()``, ``done()``,
-    ``add_done_callback()``, and ``.future`` for ``wait``/``as_completed``) and like an asyncio
-    awaitable (``await task``; cancelling the awaiting coroutine stops the task).
+    ``kill()``), is a ``concurrent.futures.Future`` (``result()``, ``exception()``, ``done()``,
+    ``cancel()``, ``add_done_callback()``; ``wait`` and ``as_completed`` take it) and is
+    awaitable (``await task``; cancelling the awaiting coroutine cancels the task).
 
     A handle belongs to the process that started the task: it cannot be pickled, and in a forked
     copy of that process every method raises ``BgTaskError``.
@@ -58,43 +60,25 @@ class Task(Generic[R]):
 
     __module__ = "bgtask"
 
-    def __init__(
-        self,
-        task_id: int,
-        name: str,
-        *,
-        daemon: bool,
-        graceful: bool,
-        grace: float,
-        start_method: Optional[str],
-    ) -> None:
-        self.id = task_id
+    def __init__(self, name: str, *, daemon: bool, graceful: bool, grace: float) -> None:
+        super().__init__()
+        self._done_callbacks: List[Callable[[Task[R]], object]]
+        self._state = RUNNING  # the process starts at the call
         self._name = name
         self._daemon = daemon
         self._graceful = graceful
         self._grace = grace
-        self._start_method = start_method
         self._owner = os.getpid()
-        self._cond = threading.Condition(threading.Lock())
-        self._state = _RUNNING
-        self._exited = False
+        self._process: Optional[TaskProcess] = None
         self._pid: Optional[int] = None
-        self._pid_known = False
+        self._exited = False
         self._exitcode: Optional[int] = None
         self._stop_reason: Optional[str] = None
-        self._hard_stop_sent = False
+        self._stop_sent: Optional[str] = None  # "soft" or "hard"
         self._outcome: Optional[str] = None
         self._body: Any = None  # the outcome's data, as it came from the task
-        self._value: Any = None
-        self._error: Optional[BaseException] = None
-        self._unpacked = False
-        self._callbacks: List[Callable[[Task[R]], object]] = []
-        self._future: Optional[concurrent.futures.Future[R]] = None
-        # Set by the launcher.
-        self._launcher: Any = None
-        self._launcher_data: Any = None  # (zygote handle, spare serial) under the default method
-        self._watch: Any = None
-        self._sock: Any = None
+        self._decoded: Optional[Tuple[Any, Optional[BaseException]]] = None
+        self._timeout: Optional[_monitor.Timer] = None
 
     # -- process facets ---------------------------------------------------------------------
 
@@ -110,15 +94,16 @@ class Task(Generic[R]):
 
     @property
     def pid(self) -> Optional[int]:
-        """The task process's id; waits the moment it takes to learn it after the call."""
-        self._check_owner()
-        with self._cond:
-            self._cond.wait_for(lambda: self._pid_known or self._exited)
-            return self._pid
+        """The task process's id."""
+        return self._pid
 
     @property
     def exitcode(self) -> Optional[int]:
-        """``None`` while the process runs; then its exit code, ``-N`` if killed by signal N."""
+        """``None`` while the process runs; then its exit code, ``-N`` if killed by signal N.
+
+        Also ``None`` after the end in one case: bgtask's zygote died before it could report the
+        exit (``is_alive()`` tells the two apart).
+        """
         return self._exitcode
 
     def is_alive(self) -> bool:
@@ -133,9 +118,7 @@ class Task(Generic[R]):
         ``done()`` or ``exitcode`` afterwards when a timeout was given.
         """
         self._check_owner()
-        if not self._exited:
-            self._check_not_monitor()
-        self._wait_finished(timeout)
+        self._wait_exit(timeout)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop the task and return once its process is gone.
@@ -143,16 +126,14 @@ class Task(Generic[R]):
         A graceful task is asked to stop (its stop event is set, or the stop exception is raised
         inside it so that its ``finally`` blocks run) and its process group is killed if it is
         still there ``grace`` seconds later. Any other task's process group is killed at once.
-        Stopping a finished task does nothing.
+        Stopping a task that has already finished does nothing but wait for its exit.
 
         Raises:
             TimeoutError: the process was not gone within ``timeout`` seconds.
         """
         self._check_owner()
-        if not self._exited:
-            self._check_not_monitor()
         self._request_stop("stop")
-        if not self._wait_finished(timeout):
+        if not self._wait_exit(timeout):
             raise TimeoutError(f"task {self._name!r} (pid {self._pid}) was not gone within {timeout} s")
 
     def kill(self) -> None:
@@ -162,78 +143,89 @@ class Task(Generic[R]):
 
     # -- future facets ----------------------------------------------------------------------
 
-    def done(self) -> bool:
-        """Return whether the task has finished, however it ended."""
+    def cancel(self) -> bool:
+        """Cancel the task: it is stopped, and ``result()`` raises ``CancelledError``.
+
+        Returns ``False`` when its outcome is already known (as ``Future.cancel`` does for a
+        finished call), ``True`` otherwise. It does not wait for the process to end; ``join()``
+        does. A graceful task gets its ``grace`` as with ``stop()``.
+        """
         self._check_owner()
-        return self._state == _FINISHED
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return True
+            self._state = CANCELLED_AND_NOTIFIED
+            self._outcome = "cancelled"
+            self._stop_reason = self._stop_reason or "cancel"
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._request_stop("cancel")
+        self._invoke_callbacks()
+        return True
+
+    def running(self) -> bool:
+        """Return whether the task runs: from the call until its outcome is known."""
+        return bool(super().running())
 
     def result(self, timeout: Optional[float] = None) -> R:
         """Return the function's return value, waiting up to ``timeout`` seconds for it.
 
         Raises:
             TimeoutError: the task did not finish within ``timeout`` seconds.
+            concurrent.futures.CancelledError: ``cancel()`` was called first.
             TaskStopped: the task was stopped before it finished.
             TaskCrashed: the process ended without reporting an outcome.
             SerializationError: the return value could not be pickled or unpickled.
             BgTaskError: the task process could not unpickle the function or its arguments.
             Exception: whatever the function raised, with the task's traceback as its cause.
         """
-        self._check_owner()
-        if self._state != _FINISHED:
-            self._check_not_monitor()
-        if not self._wait_outcome(timeout):
-            raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
-        error = self._unpack()
+        value, error = self._wait_decoded(timeout)
         if error is not None:
             raise error
-        return self._value  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         """Return the exception ``result()`` would raise, or ``None`` if it would return.
 
         Raises:
             TimeoutError: the task did not finish within ``timeout`` seconds.
+            concurrent.futures.CancelledError: ``cancel()`` was called first.
         """
-        self._check_owner()
-        if self._state != _FINISHED:
-            self._check_not_monitor()
-        if not self._wait_outcome(timeout):
-            raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
-        return self._unpack()
+        return self._wait_decoded(timeout)[1]
 
     def add_done_callback(self, fn: Callable[[Task[R]], object]) -> None:
-        """Call ``fn(task)`` when the task finishes.
+        """Call ``fn(task)`` when the task is done.
 
-        It is called in bgtask's monitor thread, or at once in this thread if the task has
-        already finished. An exception it raises is logged to the ``bgtask`` logger and ignored.
+        It is called in bgtask's monitor thread, or at once in this thread if the task is
+        already done. Whatever it raises (``SystemExit`` included) is logged to the ``bgtask``
+        logger and ignored. It must not wait for a task: that raises ``BgTaskError``.
         """
         self._check_owner()
-        with self._cond:
-            if self._state != _FINISHED:
-                self._callbacks.append(fn)
+        with self._condition:
+            if self._state not in (FINISHED, CANCELLED_AND_NOTIFIED):
+                self._done_callbacks.append(fn)
                 return
         _run_callback(fn, self)
 
+    def set_running_or_notify_cancel(self) -> NoReturn:
+        """Not for tasks: a task's state comes from its process."""
+        raise BgTaskError("a Task's state is set by its process, not by set_running_or_notify_cancel()")
+
+    def set_result(self, result: object) -> NoReturn:
+        """Not for tasks: a task's result comes from its process."""
+        raise BgTaskError("a Task's result is set by its process, not by set_result()")
+
+    def set_exception(self, exception: Optional[BaseException]) -> NoReturn:
+        """Not for tasks: a task's exception comes from its process."""
+        raise BgTaskError("a Task's exception is set by its process, not by set_exception()")
+
     @property
     def future(self) -> concurrent.futures.Future[R]:
-        """A ``concurrent.futures.Future`` that follows this task (for ``wait``, ``as_completed``).
-
-        Cancelling it does nothing (a running future cannot be cancelled); use ``stop()``.
-        """
-        self._check_owner()
-        with self._cond:
-            if self._future is None:
-                import concurrent.futures
-
-                future: concurrent.futures.Future[R] = concurrent.futures.Future()
-                future.set_running_or_notify_cancel()
-                self._future = future
-                install = True
-            else:
-                install = False
-        if install:
-            self.add_done_callback(_resolve_future)
-        return self._future
+        """The task itself, which is a ``concurrent.futures.Future`` (kept for older code)."""
+        return self
 
     def __await__(self) -> Generator[Any, None, R]:
         return self._await().__await__()
@@ -259,8 +251,10 @@ class Task(Generic[R]):
         try:
             await waiter
         except asyncio.CancelledError:
-            self._request_stop("stop")
+            self.cancel()
             raise
+        if self.cancelled():
+            raise asyncio.CancelledError(f"task {self._name!r} was cancelled")
         return self.result(0)
 
     # -- misc -------------------------------------------------------------------------------
@@ -277,19 +271,18 @@ class Task(Generic[R]):
         )
 
     def _describe_state(self) -> str:
-        if self._state != _FINISHED:
-            return self._state
-        if not self._exited:
-            return f"finished: {self._outcome}, exiting"
-        if self._outcome == "returned":
-            return "finished: returned"
+        if self._state == RUNNING:
+            return "stopping" if self._stop_sent else "running"
+        exiting = "" if self._exited else ", exiting"
         if self._outcome == "raised":
-            return f"finished: raised {self._body[1]}" if self._body else "finished: raised"
+            return (
+                f"finished: raised {self._body[1]}{exiting}" if self._body else f"finished: raised{exiting}"
+            )
         if self._outcome == "stopped":
-            return f"stopped {STOP_REASONS.get(self._stop_reason or '', '')}".rstrip()
-        if self._outcome == "failed":
-            return "failed"
-        return f"crashed: {describe_exit(self._exitcode)}"
+            return f"stopped {STOP_REASONS.get(self._stop_reason or '', '')}".rstrip() + exiting
+        if self._outcome == "crashed":
+            return f"crashed: {describe_exit(self._exitcode)}"
+        return f"{'finished: ' if self._outcome != 'cancelled' else ''}{self._outcome}{exiting}"
 
     def _check_owner(self) -> None:
         if os.getpid() != self._owner:
@@ -299,70 +292,101 @@ class Task(Generic[R]):
             )
 
     def _check_not_monitor(self) -> None:
-        monitor_module = sys.modules.get("bgtask._monitor")
-        monitor = getattr(monitor_module, "_monitor", None)
-        if monitor is not None and monitor.in_monitor_thread():
+        if _monitor.in_monitor_thread():
             raise BgTaskError(
                 "a done-callback cannot wait for a task: it runs in bgtask's monitor thread, "
                 "which finishes tasks; wait elsewhere"
             )
 
-    # -- driven by the launcher, the monitor and the lifecycle ------------------------------
+    # -- waiting and decoding ---------------------------------------------------------------
 
-    @property
-    def _finished(self) -> bool:
-        """Whether the process has exited (the outcome is then known too)."""
-        return self._exited
-
-    def _wait_finished(self, timeout: Optional[float]) -> bool:
+    def _wait_exit(self, timeout: Optional[float]) -> bool:
         """Wait for the process to exit."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._exited, timeout)
+        with self._condition:
+            if not self._exited:
+                self._check_not_monitor()
+            return self._condition.wait_for(lambda: self._exited, timeout)
 
-    def _wait_outcome(self, timeout: Optional[float]) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._state == _FINISHED, timeout)
+    def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
+        self._check_owner()
+        with self._condition:
+            if self._state == RUNNING:
+                self._check_not_monitor()
+                if not self._condition.wait_for(lambda: self._state != RUNNING, timeout):
+                    raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
+            if self._state == CANCELLED_AND_NOTIFIED:
+                raise concurrent.futures.CancelledError(f"task {self._name!r} was cancelled")
+            if self._decoded is not None:
+                return self._decoded
+            outcome, body = self._outcome, self._body
+        # Unpickled outside the lock: the monitor needs it to finish the task, and other tasks
+        # must not wait for this one's unpickling. Two threads racing here decode twice; the
+        # first to publish wins, so every caller sees the same objects.
+        decoded = decode(
+            outcome or "crashed",
+            body,
+            name=self._name,
+            pid=self._pid,
+            exitcode=self._exitcode,
+            stop_reason=self._stop_reason,
+        )
+        with self._condition:
+            if self._decoded is None:
+                self._decoded = decoded
+                self._body = None if outcome == "returned" else body
+            return self._decoded
 
-    def _set_pid(self, pid: Optional[int]) -> None:
-        with self._cond:
-            self._pid = pid
-            self._pid_known = True
-            self._cond.notify_all()
+    # -- driven by the decorator, the lifecycle and the TaskProcess -------------------------
+
+    def _attach(self, process: TaskProcess) -> None:
+        """Right after the launcher started the process: follow it."""
+        self._pid = process.pid
+        self._process = process
+        process.watch(self)
+
+    def _arm_timeout(self, seconds: float) -> None:
+        import time
+
+        task_ref = _weak(self)
+
+        def expire() -> None:
+            task = task_ref()
+            if task is not None:
+                task._request_stop("timeout")
+
+        self._timeout = _monitor.get().call_at(time.monotonic() + seconds, expire)
 
     def _request_stop(self, reason: str, hard: bool = False) -> None:
         """Ask the task to stop; ``hard`` (or a non-graceful task) kills its group at once."""
-        with self._cond:
-            if self._exited or self._launcher is None:  # gone, or never started
+        hard = hard or not self._graceful
+        with self._condition:
+            process = self._process
+            if self._exited or process is None:  # gone, or never started
                 return
-            hard = hard or not self._graceful
-            if self._state == _STOPPING and (self._hard_stop_sent or not hard):
+            if self._stop_sent == "hard" or (self._stop_sent == "soft" and not hard):
                 return
-            if self._stop_reason is None:
+            if self._stop_reason is None and self._state == RUNNING:
                 self._stop_reason = reason
-            self._state = _STOPPING
-            self._hard_stop_sent = hard
+            self._stop_sent = "hard" if hard else "soft"
         if hard:
-            self._launcher.signal(self, signal.SIGKILL, None)
+            process.signal(signal.SIGKILL)
         else:
-            self._launcher.signal(self, signal.SIGTERM, self._grace)
+            process.signal(signal.SIGTERM, self._grace)
 
-    def _set_outcome(self, message: Tuple[int, Any]) -> None:
+    def _outcome_sent(self, kind: int, body: Any) -> None:
         """In the monitor: the task sent its outcome; its process is about to exit."""
-        outcome, body = classify([message], None, False)
-        with self._cond:
-            if self._state == _FINISHED:
-                return
-            self._outcome = outcome
-            self._body = body
-            self._state = _FINISHED
-            callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
-        for fn in callbacks:
-            _run_callback(fn, self)
+        outcome, body = classify([(kind, body)], None, False, None)
+        self._set_outcome(outcome, body)
 
-    def _finish(self, exitcode: Optional[int], messages: List[Tuple[int, Any]], partial: bool) -> None:
-        """In the monitor: the process is reaped; fix the outcome if not yet, run callbacks."""
-        outcome, body = classify(messages, self._stop_reason, partial)
+    def _ended(
+        self, exitcode: Optional[int], messages: List[Tuple[int, Any]], partial: bool, corrupt: Optional[str]
+    ) -> None:
+        """In the monitor: the process is gone; fix the outcome if not yet, run callbacks."""
+        if self._timeout is not None:
+            self._timeout.cancel()
+        outcome, body = classify(messages, self._stop_reason, partial, corrupt)
+        if outcome == "crashed" and body is None and exitcode is None:
+            body = "bgtask's zygote died before it could report the exit status"
         if outcome == "stopped" and self._graceful and exitcode == -signal.SIGKILL and body is None:
             import logging
 
@@ -373,64 +397,53 @@ class Task(Generic[R]):
                 self._pid,
                 self._grace,
             )
-        callbacks: List[Callable[[Task[R]], object]] = []
-        with self._cond:
-            self._exitcode = exitcode if exitcode is not None else guess_exitcode(outcome)
-            self._exited = True
-            self._pid_known = True
-            if self._state != _FINISHED:
-                self._outcome = outcome
-                self._body = body
-                self._state = _FINISHED
-                callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
-        self._sock = None
+        with self._condition:
+            self._exitcode = exitcode
+            self._exited = True  # in the same step as the outcome: join() then result(0) works
+            self._set_outcome_locked(outcome, body)
+            self._condition.notify_all()
         _lifecycle.unregister(self)
+        self._invoke_callbacks()
+
+    def _set_outcome(self, outcome: str, body: Any) -> None:
+        with self._condition:
+            self._set_outcome_locked(outcome, body)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _set_outcome_locked(self, outcome: str, body: Any) -> None:
+        if self._state != RUNNING:
+            return
+        self._outcome = outcome
+        self._body = body
+        self._state = FINISHED
+        for waiter in self._waiters:
+            if outcome == "returned":
+                waiter.add_result(self)
+            else:
+                waiter.add_exception(self)
+
+    def _invoke_callbacks(self) -> None:
+        with self._condition:
+            callbacks, self._done_callbacks = self._done_callbacks, []
         for fn in callbacks:
             _run_callback(fn, self)
 
     def _forget_in_child(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-
-    def _unpack(self) -> Optional[BaseException]:
-        """The exception ``result()`` raises (or ``None``); unpickles once, in this thread."""
-        with self._cond:
-            if self._unpacked:
-                return self._error
-            self._value, self._error = self._decode()
-            self._body = None if self._outcome == "returned" else self._body
-            self._unpacked = True
-            return self._error
-
-    def _decode(self) -> Tuple[Any, Optional[BaseException]]:
-        return decode(
-            self._outcome or "crashed",
-            self._body,
-            name=self._name,
-            pid=self._pid,
-            exitcode=self._exitcode,
-            stop_reason=self._stop_reason,
-        )
+        """In a forked copy: this handle is the original's; its timer is not ours."""
+        self._timeout = None
 
 
-def _run_callback(fn: Callable[[Any], object], task: Any) -> None:
+def _weak(task: Task[Any]) -> Callable[[], Optional[Task[Any]]]:
+    import weakref
+
+    return weakref.ref(task)
+
+
+def _run_callback(fn: Callable[[Any], object], task: Task[Any]) -> None:
     try:
         fn(task)
-    except Exception:
+    except BaseException:
         import logging
 
         logging.getLogger("bgtask").exception("bgtask: done-callback %r of %r raised", fn, task)
-
-
-def _resolve_future(task: Task[Any]) -> None:
-    future = task._future
-    assert future is not None
-    error = task._unpack()
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(task._value)

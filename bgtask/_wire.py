@@ -1,63 +1,170 @@
-"""Framing of the messages that cross process boundaries.
+"""The messages that cross process boundaries: framing, and every message defined once.
 
 Two kinds of channel exist::
 
     main program  <== task channel (one socketpair per task) ==>  task process
         |                settings and payload one way, one outcome message back
         |
-        +--- control socket (one per zygote) ---> zygote: activate / signal / environment
-                                             <--- spare(pid, its task channel attached),
-                                                  reaped(exit code)
+        +--- control socket (one per zygote) ---> zygote: Activate / Signal / SetEnv / ...
+                                             <--- Spare (its task channel attached), Reaped
 
-Every message is a fixed header (kind: 1 byte, length: 8 bytes) and a body. Bodies of control
-messages and of bgtask's own task messages are pickled with the stdlib ``pickle`` and hold only
-plain data; user objects travel as cloudpickle bytes inside them. This module is imported by the
-task runtime, so it imports nothing else of bgtask.
+Every message is a fixed header (magic: 2 bytes, kind: 1 byte, length: 8 bytes) and a body. The
+magic and the known kinds let a reader tell bgtask's messages from bytes a task wrote to the
+wrong descriptor: those end the channel instead of being taken for a message. Control messages
+are the small named tuples below, sent as plain tuples pickled with the stdlib ``pickle``; user
+objects travel as cloudpickle bytes inside task messages. Both ends import this module, and the
+task runtime does, so it imports nothing else of bgtask.
 """
 
 from __future__ import annotations
 
 import pickle
 import struct
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 if TYPE_CHECKING:
     import socket
 
-HEADER = struct.Struct("!BQ")
+MAGIC = b"\xb6\x67"
+HEADER = struct.Struct("!2sBQ")
 
 # Main program -> task.
-PAYLOAD = 1  # body: cloudpickle bytes of (function, args, kwargs)
-SETTINGS = 7  # body: pickle of the task's settings dict; before PAYLOAD, zygote's tasks only
+SETTINGS = 1  # pickle of the task's settings dict (zygote only); stdio descriptors may ride on it
+PAYLOAD = 2  # cloudpickle bytes of (function, args, kwargs)
 # Task -> main program: exactly one of these, then EOF.
-RESULT = 2  # body: cloudpickle bytes of the return value
-ERROR = 3  # body: pickle of (exception cloudpickle bytes or None, type name, message, traceback)
-STOPPED = 4  # body: pickle of the traceback text at the point the stop exception unwound
-EXITED = 5  # body: pickle of a sentence saying how the function ended the process (sys.exit...)
-FAILED = 6  # body: pickle of (what, exception bytes or None, type name, message, traceback)
+RESULT = 3  # cloudpickle bytes of the return value
+ERROR = 4  # pickle of (exception cloudpickle bytes or None, type name, message, traceback)
+STOPPED = 5  # pickle of the traceback text at the point the stop exception unwound
+EXITED = 6  # pickle of a sentence saying how the function ended the process (sys.exit...)
+FAILED = 7  # pickle of (what, exception bytes or None, type name, message, traceback)
 
-# Main program -> zygote. Spares are named by a serial number the zygote gives them, never
-# reused, so no message can reach a process that merely got a recycled pid.
-Z_ACTIVATE = 10  # body: pickle of (serial, daemon, graceful, grace): the spare now runs a task
-Z_SIGNAL = 11  # body: pickle of (serial, signal number, seconds before SIGKILL or None)
-Z_PRELOAD = 12  # body: pickle of a list of module names to import; starts a new generation
-Z_SETENV = 13  # body: pickle of (environment, sys.path) for later spares; a new generation
-Z_WANT = 14  # body: pickle of None: a call waits for a spare; say if none can be forked
-Z_DROP = 15  # body: pickle of a serial: a spare the main program could not take (no free fd)
-# Zygote -> main program.
-Z_SPARE = 20  # body: pickle of (serial, pid, generation); the spare's task channel attached
-Z_REAPED = 21  # body: pickle of (serial, exit code)
-Z_NOSPARE = 22  # body: pickle of the reason no process could be forked
+OUTCOMES = frozenset((RESULT, ERROR, STOPPED, EXITED, FAILED))
+# Outcomes that need no exit code: result() may return them before the process is reaped.
+EARLY = frozenset((RESULT, ERROR, FAILED))
+
+
+# -- control messages, main program <-> zygote ------------------------------------------------
+# Spares are named by a serial number the zygote gives them, never reused, so no message can
+# reach a process that merely got a recycled pid.
+
+
+class Boot(NamedTuple):
+    """Main program -> zygote, first: where to import from, and what to import ahead."""
+
+    sys_path: List[str]
+    preload: List[str]
+
+
+class Activate(NamedTuple):
+    """Main program -> zygote: the spare ``serial`` now runs a task of this kind."""
+
+    serial: int
+    daemon: bool
+    graceful: bool
+    grace: float
+
+
+class Signal(NamedTuple):
+    """Main program -> zygote: signal a task; SIGKILL its group ``escalate_after`` s later."""
+
+    serial: int
+    signum: int
+    escalate_after: Optional[float]
+
+
+class Preload(NamedTuple):
+    """Main program -> zygote: import these modules; starts a new generation."""
+
+    modules: List[str]
+
+
+class SetEnv(NamedTuple):
+    """Main program -> zygote: environment and ``sys.path`` for later spares; a new generation."""
+
+    environ: Dict[str, str]
+    sys_path: List[str]
+
+
+class Want(NamedTuple):
+    """Main program -> zygote: a call waits for a spare; say so if none can be forked."""
+
+
+class Drop(NamedTuple):
+    """Main program -> zygote: a spare it could not take (no free descriptor here)."""
+
+    serial: int
+
+
+class Spare(NamedTuple):
+    """Zygote -> main program: a process forked ahead; its task channel is attached."""
+
+    serial: int
+    pid: int
+    generation: int
+
+
+class Reaped(NamedTuple):
+    """Zygote -> main program: a spare or task ended with this exit code (``-N``: signal N)."""
+
+    serial: int
+    exitcode: int
+
+
+class NoSpare(NamedTuple):
+    """Zygote -> main program: no process could be forked, and why."""
+
+    reason: str
+
+
+_CONTROL: Tuple[Type[Any], ...] = (
+    Boot,
+    Activate,
+    Signal,
+    Preload,
+    SetEnv,
+    Want,
+    Drop,
+    Spare,
+    Reaped,
+    NoSpare,
+)
+_KIND_OF: Dict[Type[Any], int] = {cls: 20 + i for i, cls in enumerate(_CONTROL)}
+_CLASS_OF: Dict[int, Type[Any]] = {kind: cls for cls, kind in _KIND_OF.items()}
+KNOWN_KINDS = frozenset({SETTINGS, PAYLOAD, *OUTCOMES, *_CLASS_OF})
+
+
+def encode(message: Any) -> bytes:
+    """Frame a control message."""
+    return pack(_KIND_OF[type(message)], pickle.dumps(tuple(message), pickle.HIGHEST_PROTOCOL))
+
+
+def decode(kind: int, body: Union[bytes, bytearray]) -> Any:
+    """The control message a frame of ``kind`` holds."""
+    return _CLASS_OF[kind](*pickle.loads(body))
+
+
+# -- framing -----------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """Bytes on a channel that are not bgtask's messages (a task wrote to the wrong descriptor)."""
 
 
 def pack(kind: int, body: bytes) -> bytes:
     """Frame ``body`` as one message of ``kind``."""
-    return HEADER.pack(kind, len(body)) + body
+    return HEADER.pack(MAGIC, kind, len(body)) + body
 
 
 def pack_data(kind: int, data: Any) -> bytes:
     """Frame plain ``data`` (pickled with the stdlib) as one message of ``kind``."""
     return pack(kind, pickle.dumps(data, pickle.HIGHEST_PROTOCOL))
+
+
+def _unpack_header(head: Union[bytes, bytearray]) -> Tuple[int, int]:
+    magic, kind, size = HEADER.unpack(head)
+    if magic != MAGIC or kind not in KNOWN_KINDS:
+        raise ProtocolError(f"not a bgtask message header: {bytes(head)!r}")
+    return kind, size
 
 
 # Bodies up to this size are sent in one system call with their header.
@@ -67,14 +174,27 @@ _SMALL = 64 * 1024
 def send_message(sock: socket.socket, kind: int, body: bytes) -> None:
     """Send one message; large bodies go without being copied into one buffer."""
     if len(body) <= _SMALL:
-        sock.sendall(HEADER.pack(kind, len(body)) + body)
+        sock.sendall(pack(kind, body))
         return
-    sock.sendall(HEADER.pack(kind, len(body)))
+    sock.sendall(HEADER.pack(MAGIC, kind, len(body)))
     sock.sendall(body)
 
 
-def send_messages(sock: socket.socket, messages: List[Tuple[int, bytes]]) -> None:
-    """Send several messages, small ones together in one system call."""
+def send_messages(sock: socket.socket, messages: List[Tuple[int, bytes]], fds: Sequence[int] = ()) -> None:
+    """Send several messages, small ones together in one system call.
+
+    ``fds`` ride on the first byte of the first message, which must be small (``SCM_RIGHTS``);
+    the receiver takes them with :func:`recv_message` and ``maxfds``.
+    """
+    if fds:
+        first = pack(*messages[0])
+        assert len(first) <= _SMALL + HEADER.size
+        import socket as _socket
+
+        rights = struct.pack(f"{len(fds)}i", *fds)
+        sent = sock.sendmsg([first], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+        sock.sendall(first[sent:])
+        messages = messages[1:]
     if all(len(body) <= _SMALL for _kind, body in messages):
         sock.sendall(b"".join(pack(kind, body) for kind, body in messages))
         return
@@ -82,11 +202,20 @@ def send_messages(sock: socket.socket, messages: List[Tuple[int, bytes]]) -> Non
         send_message(sock, kind, body)
 
 
-def recv_exact(sock: socket.socket, size: int) -> Optional[bytearray]:
-    """Read exactly ``size`` bytes, or return ``None`` on EOF before that."""
+def recv_exact(sock: socket.socket, size: int, fds: Optional[List[int]] = None) -> Optional[bytearray]:
+    """Read exactly ``size`` bytes, or return ``None`` on EOF before that.
+
+    With ``fds``, the first byte is read with the descriptors attached to it, into ``fds``.
+    """
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
+    if fds is not None and size:
+        chunk = _recv_with_fds(sock, 1, 0, fds, 8)
+        if not chunk:
+            return None
+        view[0:1] = chunk
+        got = 1
     while got < size:
         n = sock.recv_into(view[got:])
         if n == 0:
@@ -95,16 +224,36 @@ def recv_exact(sock: socket.socket, size: int) -> Optional[bytearray]:
     return buf
 
 
-def recv_message(sock: socket.socket) -> Optional[Tuple[int, bytearray]]:
-    """Read one whole message (blocking); ``None`` on EOF."""
-    head = recv_exact(sock, HEADER.size)
+def recv_message(sock: socket.socket, maxfds: int = 0) -> Optional[Tuple[int, bytearray, List[int]]]:
+    """Read one whole message (blocking): (kind, body, descriptors); ``None`` on EOF.
+
+    Raises ``ProtocolError`` for bytes that are not a message.
+    """
+    fds: List[int] = []
+    head = recv_exact(sock, HEADER.size, fds if maxfds else None)
     if head is None:
+        _close_all(fds)
         return None
-    kind, size = HEADER.unpack(head)
+    kind, size = _unpack_header(head)
     body = recv_exact(sock, size)
     if body is None:
+        _close_all(fds)
         return None
-    return kind, body
+    return kind, body, fds
+
+
+def _recv_with_fds(sock: socket.socket, size: int, flags: int, fds: List[int], maxfds: int) -> bytes:
+    import socket as _socket
+
+    # Received descriptors are closed on exec from the start (Linux), so that no program
+    # this process runs in another thread meanwhile inherits them.
+    flags |= getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
+    data, ancdata, _flags, _addr = sock.recvmsg(size, _socket.CMSG_SPACE(maxfds * 4), flags)
+    for level, ctype, cdata in ancdata:
+        if level == _socket.SOL_SOCKET and ctype == _socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", cdata[:usable]))
+    return data
 
 
 class MessageReader:
@@ -117,9 +266,24 @@ class MessageReader:
 
     With ``maxfds``, headers are read with ``recvmsg``: descriptors the sender attached to a
     message's first byte arrive with its header and are kept in ``fds``, one list per message.
+
+    Bytes that are not bgtask's messages (or a body too large to hold) end the stream: ``eof``
+    and ``corrupt`` are set, and the reader reads no more.
     """
 
-    __slots__ = ("_body", "_fds", "_got", "_head", "_kind", "_maxfds", "_view", "eof", "fds", "messages")
+    __slots__ = (
+        "_body",
+        "_fds",
+        "_got",
+        "_head",
+        "_kind",
+        "_maxfds",
+        "_view",
+        "corrupt",
+        "eof",
+        "fds",
+        "messages",
+    )
 
     def __init__(self, maxfds: int = 0) -> None:
         self._maxfds = maxfds
@@ -132,16 +296,19 @@ class MessageReader:
         self._got = 0
         self.messages: List[Tuple[int, bytearray]] = []
         self.eof = False
+        self.corrupt: Optional[str] = None
 
     def feed_from(self, sock: socket.socket) -> None:
         """Read what is available now; set ``eof`` when the other end is closed."""
         from socket import MSG_DONTWAIT
 
-        while True:
+        while not self.eof:
             try:
                 if self._view is None:
                     if self._maxfds:
-                        chunk = self._recv_head_with_fds(sock)
+                        chunk = _recv_with_fds(
+                            sock, HEADER.size - len(self._head), MSG_DONTWAIT, self._fds, self._maxfds
+                        )
                     else:
                         chunk = sock.recv(HEADER.size - len(self._head), MSG_DONTWAIT)
                     if not chunk:
@@ -149,7 +316,7 @@ class MessageReader:
                         return
                     self._head += chunk
                     if len(self._head) == HEADER.size:
-                        self._kind, size = HEADER.unpack(self._head)
+                        self._kind, size = _unpack_header(self._head)
                         self._head = bytearray()
                         self._body = bytearray(size)
                         self._view = memoryview(self._body)
@@ -166,30 +333,26 @@ class MessageReader:
                         self._finish()
             except (BlockingIOError, InterruptedError):
                 return
+            except (ProtocolError, MemoryError, OverflowError) as exc:
+                self.corrupt = str(exc) if isinstance(exc, ProtocolError) else "a message too large to hold"
+                self._drop_partial()
+                self._set_eof()
+                return
             except OSError:  # ECONNRESET and the like: the peer is gone
                 self._set_eof()
                 return
 
+    def _drop_partial(self) -> None:
+        if self._view is not None:
+            self._view.release()
+        self._view = None
+        self._body = None
+        self._head = bytearray()
+
     def _set_eof(self) -> None:
         self.eof = True
-        for fd in self._fds:  # attached to a message that never arrived whole
-            _close_quietly(fd)
+        _close_all(self._fds)  # attached to a message that never arrived whole
         self._fds = []
-
-    def _recv_head_with_fds(self, sock: socket.socket) -> bytes:
-        import socket
-
-        # Received descriptors are closed on exec from the start (Linux), so that no program
-        # this process runs in another thread meanwhile inherits them.
-        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-        data, ancdata, _flags, _addr = sock.recvmsg(
-            HEADER.size - len(self._head), socket.CMSG_SPACE(self._maxfds * 4), flags
-        )
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                usable = len(cdata) - len(cdata) % 4
-                self._fds.extend(struct.unpack(f"{usable // 4}i", cdata[:usable]))
-        return data
 
     def _finish(self) -> None:
         assert self._body is not None
@@ -208,10 +371,11 @@ class MessageReader:
         return self._view is not None or bool(self._head)
 
 
-def _close_quietly(fd: int) -> None:
+def _close_all(fds: List[int]) -> None:
     import os
 
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

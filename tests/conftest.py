@@ -46,7 +46,7 @@ def _multiprocessing_helpers() -> None:
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
     """Fail a test that leaves a task running, a process behind, or descriptors open."""
-    _launch.shutdown_all()
+    _launch.close_all()
     _monitor.get()  # started once per process; its descriptors are not a leak
     before_fds = fd_count()
     yield
@@ -58,7 +58,7 @@ def _no_leftovers() -> Iterator[None]:
         # The exit procedure, as at the end of a program: this also ends the zygote.
         _lifecycle.shutdown()
     else:  # never wait without a bound in a fixture: report instead
-        _launch.shutdown_all()
+        _launch.close_all()
     gone = wait_until(lambda: not descendants(), timeout=15)
     stray = descendants()
     for pid in stray:

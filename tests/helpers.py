@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 # Every wait in the tests is a deadline, never a fixed sleep: generous, because the machines
 # that run the tests are shared and slow at times; a passing test returns as soon as it can.
@@ -116,10 +116,22 @@ def settled_fd_count() -> int:
     """
     from bgtask import _launch, _zygote
 
-    zygote = _launch.get(None)._zygote
+    zygote = _launch.get(None).current()
     if zygote is not None and zygote.alive:
-        assert wait_until(lambda: len(zygote.spares) == _zygote.SPARES, timeout=30)
+        assert wait_until(lambda: held_spares(zygote) == _zygote.SPARES, timeout=30)
     return fd_count()
+
+
+def held_spares(zygote: Any) -> int:
+    """How many spares this process holds, once the monitor read what the zygote sent.
+
+    The monitor thread runs only while tasks do: with none running, spares wait in the
+    control socket until something wakes it.
+    """
+    from bgtask import _monitor
+
+    _monitor.get().call_soon(lambda: None)
+    return len(zygote.pool.spares)
 
 
 def zombie_children() -> List[int]:

@@ -77,14 +77,17 @@ def test_called_decorator_sets_daemon() -> None:
         ({"daemon": 1}, TypeError),
         ({"graceful": "yes"}, TypeError),
         ({"grace": -1}, ValueError),
-        ({"grace": "5"}, ValueError),
+        ({"grace": "5"}, TypeError),
+        ({"grace": float("nan")}, ValueError),
         ({"timeout": 0}, ValueError),
+        ({"timeout": "Foo"}, TypeError),
+        ({"timeout": float("inf")}, ValueError),
         ({"name": 3}, TypeError),
         ({"start_method": "threads"}, ValueError),
     ],
 )
 def test_bad_options_fail_at_decoration(options: dict, error: type) -> None:
-    """A bad option fails when decorating, with the option's name in the message."""
+    """A bad option fails when decorating, naming the option: a wrong type is a TypeError."""
     with pytest.raises(error, match=next(iter(options))):
         background(**options)
 

@@ -333,7 +333,7 @@ def test_row17_killed_while_sending_a_large_result() -> None:
         return b"z" * (512 * 1024 * 1024)
 
     task = big()
-    assert wait_until(lambda: task._watch is not None and task._watch.reader.partial, timeout=60)
+    assert wait_until(lambda: task._process is not None and task._process._reader.partial, timeout=60)
     task.kill()
     task.join(60)
     error = task.exception(0)
@@ -349,7 +349,7 @@ def test_row17_crash_while_sending_a_large_result(tmp_path: Path) -> None:
         return b"z" * (512 * 1024 * 1024)
 
     task = big()
-    assert wait_until(lambda: task._watch is not None and task._watch.reader.partial, timeout=60)
+    assert wait_until(lambda: task._process is not None and task._process._reader.partial, timeout=60)
     os.kill(task.pid or 0, signal.SIGKILL)  # from outside bgtask: a crash, not a stop
     with pytest.raises(TaskCrashed, match="while sending its outcome"):
         task.result(timeout=60)
@@ -654,7 +654,7 @@ def test_row28_ten_thousand_tasks_with_handles_kept() -> None:
     for task in handles:
         task.join(60)
     assert wait_until(lambda: settled_fd_count() <= fds, timeout=10)
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads  # bgtask's monitor thread ends when idle
     assert zombie_children() == []
     assert _rss() > rss + 5 * 2**30  # each handle keeps its result, as a future does
     del handles, task

@@ -170,7 +170,7 @@ wait_ready("plain", "graceful", "cooperative", "worker")
 for t in (d1, d2, d3, w):
     print("PID", t.pid, flush=True)
 from bgtask import _launch
-print("ZYGOTE", _launch.get(None)._zygote.process.pid, flush=True)
+print("ZYGOTE", _launch.get(None).current().process.pid, flush=True)
 print("READY", flush=True)
 HOW = sys.argv[1] if len(sys.argv) > 1 else os.environ["BGTASK_TEST_HOW"]
 if HOW == "exit":

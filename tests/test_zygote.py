@@ -12,15 +12,15 @@ import pytest
 
 from bgtask import TaskCrashed, _launch, _zygote, background
 
-from .helpers import pid_alive, run_script, wait_until
+from .helpers import held_spares, pid_alive, run_script, wait_until
 
 
 def _held_spares() -> List[Any]:
-    zygote = _launch.get(None)._zygote
+    zygote = _launch.get(None).current()
     assert zygote is not None
-    assert wait_until(lambda: len(zygote.spares) == _zygote.SPARES, timeout=30)
+    assert wait_until(lambda: held_spares(zygote) == _zygote.SPARES, timeout=30)
     with zygote.lock:
-        return list(zygote.spares)
+        return list(zygote.pool.spares)
 
 
 @background
@@ -128,7 +128,7 @@ def test_unused_spares_end_with_the_zygote() -> None:
     """Closing the zygote (program exit) ends the spares it forked for this process."""
     assert background(lambda: 1)().result(timeout=60) == 1
     spares = _held_spares()
-    _launch.shutdown_all()
+    _launch.close_all()
     assert wait_until(lambda: not any(pid_alive(spare.pid) for spare in spares))
 
 
@@ -155,7 +155,7 @@ def test_a_killed_zygote_is_replaced_and_its_tasks_are_followed_to_their_end(tmp
     assert running.pid  # both started
     assert doomed.pid
     spares = _held_spares()
-    zygote = _launch.get(None)._zygote
+    zygote = _launch.get(None).current()
     assert zygote is not None
     os.kill(zygote.process.pid, signal.SIGKILL)
     assert wait_until(lambda: not any(pid_alive(spare.pid) for spare in spares))
@@ -179,7 +179,7 @@ def test_a_worker_survives_its_zygote_dying_right_after_the_call() -> None:
 
     for _ in range(20):
         task = worker()
-        zygote = _launch.get(None)._zygote
+        zygote = _launch.get(None).current()
         assert zygote is not None
         os.kill(zygote.process.pid, signal.SIGKILL)
         assert task.result(timeout=60) == "ok"
@@ -226,7 +226,7 @@ def test_the_zygote_forks_with_the_c_library_only_while_that_is_safe(
 ) -> None:
     """The C library's fork() is chosen in a pristine single-threaded process, else os.fork()."""
     result = run_script(
-        tmp_path, f"{setup}\nfrom bgtask import _zygote\nprint(_zygote.plain_fork() is not None)"
+        tmp_path, f"{setup}\nfrom bgtask import _platform\nprint(_platform.plain_fork() is not None)"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(plain)

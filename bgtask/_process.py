@@ -1,0 +1,248 @@
+"""``TaskProcess``: one started task process, seen from the main program.
+
+A launcher makes one per process it starts and returns it; the ``Task`` consumes it. It is the
+only place where a task's end is decided, and every decision runs in the monitor thread, so none
+needs a lock::
+
+    caller thread                      monitor thread (owns every field below)
+    ─────────────                      ──────────────────────────────────────────
+    launcher.start() -> TaskProcess
+    process.watch(task) ────────────>  reader on the channel; an early outcome
+                                       (RESULT, ERROR, FAILED) -> task._outcome_sent()
+    process.signal(signum) ─────────>  the launcher's signaller, or directly
+                                       (pidfd) once the launcher cannot
+    launcher, in the monitor:          reaped(exitcode) / lost()
+                                       end = watched and (reaped, or lost and channel at EOF)
+                                         -> drain the channel, close it, cancel timers
+                                         -> task._ended(exitcode, messages, ...)
+
+"Lost" means the launcher can no longer tell the exit (bgtask's zygote died): the end is then
+the channel's EOF, and the exit code is unknown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
+
+from . import _monitor, _platform, _wire
+
+# A signaller delivers a signal through the launcher (the zygote, or the parent's own kill);
+# it returns False when the launcher cannot (its zygote is gone), and the process then signals
+# directly. ``escalate_after``: the launcher kills the group that many seconds later itself.
+Signaller = Callable[[int, Optional[float]], bool]
+
+
+class Consumer(Protocol):
+    """What a ``TaskProcess`` reports to (the ``Task``), in the monitor thread."""
+
+    def _outcome_sent(self, kind: int, body: Any) -> None: ...
+
+    def _ended(
+        self, exitcode: Optional[int], messages: List[Tuple[int, Any]], partial: bool, corrupt: Optional[str]
+    ) -> None: ...
+
+
+class TaskProcess:
+    """One started task process; see the module docstring. Made by a launcher."""
+
+    __slots__ = (
+        "_consumer",
+        "_early_sent",
+        "_escalation",
+        "_exitcode",
+        "_lost",
+        "_monitor",
+        "_on_end",
+        "_reader",
+        "_reaped",
+        "_signaller",
+        "channel",
+        "done",
+        "pid",
+        "pidfd",
+    )
+
+    def __init__(
+        self,
+        pid: int,
+        channel: socket.socket,
+        signaller: Signaller,
+        *,
+        parent: bool,
+        on_end: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """``parent``: this process is the task's parent (its pid stays ours until reaped)."""
+        self.pid = pid
+        self.channel: Optional[socket.socket] = channel
+        # A pidfd names the process even after its pid is reaped elsewhere and reused: used to
+        # signal it when the launcher cannot any more.
+        self.pidfd = None if parent else _platform.open_pidfd(pid)
+        self.done = False
+        self._signaller = signaller
+        self._on_end = on_end
+        self._reader = _wire.MessageReader()
+        self._consumer: Optional[Consumer] = None
+        self._early_sent = False
+        self._reaped = False
+        self._lost = False
+        self._exitcode: Optional[int] = None
+        self._escalation: Optional[_monitor.Timer] = None
+        self._monitor = _monitor.get()
+        self._monitor.hold()
+        with _live_lock:
+            _live.add(self)
+
+    # -- from any thread ------------------------------------------------------------------
+
+    def watch(self, consumer: Consumer) -> None:
+        """Start following the process for ``consumer``; once, after the payload was sent."""
+        self._monitor.call_soon(lambda: self._watch(consumer))
+
+    def signal(self, signum: int, escalate_after: Optional[float] = None) -> None:
+        """Send ``signum`` (SIGKILL: to the whole group); SIGKILL the group ``escalate_after`` later."""
+        self._monitor.call_soon(lambda: self._signal(signum, escalate_after))
+
+    def discard(self) -> None:
+        """The start failed before the task got its call: let go of everything."""
+        self.done = True
+        self._close()
+
+    # -- in the monitor thread, from the launcher -----------------------------------------
+
+    def reaped(self, exitcode: int) -> None:
+        """The launcher reaped the process."""
+        self._reaped = True
+        self._exitcode = exitcode
+        self._maybe_end()
+
+    def lost(self) -> None:
+        """The launcher can no longer report the exit: the channel's EOF will tell it."""
+        self._lost = True
+        self._maybe_end()
+
+    # -- in the monitor thread ------------------------------------------------------------
+
+    def _watch(self, consumer: Consumer) -> None:
+        if self.done:
+            return
+        self._consumer = consumer
+        assert self.channel is not None
+        self._monitor.add_reader(self.channel, self._on_readable)
+        self._on_readable()
+
+    def _on_readable(self) -> None:
+        if self.channel is None:
+            return
+        reader = self._reader
+        if not reader.eof:
+            reader.feed_from(self.channel)
+        if reader.messages and not self._early_sent and self._consumer is not None:
+            kind, body = reader.messages[0]
+            if kind in _wire.EARLY:
+                self._early_sent = True
+                self._consumer._outcome_sent(kind, body)
+        if reader.eof:
+            self._monitor.remove_reader(self.channel)
+            if reader.corrupt is not None:
+                # The task wrote something else to its channel: it would block writing its
+                # outcome to a reader that no longer reads. Its writes now fail instead.
+                try:
+                    self.channel.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+            self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        if self.done or self._consumer is None:
+            return
+        if not (self._reaped or (self._lost and self._reader.eof)):
+            return
+        if not self._reader.eof and self.channel is not None:
+            self._reader.feed_from(self.channel)  # what the task wrote before it exited is all there
+        self.done = True
+        self._close()
+        reader = self._reader
+        self._consumer._ended(self._exitcode, reader.messages, reader.partial, reader.corrupt)
+        self._consumer = None
+
+    def _close(self) -> None:
+        if self._escalation is not None:
+            self._escalation.cancel()
+            self._escalation = None
+        if self.channel is not None:
+            self._monitor.remove_reader(self.channel)
+            self.channel.close()
+            self.channel = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        with _live_lock:
+            _live.discard(self)
+        if self._on_end is not None:
+            self._on_end()
+            self._on_end = None
+        self._monitor.release()
+
+    def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
+        if self.done or self._reaped:
+            return
+        if not self._signaller(signum, escalate_after):
+            self._signal_directly(signum)
+        # Also where the launcher escalates itself (the zygote): it may die meanwhile.
+        if escalate_after is not None and self._escalation is None:
+            self._escalation = self._monitor.call_at(
+                time.monotonic() + escalate_after, lambda: self._signal(signal.SIGKILL, None)
+            )
+
+    def _signal_directly(self, signum: int) -> None:
+        """Signal a process this program is not the parent of, and whose launcher is gone."""
+        pidfd = self.pidfd
+        if pidfd is not None:
+            if _platform.pidfd_exited(pidfd):
+                return
+            # While the pidfd says the leader runs, its pid is its group's id and is not reused.
+            if signum == signal.SIGKILL:
+                _killpg(self.pid)
+            _platform.pidfd_signal(pidfd, signum)
+            return
+        # No pidfd (macOS): the channel tells whether the process still runs; it closes when it
+        # exits, a moment before its pid can be reaped and reused.
+        if self._reader.eof:
+            return
+        try:
+            if signum == signal.SIGKILL:
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except OSError:
+            pass
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+# Processes not yet ended, whose descriptors a forked copy of this program must not keep: a
+# daemon task learns of the main program's death by its channel's EOF.
+_live: Set[TaskProcess] = set()
+_live_lock = threading.Lock()
+
+
+def forget_in_child() -> None:
+    """After a fork: close every channel and pidfd of the original's task processes."""
+    global _live_lock
+    _live_lock = threading.Lock()
+    for process in _live:
+        if process.channel is not None:
+            process.channel.close()
+        if process.pidfd is not None:
+            os.close(process.pidfd)
+    _live.clear()
