@@ -31,13 +31,12 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Set
+from typing import Any, Callable, List, NoReturn, Optional, Set
 
 from . import _platform, _stop, _wire
 from ._serialization import dumps_value, loads, pack_exception
 from ._stop import _StopRequest, _TaskState
-
-Settings = Dict[str, Any]
+from ._wire import Settings
 
 
 def _c_signal() -> Callable[[int, Any], Any]:

@@ -16,13 +16,11 @@ process's end to it (in the monitor thread). Nothing above this seam knows which
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
+from typing import TYPE_CHECKING, Dict, Optional, Protocol
 
 if TYPE_CHECKING:
     from ._process import TaskProcess
-
-# What the task runtime needs besides its call (``_child.run`` documents the keys).
-Settings = Dict[str, Any]
+    from ._wire import Settings
 
 
 class Launcher(Protocol):

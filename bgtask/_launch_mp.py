@@ -20,8 +20,8 @@ import time
 from typing import Any, Optional
 
 from . import _monitor, _platform, _wire
-from ._launch import Settings
 from ._process import TaskProcess
+from ._wire import Settings
 
 # How soon to look again for the exit status of a process whose sentinel fired.
 REAP_RETRY_S = 0.001

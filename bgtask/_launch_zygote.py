@@ -27,8 +27,8 @@ import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import _monitor, _wire
-from ._launch import Settings
 from ._process import TaskProcess
+from ._wire import Settings
 
 # How long the exit procedure waits for a zygote to exit after its control socket closed.
 ZYGOTE_EXIT_WAIT_S = 2.0
