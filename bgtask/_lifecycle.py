@@ -47,7 +47,7 @@ def register(task: Any) -> None:
             atexit.register(shutdown)
         if not _fork_hook:
             _fork_hook = True
-            os.register_at_fork(after_in_child=_after_fork_in_child)
+            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def unregister(task: Any) -> None:
@@ -128,6 +128,13 @@ def _stop_daemons() -> None:
                         other._request_stop("exit", hard=True)
         if time.monotonic() >= deadline:
             break
+
+
+def _before_fork() -> None:
+    """No thread of bgtask's should be copied into a fork it has no reason to be in."""
+    from . import _monitor
+
+    _monitor.before_fork()
 
 
 def _after_fork_in_child() -> None:

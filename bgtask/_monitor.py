@@ -14,10 +14,10 @@ need no lock. The monitor never unpickles user data (that happens in the thread 
 result) and runs no user code besides done-callbacks; whatever a callback raises, a
 ``SystemExit`` included, is logged and the monitor goes on.
 
-The thread runs only while something needs it: each started process holds it (``hold()``) until
-its end is known. With no task running and nothing queued, the thread exits, so that a program
-that forks later (a pre-forking server) forks with no thread of bgtask's; the next call starts
-it again.
+The thread starts with the first task. Each started process holds it (``hold()``) until its
+end is known; when the program forks with no task running and nothing queued, the thread is
+stopped first (``stop_if_idle()``, from an at-fork hook), so that a pre-forking server forks
+with no thread of bgtask's, and the next call starts it again.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class Monitor:
         self._seq = itertools.count()
         self._holds = 0
         self._thread: Optional[threading.Thread] = None
+        self._stop_when_idle = False
         self.owner_pid = os.getpid()
 
     # -- called from any thread -------------------------------------------------------------
@@ -120,8 +121,22 @@ class Monitor:
     def in_monitor_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def stop_if_idle(self, timeout: float) -> None:
+        """Stop the thread and wait for it, if no task runs and nothing is queued."""
+        with self._lock:
+            thread = self._thread
+            if thread is None or thread is threading.current_thread() or not self._idle():
+                return
+            self._stop_when_idle = True
+        self._wake()
+        thread.join(timeout)
+
+    def _idle(self) -> bool:
+        return not (self._holds or self._pending or self._live_timers)
+
     def _ensure_thread(self) -> None:
         """Under the lock: start the thread if it is not running."""
+        self._stop_when_idle = False
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
             self._thread.start()
@@ -138,7 +153,8 @@ class Monitor:
         while True:
             self._step()
             with self._lock:
-                if not (self._holds or self._pending or self._live_timers):
+                if self._stop_when_idle and self._idle():
+                    self._stop_when_idle = False
                     self._thread = None
                     return
 
@@ -225,6 +241,17 @@ def in_monitor_thread() -> bool:
     """Whether the caller runs in this process's monitor thread."""
     monitor = _monitor
     return monitor is not None and monitor.owner_pid == os.getpid() and monitor.in_monitor_thread()
+
+
+# How long a fork waits for an idle monitor thread to end.
+STOP_BEFORE_FORK_S = 1.0
+
+
+def before_fork() -> None:
+    """Before this process forks: end the monitor thread if it has nothing to do."""
+    monitor = _monitor
+    if monitor is not None and monitor.owner_pid == os.getpid():
+        monitor.stop_if_idle(STOP_BEFORE_FORK_S)
 
 
 def forget_in_child() -> None:
