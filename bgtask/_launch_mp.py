@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from . import _monitor, _platform, _wire
+from . import _monitor, _platform, _process, _wire
 from ._process import TaskProcess
 from ._wire import Settings
 
@@ -54,12 +54,14 @@ class MultiprocessingLauncher:
         # as one step, so that no other start forks a copy of this program holding it.
         with _mp_lock:
             mine, theirs = socket.socketpair()
+            _process.starting(mine)
             try:
                 process = self.context.Process(
                     target=_run_task, args=(theirs, settings), name=settings["name"], daemon=False
                 )
                 process.start()
             except BaseException:
+                _process.started(mine)
                 mine.close()
                 raise
             finally:
@@ -92,6 +94,7 @@ class MultiprocessingLauncher:
                 os.close(exit_fd)
 
         task_process = TaskProcess(pid, mine, signaller, parent=parent, on_end=close_exit_fd)
+        _process.started(mine)
         try:
             _wire.send_messages(mine, [(_wire.PAYLOAD, payload)], fds=stdio)
         except OSError:

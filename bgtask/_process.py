@@ -234,6 +234,20 @@ def _killpg(pgid: int) -> None:
 # daemon task learns of the main program's death by its channel's EOF.
 _live: Set[TaskProcess] = set()
 _live_lock = threading.Lock()
+# Channels made for a process being started, before its TaskProcess exists: under "fork" the
+# task itself is such a copy, and must not keep the main program's end of its own channel.
+_starting: Set[socket.socket] = set()
+
+
+def starting(channel: socket.socket) -> None:
+    """Keep a forked copy of this program from holding ``channel`` until its process follows it."""
+    with _live_lock:
+        _starting.add(channel)
+
+
+def started(channel: socket.socket) -> None:
+    with _live_lock:
+        _starting.discard(channel)
 
 
 def forget_in_child() -> None:
@@ -246,3 +260,6 @@ def forget_in_child() -> None:
         if process.pidfd is not None:
             os.close(process.pidfd)
     _live.clear()
+    for channel in _starting:
+        channel.close()
+    _starting.clear()
