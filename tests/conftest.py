@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import warnings
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -32,6 +32,22 @@ def start_method(request: pytest.FixtureRequest) -> Iterator[Optional[str]]:
             yield method
     else:
         yield method
+
+
+@pytest.fixture(
+    params=[(False, False), (False, True), (True, False), (True, True)],
+    ids=["worker", "worker-graceful", "daemon", "daemon-graceful"],
+)
+def kind(request: pytest.FixtureRequest) -> Dict[str, bool]:
+    """Each kind of task: daemon or not, graceful or not (options for ``@background``)."""
+    daemon, graceful = request.param
+    return {"daemon": daemon, "graceful": graceful}
+
+
+@pytest.fixture(params=[False, True], ids=["worker", "daemon"])
+def daemon(request: pytest.FixtureRequest) -> bool:
+    """Daemon and non-daemon tasks, for behaviour that depends on gracefulness alone."""
+    return bool(request.param)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -22,22 +22,24 @@ from bgtask import (
 )
 
 
-def test_every_kind_of_function_runs(start_method: Optional[str]) -> None:
-    """Plain, nested, closure and lambda functions all run under every start method."""
+def test_every_kind_of_function_runs(start_method: Optional[str], kind: Dict[str, bool]) -> None:
+    """Plain, nested, closure and lambda functions all run, for every start method and kind."""
     factor = 3
 
     def nested(x: int) -> int:
         return x * factor
 
-    run = background(start_method=start_method)
+    run = background(start_method=start_method, **kind)
     tasks = [run(nested)(2), run(lambda: factor + 1)(), run(divmod)(7, 2)]
     assert [t.result(timeout=60) for t in tasks] == [6, 4, (3, 1)]
 
 
-def test_exception_comes_back_as_itself_with_the_remote_traceback(start_method: Optional[str]) -> None:
+def test_exception_comes_back_as_itself_with_the_remote_traceback(
+    start_method: Optional[str], kind: Dict[str, bool]
+) -> None:
     """The task's own exception type is re-raised, the child traceback chained as cause."""
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, **kind)
     def fail(value: int) -> None:
         raise KeyError(value)
 
@@ -53,10 +55,10 @@ def test_exception_comes_back_as_itself_with_the_remote_traceback(start_method: 
     assert isinstance(task.exception(0), KeyError)
 
 
-def test_os_exit_is_a_crash_with_its_exit_code(start_method: Optional[str]) -> None:
+def test_os_exit_is_a_crash_with_its_exit_code(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """os._exit(3) gives exitcode 3 and TaskCrashed saying so."""
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, **kind)
     def leave() -> None:
         os._exit(3)
 
@@ -69,10 +71,12 @@ def test_os_exit_is_a_crash_with_its_exit_code(start_method: Optional[str]) -> N
     assert task.exitcode == 3
 
 
-def test_self_sigkill_is_a_crash_naming_the_signal(start_method: Optional[str]) -> None:
+def test_self_sigkill_is_a_crash_naming_the_signal(
+    start_method: Optional[str], kind: Dict[str, bool]
+) -> None:
     """A task killed by SIGKILL has exitcode -9; the error names SIGKILL and the OOM killer."""
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, **kind)
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -84,10 +88,10 @@ def test_self_sigkill_is_a_crash_naming_the_signal(start_method: Optional[str]) 
     assert task.exitcode == -signal.SIGKILL
 
 
-def test_sys_exit_is_a_crash_saying_so() -> None:
+def test_sys_exit_is_a_crash_saying_so(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """sys.exit(7) in a task gives exitcode 7 and TaskCrashed naming sys.exit."""
 
-    @background
+    @background(start_method=start_method, **kind)
     def leave() -> None:
         sys.exit(7)
 
@@ -97,10 +101,12 @@ def test_sys_exit_is_a_crash_saying_so() -> None:
     assert task.exitcode == 7
 
 
-def test_keyboard_interrupt_in_a_task_does_not_reach_the_caller() -> None:
+def test_keyboard_interrupt_in_a_task_does_not_reach_the_caller(
+    start_method: Optional[str], kind: Dict[str, bool]
+) -> None:
     """An escaping KeyboardInterrupt becomes TaskCrashed, never a KeyboardInterrupt here."""
 
-    @background
+    @background(start_method=start_method, **kind)
     def interrupt() -> None:
         raise KeyboardInterrupt
 
@@ -136,10 +142,10 @@ def test_unpicklable_captured_variable_is_named() -> None:
         use()
 
 
-def test_unpicklable_result_is_a_clear_error(start_method: Optional[str]) -> None:
+def test_unpicklable_result_is_a_clear_error(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """A returned lock raises SerializationError naming its type; the process exits normally."""
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, **kind)
     def give_lock() -> Any:
         return threading.Lock()
 

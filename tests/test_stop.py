@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 
@@ -22,11 +22,11 @@ def _marker(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
-def test_graceful_task_sees_its_stop_event(start_method: Optional[str], tmp_path: Path) -> None:
+def test_graceful_task_sees_its_stop_event(start_method: Optional[str], daemon: bool, tmp_path: Path) -> None:
     """A graceful task that watches stop_event() finishes on its own; its return value counts."""
     ready = _marker(tmp_path, "ready")
 
-    @background(graceful=True, start_method=start_method)
+    @background(graceful=True, daemon=daemon, start_method=start_method)
     def loop() -> str:
         event = stop_event()
         ready.touch()
@@ -41,11 +41,13 @@ def test_graceful_task_sees_its_stop_event(start_method: Optional[str], tmp_path
     assert task.exitcode == 0
 
 
-def test_graceful_task_runs_finally_on_stop(start_method: Optional[str], tmp_path: Path) -> None:
+def test_graceful_task_runs_finally_on_stop(
+    start_method: Optional[str], daemon: bool, tmp_path: Path
+) -> None:
     """A graceful task that ignores its event gets an exception; its finally block runs."""
     ready, cleaned = _marker(tmp_path, "ready"), _marker(tmp_path, "cleaned")
 
-    @background(graceful=True, start_method=start_method)
+    @background(graceful=True, daemon=daemon, start_method=start_method)
     def work() -> None:
         try:
             ready.touch()
@@ -87,11 +89,11 @@ def test_except_exception_cannot_swallow_the_stop(tmp_path: Path) -> None:
     assert task.exitcode == -signal.SIGTERM
 
 
-def test_non_graceful_stop_kills_at_once(start_method: Optional[str], tmp_path: Path) -> None:
+def test_non_graceful_stop_kills_at_once(start_method: Optional[str], daemon: bool, tmp_path: Path) -> None:
     """A task without graceful=True is killed by stop(): no finally, exitcode -9."""
     ready, cleaned = _marker(tmp_path, "ready"), _marker(tmp_path, "cleaned")
 
-    @background(start_method=start_method)
+    @background(daemon=daemon, start_method=start_method)
     def work() -> None:
         try:
             ready.touch()
@@ -108,11 +110,13 @@ def test_non_graceful_stop_kills_at_once(start_method: Optional[str], tmp_path: 
         task.result(0)
 
 
-def test_task_ignoring_sigterm_is_killed_after_grace(start_method: Optional[str], tmp_path: Path) -> None:
+def test_task_ignoring_sigterm_is_killed_after_grace(
+    start_method: Optional[str], daemon: bool, tmp_path: Path
+) -> None:
     """A task ignoring SIGTERM is killed after its grace; stop() returns within grace + 1 s."""
     ready = _marker(tmp_path, "ready")
 
-    @background(graceful=True, grace=0.5, start_method=start_method)
+    @background(graceful=True, grace=0.5, daemon=daemon, start_method=start_method)
     def deaf() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ready.touch()
@@ -130,10 +134,10 @@ def test_task_ignoring_sigterm_is_killed_after_grace(start_method: Optional[str]
         task.result(0)
 
 
-def test_timeout_stops_the_task() -> None:
+def test_timeout_stops_the_task(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """timeout= stops a task that runs too long; result() raises TaskStopped(reason='timeout')."""
 
-    @background(timeout=0.2)
+    @background(timeout=0.2, grace=1.0, start_method=start_method, **kind)
     def forever() -> None:
         threading.Event().wait()
 
@@ -143,10 +147,10 @@ def test_timeout_stops_the_task() -> None:
     assert info.value.reason == "timeout"
 
 
-def test_kill_is_immediate_and_does_not_wait() -> None:
+def test_kill_is_immediate_and_does_not_wait(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """kill() sends SIGKILL to the group; join() then sees exitcode -9."""
 
-    @background(graceful=True)
+    @background(start_method=start_method, **kind)
     def forever() -> None:
         threading.Event().wait()
 
@@ -157,9 +161,9 @@ def test_kill_is_immediate_and_does_not_wait() -> None:
     assert task.exitcode == -signal.SIGKILL
 
 
-def test_stop_after_the_end_does_nothing() -> None:
+def test_stop_after_the_end_does_nothing(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """stop() and kill() on a finished task return at once and change nothing."""
-    task = background(lambda: 5)()
+    task = background(start_method=start_method, **kind)(lambda: 5)()
     task.join(timeout=60)
     task.stop()
     task.kill()
@@ -167,11 +171,13 @@ def test_stop_after_the_end_does_nothing() -> None:
     assert task.exitcode == 0
 
 
-def test_stop_kills_subprocess_grandchildren(start_method: Optional[str], tmp_path: Path) -> None:
+def test_stop_kills_subprocess_grandchildren(
+    start_method: Optional[str], kind: Dict[str, bool], tmp_path: Path
+) -> None:
     """Stopping a task also ends the processes it started with subprocess."""
     pid_file = _marker(tmp_path, "grandchild")
 
-    @background(graceful=True, grace=1.0, start_method=start_method)
+    @background(grace=1.0, start_method=start_method, **kind)
     def parent() -> None:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         pid_file.write_text(str(child.pid))
