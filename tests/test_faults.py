@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 
@@ -268,10 +268,12 @@ def _generator() -> Any:
     [threading.Lock, lambda: _generator(), lambda: socket.socket()],  # noqa: PLW0108
     ids=["lock", "generator", "socket"],
 )
-def test_row14_unpicklable_results_are_named(make: Callable[[], Any]) -> None:
+def test_row14_unpicklable_results_are_named(
+    make: Callable[[], Any], start_method: Optional[str], daemon: bool
+) -> None:
     """An unpicklable return value raises SerializationError naming its type; exit is normal."""
 
-    @background
+    @background(daemon=daemon, start_method=start_method)
     def give() -> Any:
         return make()
 
@@ -290,9 +292,11 @@ def test_row14_unpicklable_results_are_named(make: Callable[[], Any]) -> None:
     ],
     ids=["os._exit", "sys.exit"],
 )
-def test_row15_exits_are_crashes(body: Callable[[], None], code: int, says: str) -> None:
+def test_row15_exits_are_crashes(
+    body: Callable[[], None], code: int, says: str, start_method: Optional[str], kind: Dict[str, bool]
+) -> None:
     """os._exit(7) and sys.exit(7): exitcode 7, TaskCrashed saying so."""
-    task = background(body)()
+    task = background(start_method=start_method, **kind)(body)()
     with pytest.raises(TaskCrashed, match=says):
         task.result(timeout=60)
     assert task.exitcode == code
@@ -507,9 +511,9 @@ print("PEAK_RATIO", (peak - base) * 1024 / big)
     assert ratio < 3.5, ratio
 
 
-def test_row23_result_never_read_does_not_hold_the_task() -> None:
+def test_row23_result_never_read_does_not_hold_the_task(start_method: Optional[str], daemon: bool) -> None:
     """A task with a 64 MiB result exits even if result() is never called."""
-    task = background(lambda: b"x" * (64 * 2**20))()
+    task = background(daemon=daemon, start_method=start_method)(lambda: b"x" * (64 * 2**20))()
     task.join(timeout=60)
     assert task.exitcode == 0
 
