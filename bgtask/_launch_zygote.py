@@ -344,12 +344,15 @@ class ZygoteClient:
     def send_locked(self, message: Any) -> None:
         """Under the lock: send a control message whole.
 
-        Signals are blocked meanwhile, in the main thread: a ``KeyboardInterrupt`` between two
-        partial writes would tear the frame, and the zygote would read garbage.
+        A ``KeyboardInterrupt`` between two partial writes would tear the frame, and the zygote
+        would read garbage. One ``send()`` usually takes it all, and an exception can come only
+        before or after that call; the rest of a partial write goes with SIGINT blocked.
         """
         data = _wire.encode(message)
-        with _signals_deferred():
-            self.ctl.sendall(data)
+        sent = self.ctl.send(data)
+        if sent < len(data):
+            with _signals_deferred():
+                self.ctl.sendall(data[sent:])
 
     # -- in the monitor ---------------------------------------------------------------------
 

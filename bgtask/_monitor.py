@@ -99,16 +99,21 @@ class Monitor:
             self._ensure_thread()
 
     def release(self) -> None:
+        # No wake-up: an idle thread is stopped only on request (stop_if_idle), which wakes it.
         with self._lock:
             self._holds -= 1
-        self._wake()
 
-    def add_reader(self, fileobj: Any, handler: Callback) -> None:
+    def add_reader(self, fileobj: Any, handler: Callback, before: Optional[Callback] = None) -> None:
         """Call ``handler`` in the monitor thread whenever ``fileobj`` is readable.
 
-        Registering needs no wake-up: the kernel adds the descriptor to the wait in progress.
+        ``before`` runs first, under the lock that ``remove_reader`` takes: what it sets is in
+        place before the handler can run, and the monitor cannot unregister the object before
+        it is registered. Registering needs no wake-up: the kernel adds the descriptor to the
+        wait in progress.
         """
         with self._lock:
+            if before is not None:
+                before()
             self._selector.register(fileobj, selectors.EVENT_READ, handler)
 
     def remove_reader(self, fileobj: Any) -> None:

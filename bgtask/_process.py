@@ -7,7 +7,9 @@ needs a lock::
     caller thread                      monitor thread (owns every field below)
     ─────────────                      ──────────────────────────────────────────
     launcher.start() -> TaskProcess
-    process.watch(task) ────────────>  reader on the channel; an early outcome
+    process.watch(task) ────────────>  hand-over: the consumer and the channel's reader
+                                       are in place together, under the monitor's lock
+                                       reader on the channel; an early outcome
                                        (RESULT, ERROR, FAILED) -> task._outcome_sent()
     process.signal(signum) ─────────>  the launcher's signaller, or directly
                                        (pidfd) once the launcher cannot
@@ -59,6 +61,7 @@ class TaskProcess:
         "_monitor",
         "_on_end",
         "_reader",
+        "_reading",
         "_reaped",
         "_signaller",
         "channel",
@@ -88,6 +91,7 @@ class TaskProcess:
         self._reader = _wire.MessageReader()
         self._consumer: Optional[Consumer] = None
         self._early_sent = False
+        self._reading = False
         self._reaped = False
         self._lost = False
         self._exitcode: Optional[int] = None
@@ -100,8 +104,19 @@ class TaskProcess:
     # -- from any thread ------------------------------------------------------------------
 
     def watch(self, consumer: Consumer) -> None:
-        """Start following the process for ``consumer``; once, after the payload was sent."""
-        self._monitor.call_soon(lambda: self._watch(consumer))
+        """Start following the process for ``consumer``; once, after the payload was sent.
+
+        The one step taken outside the monitor: it hands the record over. The consumer is set
+        under the monitor's lock together with the channel's registration, so the monitor
+        acts on the record only once both are in place, and only from then on.
+        """
+        assert self.channel is not None
+
+        def hand_over() -> None:
+            self._reading = True
+            self._consumer = consumer  # last: the monitor acts once it sees a consumer
+
+        self._monitor.add_reader(self.channel, self._on_readable, before=hand_over)
 
     def signal(self, signum: int, escalate_after: Optional[float] = None) -> None:
         """Send ``signum`` (SIGKILL: to the whole group); SIGKILL the group ``escalate_after`` later."""
@@ -127,14 +142,6 @@ class TaskProcess:
 
     # -- in the monitor thread ------------------------------------------------------------
 
-    def _watch(self, consumer: Consumer) -> None:
-        if self.done:
-            return
-        self._consumer = consumer
-        assert self.channel is not None
-        self._monitor.add_reader(self.channel, self._on_readable)
-        self._on_readable()
-
     def _on_readable(self) -> None:
         if self.channel is None:
             return
@@ -146,7 +153,8 @@ class TaskProcess:
             if kind in _wire.EARLY:
                 self._early_sent = True
                 self._consumer._outcome_sent(kind, body)
-        if reader.eof:
+        if reader.eof and self._reading:
+            self._reading = False
             self._monitor.remove_reader(self.channel)
             if reader.corrupt is not None:
                 # The task wrote something else to its channel: it would block writing its
@@ -175,7 +183,9 @@ class TaskProcess:
             self._escalation.cancel()
             self._escalation = None
         if self.channel is not None:
-            self._monitor.remove_reader(self.channel)
+            if self._reading:
+                self._reading = False
+                self._monitor.remove_reader(self.channel)
             self.channel.close()
             self.channel = None
         if self.pidfd is not None:

@@ -250,13 +250,28 @@ def _recv_with_fds(sock: socket.socket, size: int, flags: int, fds: List[int], m
 
     # Received descriptors are closed on exec from the start (Linux), so that no program
     # this process runs in another thread meanwhile inherits them.
-    flags |= getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
+    flags |= _CMSG_CLOEXEC
     data, ancdata, _flags, _addr = sock.recvmsg(size, _socket.CMSG_SPACE(maxfds * 4), flags)
     for level, ctype, cdata in ancdata:
-        if level == _socket.SOL_SOCKET and ctype == _socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
             usable = len(cdata) - len(cdata) % 4
             fds.extend(struct.unpack(f"{usable // 4}i", cdata[:usable]))
     return data
+
+
+def _socket_constants() -> Tuple[int, int, int, int]:
+    import socket as _socket
+
+    # Plain ints: enum arithmetic on every read costs more than the read.
+    return (
+        int(getattr(_socket, "MSG_CMSG_CLOEXEC", 0)),
+        int(_socket.MSG_DONTWAIT),
+        int(_socket.SOL_SOCKET),
+        int(_socket.SCM_RIGHTS),
+    )
+
+
+_CMSG_CLOEXEC, _DONTWAIT, _SOL_SOCKET, _SCM_RIGHTS = _socket_constants()
 
 
 class MessageReader:
@@ -303,8 +318,7 @@ class MessageReader:
 
     def feed_from(self, sock: socket.socket) -> None:
         """Read what is available now; set ``eof`` when the other end is closed."""
-        from socket import MSG_DONTWAIT
-
+        MSG_DONTWAIT = _DONTWAIT
         while not self.eof:
             try:
                 if self._view is None:
