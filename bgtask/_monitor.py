@@ -91,6 +91,11 @@ class Monitor:
             if timer.fn is not None:
                 timer.fn = None
                 self._live_timers -= 1
+                # Cancelled timers leave the heap when due; many long ones (a timeout= on
+                # thousands of short tasks) are swept out once they are most of it.
+                if len(self._timers) > 64 and self._live_timers * 2 < len(self._timers):
+                    self._timers = [entry for entry in self._timers if entry[2].fn is not None]
+                    heapq.heapify(self._timers)
 
     def hold(self) -> None:
         """Keep the thread running until :meth:`release` (one per started process)."""

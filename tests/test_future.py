@@ -7,17 +7,18 @@ import concurrent.futures
 import dataclasses
 import gc
 import multiprocessing
+import os
 import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 import pytest
 
 from bgtask import BgTaskError, Task, background
 
-from .helpers import pid_alive, run_script, wait_until
+from .helpers import pid_alive, run_script, script_env, wait_until
 
 
 class CallbackBoom(BaseException):
@@ -110,6 +111,16 @@ def test_raising_done_callback_does_not_stop_later_tasks(tmp_path: Path, error: 
     assert [t.result(timeout=30) for t in later] == [0, 1, 2]
 
 
+def _script_env_for_this_bgtask() -> Dict[str, str]:
+    """The scripts' environment, with the bgtask package this process imported first on the path."""
+    import bgtask
+
+    env = script_env()
+    home = str(Path(bgtask.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([home, env["PYTHONPATH"]])
+    return env
+
+
 @pytest.mark.parametrize("raised", list(CALLBACK_ERRORS.values()), ids=list(CALLBACK_ERRORS))
 def test_raising_done_callback_does_not_hang_the_exit_of_a_script(tmp_path: Path, raised: str) -> None:
     """A script whose done-callback raised exits normally, after its non-daemon tasks ended."""
@@ -142,6 +153,7 @@ print("first", first.result(30), flush=True)
 second = after_go(2)  # not waited for here: the exit procedure waits for it
 """,
         timeout=30,
+        env=_script_env_for_this_bgtask(),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["first", "1"]
@@ -215,6 +227,27 @@ def test_finished_tasks_with_a_long_timeout_are_garbage_collected() -> None:
 # -- row 10: stop() after the result ---------------------------------------------------------
 
 
+def _done_samples_during_stop(task: Task[Any]) -> Set[bool]:
+    """What ``task.done()`` said, sampled in a tight loop in another thread while ``stop()`` ran."""
+    seen: Set[bool] = set()
+    sampling, finished = threading.Event(), threading.Event()
+
+    def sample() -> None:
+        while not finished.is_set():
+            seen.add(task.done())
+            sampling.set()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert sampling.wait(30)
+        task.stop(timeout=30)
+    finally:
+        finished.set()
+        sampler.join(30)
+    return seen
+
+
 def test_stop_after_the_result_never_makes_done_false() -> None:
     """stop() after the result arrived leaves done() true throughout; the outcome stays returned."""
 
@@ -229,22 +262,7 @@ def test_stop_after_the_result_never_makes_done_false() -> None:
         task = answer()
         assert task.result(timeout=30) == 42
         assert task.is_alive()
-        seen: Set[bool] = set()
-        sampling, finished = threading.Event(), threading.Event()
-
-        def sample(task: Task[int] = task) -> None:
-            while not finished.is_set():
-                seen.add(task.done())
-                sampling.set()
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            assert sampling.wait(30)
-            task.stop(timeout=30)
-        finally:
-            finished.set()
-            sampler.join(30)
+        seen = _done_samples_during_stop(task)
         assert seen == {True}
         assert not task.is_alive()
         assert task.result(0) == 42
@@ -420,7 +438,7 @@ def test_cancelling_a_wrapped_future_stops_the_task(start_method: Optional[str],
     assert not task.is_alive()
 
 
-def test_awaiting_a_cancelled_task_raises_cancelled_error(start_method: Optional[str], tmp_path: Path) -> None:
+def test_await_after_cancel_raises_cancelled_error(start_method: Optional[str], tmp_path: Path) -> None:
     """`await task` on a cancelled task raises asyncio.CancelledError."""
     task = _forever_task(start_method, tmp_path / "ready")
     assert task.cancel()

@@ -13,9 +13,9 @@ from typing import List, Optional
 
 import pytest
 
-from bgtask import TaskCrashed, TaskStopped, _launch, background
+from bgtask import TaskCrashed, TaskStopped, background
 
-from .helpers import Script, kill_quietly, pid_alive, run_script, script_env, wait_until
+from .helpers import Script, descendants, kill_quietly, pid_alive, run_script, script_env, wait_until
 
 # What the scripts share: handshakes through files in the script's directory (its cwd).
 PRELUDE = """
@@ -47,10 +47,26 @@ def _kill_if_alive(pids: List[int]) -> None:
     kill_quietly([pid for pid in pids if pid_alive(pid)])
 
 
+def _is_my_zygote(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return parent == os.getpid() and b"bgtask._zygote" in command
+
+
 def _zygote_pid() -> int:
-    zygote = _launch.get(None).current()
-    assert zygote is not None
-    return int(zygote.process.pid)
+    """The pid of this process's running zygote: its child with the zygote's command line."""
+    found: List[int] = []
+
+    def one_zygote() -> bool:
+        found[:] = [pid for pid in descendants() if _is_my_zygote(pid)]
+        return len(found) == 1
+
+    assert wait_until(one_zygote), f"zygotes running: {found}"
+    return found[0]
 
 
 # -- rows 1 and 21: daemon tasks ------------------------------------------------------------
@@ -334,7 +350,6 @@ def test_row06_calls_right_after_the_zygote_is_killed_return() -> None:
     plus_one = background(lambda i: i + 1)
     assert plus_one(0).result(timeout=60) == 1
     for _ in range(10):
-        assert wait_until(lambda: pid_alive(_zygote_pid()))
         os.kill(_zygote_pid(), signal.SIGKILL)
         tasks = [plus_one(i) for i in range(10)]
         assert [task.result(timeout=30) for task in tasks] == list(range(1, 11))
@@ -376,7 +391,7 @@ print("PIDS", *[pid for pid, _ in outcomes])
     )
     assert result.returncode == 0, result.stderr
     assert "PRELOADED True" in result.stdout  # the hook was registered before every fork
-    task_pids = {line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PIDS")}.pop()
+    task_pids = next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PIDS"))
     log = tmp_path / "atexit.log"
     written = log.read_text().split() if log.exists() else []
     assert len(written) <= 1, f"the hook ran {len(written)} times: {written}"
