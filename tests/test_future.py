@@ -88,7 +88,8 @@ def test_raising_done_callback_does_not_stop_later_tasks(tmp_path: Path, error: 
     """A done-callback raising SystemExit or a bare BaseException leaves the monitor working."""
     go = tmp_path / "go"
 
-    @background
+    # Daemons: should the monitor die, the exit of this process must not wait for them forever.
+    @background(daemon=True)
     def after_go() -> int:
         while not go.exists():
             time.sleep(0.01)
@@ -105,10 +106,10 @@ def test_raising_done_callback_does_not_stop_later_tasks(tmp_path: Path, error: 
     task.add_done_callback(lambda _task: next_called.set())
     go.touch()
     assert called.wait(30)
-    assert next_called.wait(30), "the callback after the raising one did not run"
     assert task.result(timeout=30) == 1
-    later = [ident(i) for i in range(3)]
+    later = [background(daemon=True)(lambda x: x)(i) for i in range(3)]
     assert [t.result(timeout=30) for t in later] == [0, 1, 2]
+    assert next_called.wait(30), "the callback after the raising one did not run"
 
 
 def _script_env_for_this_bgtask() -> Dict[str, str]:
@@ -167,13 +168,15 @@ second = after_go(2)  # not waited for here: the exit procedure waits for it
 def test_slow_unpickling_in_one_thread_does_not_delay_another_result(tmp_path: Path) -> None:
     """While one thread unpickles a task's result slowly, another task's result() returns."""
     slow = _slow_result_task(tmp_path, hold_exit=True)
+    pid = slow.pid
+    assert pid is not None
     values: List[str] = []
     reader = threading.Thread(target=lambda: values.append(slow.result(timeout=60)))
     reader.start()
     try:
         assert wait_until((tmp_path / "unpickling").exists)
         # The slow task's process ends while its result is being unpickled.
-        assert wait_until(lambda: not pid_alive(slow.pid))  # type: ignore[arg-type]
+        assert wait_until(lambda: not pid_alive(pid))
         assert ident(42).result(timeout=10) == 42
     finally:
         (tmp_path / "gate").touch()
@@ -288,16 +291,16 @@ def test_frozen_dataclass_exception_comes_back_as_itself(start_method: Optional[
         raise Refused(7)
 
     task = fail()
-    done, not_done = concurrent.futures.wait([task], timeout=60)
-    assert done == {task}
-    assert not not_done
     with pytest.raises(Refused) as info:
-        task.result(0)
+        task.result(timeout=60)
     assert info.value.code == 7
     cause = info.value.__cause__
     assert type(cause).__name__ == "RemoteTraceback"
     assert "raise Refused(7)" in str(cause)
-    assert isinstance(task.exception(0), Refused)
+    assert task.exception(0) is info.value
+    done, not_done = concurrent.futures.wait([task], timeout=60)
+    assert done == {task}
+    assert not not_done
 
 
 # -- row 14: Task is a concurrent.futures.Future ---------------------------------------------
