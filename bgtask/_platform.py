@@ -79,9 +79,10 @@ def set_child_subreaper() -> bool:
 
     A process that leaves its task's process group and session (a double fork, ``setsid``)
     is then still a descendant of the task, and of the zygote once the task is gone, so it can
-    be found and killed. Returns whether the platform has the mechanism.
+    be found and killed. Not where children cannot be listed (no ``/proc``): adopted processes
+    could not be found. Returns whether it is on.
     """
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    return IS_LINUX and children() is not None and _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_process_name(name: str) -> None:
