@@ -80,7 +80,7 @@ def _slow_result_task(tmp_path: Path, *, hold_exit: bool) -> Task[str]:
 ident = background(lambda x: x)
 
 
-# -- row 4: done-callbacks that raise BaseException ----------------------------------------
+# -- done-callbacks that raise BaseException ----------------------------------------
 
 
 @pytest.mark.parametrize("error", [SystemExit(3), CallbackBoom()], ids=["SystemExit", "BaseException"])
@@ -151,7 +151,9 @@ first = after_go(1)
 first.add_done_callback(explode)
 (HERE / "go").touch()
 print("first", first.result(30), flush=True)
-second = after_go(2)  # not waited for here: the exit procedure waits for it
+# Not waited for here: the exit procedure waits for them, and one's callback raises meanwhile.
+second, third = after_go(2), after_go(3)
+second.add_done_callback(explode)
 """,
         timeout=30,
         env=_script_env_for_this_bgtask(),
@@ -159,10 +161,11 @@ second = after_go(2)  # not waited for here: the exit procedure waits for it
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["first", "1"]
     assert (tmp_path / "done-2").exists()
+    assert (tmp_path / "done-3").exists()
     assert "done-callback" in result.stderr
 
 
-# -- row 7: one result's slow unpickling delays no other task --------------------------------
+# -- one result's slow unpickling delays no other task --------------------------------
 
 
 def test_slow_unpickling_in_one_thread_does_not_delay_another_result(tmp_path: Path) -> None:
@@ -178,12 +181,13 @@ def test_slow_unpickling_in_one_thread_does_not_delay_another_result(tmp_path: P
         # The slow task's process ends while its result is being unpickled.
         assert wait_until(lambda: not pid_alive(pid))
         assert ident(42).result(timeout=10) == 42
+        slow.join(10)  # its own exit is not held up by the unpickling either
+        assert not slow.is_alive()
+        assert slow.done()
     finally:
         (tmp_path / "gate").touch()
         reader.join(60)
     assert values == ["slow value"]
-    slow.join(30)
-    assert not slow.is_alive()
 
 
 def test_slow_unpickling_does_not_delay_futures_of_other_tasks(tmp_path: Path) -> None:
@@ -201,7 +205,7 @@ def test_slow_unpickling_does_not_delay_futures_of_other_tasks(tmp_path: Path) -
     slow.join(30)
 
 
-# -- row 8: a finished task's timeout timer does not keep its handle alive --------------------
+# -- a finished task's timeout timer does not keep its handle alive --------------------
 
 
 def test_finished_tasks_with_a_long_timeout_are_garbage_collected() -> None:
@@ -227,7 +231,29 @@ def test_finished_tasks_with_a_long_timeout_are_garbage_collected() -> None:
     assert wait_until(all_collected, timeout=10)
 
 
-# -- row 10: stop() after the result ---------------------------------------------------------
+def test_tasks_with_a_long_timeout_dropped_while_running_are_collected_at_their_end(tmp_path: Path) -> None:
+    """Handles of timeout=600 tasks dropped while they ran are collected once the tasks ended."""
+    go = tmp_path / "go"
+
+    @background(timeout=600)
+    def after_go() -> int:
+        while not go.exists():
+            time.sleep(0.01)
+        return 1
+
+    refs = [weakref.ref(after_go()) for _ in range(3)]
+    gc.collect()
+    assert all(ref() is not None for ref in refs)  # running tasks are kept, handle or not
+    go.touch()
+
+    def all_collected() -> bool:
+        gc.collect()
+        return all(ref() is None for ref in refs)
+
+    assert wait_until(all_collected, timeout=10)
+
+
+# -- stop() after the result ---------------------------------------------------------
 
 
 def _done_samples_during_stop(task: Task[Any]) -> Set[bool]:
@@ -273,7 +299,7 @@ def test_stop_after_the_result_never_makes_done_false() -> None:
         assert "finished: returned" in repr(task)
 
 
-# -- row 12: an exception class that refuses attribute assignment ----------------------------
+# -- an exception class that refuses attribute assignment ----------------------------
 
 
 def test_frozen_dataclass_exception_comes_back_as_itself(start_method: Optional[str]) -> None:
@@ -303,7 +329,7 @@ def test_frozen_dataclass_exception_comes_back_as_itself(start_method: Optional[
     assert not not_done
 
 
-# -- row 14: Task is a concurrent.futures.Future ---------------------------------------------
+# -- Task is a concurrent.futures.Future ---------------------------------------------
 
 
 def test_a_task_is_a_concurrent_future() -> None:
@@ -474,7 +500,7 @@ def test_cancel_while_awaited_raises_cancelled_error_in_the_awaiter(tmp_path: Pa
     assert not task.is_alive()
 
 
-# -- row 15: the task's process name ---------------------------------------------------------
+# -- the task's process name ---------------------------------------------------------
 
 
 def test_process_name_in_the_task_is_the_task_name(start_method: Optional[str]) -> None:
