@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install bgtask with its test dependencies into a fresh virtual environment and run the tests.
+# Install bgtask with its test dependencies into a fresh virtual environment and run the tests,
+# two at a time (pytest-xdist; BGTASK_TEST_WORKERS=0 runs them one by one).
 # Usage: bash scripts/test.sh [PYTHON] [PYTEST-ARGS...]    (PYTHON defaults to python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,4 @@ venv=".venv/py$version"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
 echo "== tests on $("$venv/bin/python" --version)"
-"$venv/bin/python" -m pytest "$@"
+"$venv/bin/python" -m pytest -n "${BGTASK_TEST_WORKERS:-2}" "$@"

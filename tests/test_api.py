@@ -12,6 +12,8 @@ import pytest
 import bgtask
 from bgtask import BgTaskError, SerializationError, Task, background
 
+from .helpers import run_script
+
 EXPECTED = {
     "Background",
     "BgTaskError",
@@ -215,3 +217,30 @@ print(len(children), threading.active_count())
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "1"]
+
+
+def test_a_gevent_patched_program_is_refused_at_once(tmp_path: Path) -> None:
+    """Under gevent's monkey-patching a call fails at once with a clear error, not a hang."""
+    pytest.importorskip("gevent")
+    result = run_script(
+        tmp_path,
+        """
+from gevent import monkey
+
+monkey.patch_all()
+import time
+import bgtask
+
+started = time.monotonic()
+try:
+    bgtask.background(abs)(-1)
+except bgtask.BgTaskError as exc:
+    print("REFUSED", round(time.monotonic() - started, 1), "gevent" in str(exc))
+""",
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    refused, seconds, named = result.stdout.split()
+    assert refused == "REFUSED"
+    assert named == "True"
+    assert float(seconds) < 10
