@@ -63,6 +63,8 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     """
     global _task_sock
     code = 1
+    sock.set_inheritable(False)  # under spawn it arrives inheritable: the task's children must
+    # not hold it open, or the main program would not see the task's end on it
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
@@ -184,7 +186,11 @@ def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) 
             os.chdir(cwd)
         except OSError:
             pass
-    # The same name as under multiprocessing, whatever the start method.
+    # Its name in ps and top (Linux), and in multiprocessing, whatever the start method. Never
+    # the zygote's own name, which spares and tasks inherit at the fork: the zygote spares a
+    # process of that name when it adopts it.
+    name = settings["name"]
+    _platform.set_process_name(name if name != _platform.ZYGOTE_NAME else f"task:{name}")
     mp_process = sys.modules.get("multiprocessing.process")
     if mp_process is not None:
         mp_process.current_process().name = settings["name"]

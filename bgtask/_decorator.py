@@ -40,6 +40,12 @@ START_METHODS = (None, "fork", "spawn", "forkserver")
 _started_lock = threading.Lock()
 
 
+def forget_in_child() -> None:
+    """After a fork: another thread may have held the lock."""
+    global _started_lock
+    _started_lock = threading.Lock()
+
+
 class Background(Generic[P, R]):
     """A function decorated with ``@background``: each call starts a task process.
 
@@ -130,14 +136,17 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
         "argv": list(sys.argv),
     }
     _lifecycle.register(task)
+    process = None
     try:
         process = _launch.get(options["start_method"]).start(settings, payload)
+        task._attach(process)
     except BaseException as exc:
         _lifecycle.unregister(task)
+        if process is not None and task._process is None:
+            process.abandon()  # interrupted between the start and the hand-over
         if isinstance(exc, OSError):
             raise BgTaskError(f"could not start task {name!r}: {_why_not_started(exc)}") from exc
         raise
-    task._attach(process)
     if options["start_method"] is not None:
         _lifecycle.run_before_multiprocessing()
     if options["timeout"] is not None:

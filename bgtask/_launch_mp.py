@@ -73,7 +73,7 @@ class MultiprocessingLauncher:
                 os.setpgid(pid, pid)  # the child does it too; no exec to race
             except OSError:
                 pass
-        exit_fd = _platform.open_pidfd(pid) if parent else None
+        pidfd = _platform.open_pidfd(pid)
         monitor = _monitor.get()
 
         def unreaped() -> bool:
@@ -82,23 +82,17 @@ class MultiprocessingLauncher:
             return popen is not None and popen.returncode is None
 
         def signaller(signum: int, escalate_after: Optional[float]) -> bool:
-            if not parent:
-                return False  # signalled through its pidfd
+            if pidfd is not None or not parent:
+                return False  # signalled through its pidfd, which no reaping can fool
             with _mp_lock:
-                if unreaped():  # its pid and group id are still its own
+                # Reaped here, in the monitor, or by multiprocessing when it polls its children
+                # (under this lock for bgtask's own calls): its pid is its own until then.
+                if unreaped():
                     _kill(pid, signum)
             return True
 
-        def close_exit_fd() -> None:
-            if exit_fd is not None:
-                os.close(exit_fd)
-
-        task_process = TaskProcess(pid, mine, signaller, parent=parent, on_end=close_exit_fd)
+        task_process = TaskProcess(pid, mine, signaller, pidfd=pidfd)
         _process.started(mine)
-        try:
-            _wire.send_messages(mine, [(_wire.PAYLOAD, payload)], fds=stdio)
-        except OSError:
-            pass  # the task died before it read its call: its exit code tells the rest
 
         def reap() -> None:
             with _mp_lock:
@@ -123,8 +117,17 @@ class MultiprocessingLauncher:
                         _kill(pid, signal.SIGKILL)
             reap()
 
-        watched: Any = exit_fd if exit_fd is not None else process.sentinel
+        # Under fork and spawn a pidfd turns readable when the process exits, which the sentinel
+        # (a pipe its children may inherit, or close early) does not always tell.
+        watched: Any = pidfd if parent and pidfd is not None else process.sentinel
         monitor.add_reader(watched, on_exit)
+        try:
+            _wire.send_messages(mine, [(_wire.PAYLOAD, payload)], fds=stdio)
+        except OSError:
+            pass  # the task died before it read its call: its exit code tells the rest
+        except BaseException:
+            task_process.abandon()  # interrupted halfway through the call: the task never runs it
+            raise
         return task_process
 
     def close(self) -> None:

@@ -24,9 +24,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import _monitor, _wire
+from . import _monitor, _process, _wire
 from ._process import TaskProcess
 from ._wire import Settings
 
@@ -99,6 +99,7 @@ class ZygoteLauncher:
             client = self._client
             if client is None or not client.alive or client.owner != os.getpid():
                 client = self._client = ZygoteClient(self.preload)
+                _process.started(client.ctl)  # from now on forget_in_child() closes it
             return client
 
     def current(self) -> Optional[ZygoteClient]:
@@ -161,7 +162,10 @@ class SparePool:
                 if failures is None:
                     failures = self.failures
                     deadline = time.monotonic() + SPARE_WAIT_S
-                    client.send_locked(_wire.Want())
+                    try:
+                        client.send_locked(_wire.Want())
+                    except OSError as exc:
+                        raise ZygoteGone(f"the zygote is gone: {exc}") from exc
                 elif self.failures != failures:
                     raise OSError(self.failure)
                 remaining = deadline - time.monotonic()
@@ -233,6 +237,7 @@ class ZygoteClient:
         self.lock = threading.Lock()
         self.pool = SparePool(self.lock)
         self.processes: Dict[int, TaskProcess] = {}  # by spare serial, from activation to end
+        self.daemons: Set[int] = set()  # the serials of those that are daemon tasks
         self.reader = _wire.MessageReader(maxfds=1)
         # Generations: each change of environment or sys.path, and each preload, starts one, in
         # the zygote too. A spare forked in an older generation gets the environment with its
@@ -242,6 +247,9 @@ class ZygoteClient:
         self.last_path = list(sys.path)
         self.stdio = _stdio_identity()
         mine, theirs = socket.socketpair()
+        # A copy of this program forked meanwhile must not hold the control socket: the zygote
+        # would not see the main program's end.
+        _process.starting(mine)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         args = [
             sys.executable,
@@ -257,11 +265,21 @@ class ZygoteClient:
                 start_new_session=True,
                 close_fds=True,
             )
+        except BaseException:
+            _process.started(mine)
+            mine.close()
+            raise
         finally:
             theirs.close()
         self.ctl = mine
-        self.ctl.sendall(_wire.encode(_wire.Boot(self.last_path, list(preload))))
-        _monitor.get().add_reader(self.ctl, self._on_readable)
+        try:
+            self.ctl.sendall(_wire.encode(_wire.Boot(self.last_path, list(preload))))
+            _monitor.get().add_reader(self.ctl, self._on_readable)
+        except BaseException:
+            _process.started(mine)
+            mine.close()  # the zygote exits on EOF before its boot message
+            self.process.wait()
+            raise
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -281,8 +299,9 @@ class ZygoteClient:
         def forget() -> None:
             with self.lock:
                 self.processes.pop(serial, None)
+                self.daemons.discard(serial)
 
-        process = TaskProcess(spare.pid, spare.sock, signaller, parent=False, on_end=forget)
+        process = TaskProcess(spare.pid, spare.sock, signaller, on_end=forget)
         try:
             with self.lock:
                 if not self.alive:
@@ -295,6 +314,8 @@ class ZygoteClient:
                     settings = dict(settings, stdio=True)
                     fds = (1, 2)
                 self.processes[serial] = process
+                if settings["daemon"]:
+                    self.daemons.add(serial)
                 self.send_locked(
                     _wire.Activate(serial, settings["daemon"], settings["graceful"], settings["grace"])
                 )
@@ -345,14 +366,11 @@ class ZygoteClient:
         """Under the lock: send a control message whole.
 
         A ``KeyboardInterrupt`` between two partial writes would tear the frame, and the zygote
-        would read garbage. One ``send()`` usually takes it all, and an exception can come only
-        before or after that call; the rest of a partial write goes with SIGINT blocked.
+        would read garbage: SIGINT waits meanwhile (in the main thread, where it is handled).
         """
         data = _wire.encode(message)
-        sent = self.ctl.send(data)
-        if sent < len(data):
-            with _signals_deferred():
-                self.ctl.sendall(data[sent:])
+        with _signals_deferred():
+            self.ctl.sendall(data)
 
     # -- in the monitor ---------------------------------------------------------------------
 
@@ -414,7 +432,7 @@ class ZygoteClient:
     def lost(self) -> None:
         """The zygote died: its tasks can only be followed through their own channels now."""
         if self._end():
-            _monitor.get().call_soon(self._release)
+            _monitor.get().call_soon(lambda: self._release(died=True))
 
     def close(self) -> None:
         """Orderly end: the zygote exits on EOF once it has no daemon task left."""
@@ -428,12 +446,13 @@ class ZygoteClient:
             self.process.wait(timeout=ZYGOTE_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             pass  # it still stops its daemon tasks on its own, then exits
-        _monitor.get().call_soon(self._release)
+        _monitor.get().call_soon(lambda: self._release(died=False))
 
-    def _release(self) -> None:
+    def _release(self, died: bool) -> None:
         """In the monitor, once the zygote is gone or going: read its last reports, close it.
 
-        The tasks still running are then followed through their own channels.
+        The tasks still running are then followed through their own channels. ``died``: it did
+        not close in order (which stops daemon tasks gracefully) but died.
         """
         self._on_readable()
         _monitor.get().remove_reader(self.ctl)
@@ -443,8 +462,17 @@ class ZygoteClient:
             # exits once its daemon tasks are stopped.
             threading.Thread(target=self._reap_later, name="bgtask-zygote-reaper", daemon=True).start()
         with self.lock:
-            processes, self.processes = list(self.processes.values()), {}
-        for process in processes:
+            processes, self.processes = dict(self.processes), {}
+            daemons, self.daemons = self.daemons, set()
+        for serial, process in processes.items():
+            if died and serial in daemons:
+                # A daemon task dies with its zygote (its parent-death signal), and no zygote is
+                # left to kill what it left in its group: do it here. A group's id is not reused
+                # while the group has members.
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except OSError:
+                    pass
             process.lost()
 
     def _reap_later(self) -> None:
@@ -452,6 +480,9 @@ class ZygoteClient:
 
     def close_in_child(self) -> None:
         """In a forked copy: release the descriptors; the copy gets a zygote of its own."""
+        # The zygote is the original's child, not this copy's: no "still running" warning when
+        # this Popen is collected here.
+        self.process._child_created = False  # type: ignore[attr-defined]
         for sock in [self.ctl, *(spare.sock for spare in self.pool.spares)]:
             try:
                 sock.close()

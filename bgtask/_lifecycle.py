@@ -130,22 +130,27 @@ def _stop_daemons() -> None:
             break
 
 
+# The modules whose state a forked copy of the program must let go of, in this order. The fork
+# hooks look them up instead of importing them: a module another thread was importing at the
+# fork is locked for good in the copy, and one never imported holds nothing to let go of.
+_FORK_AWARE = ("bgtask._decorator", "bgtask._process", "bgtask._launch", "bgtask._monitor")
+
+
 def _before_fork() -> None:
     """No thread of bgtask's should be copied into a fork it has no reason to be in."""
-    from . import _monitor
-
-    _monitor.before_fork()
+    before_fork = getattr(sys.modules.get("bgtask._monitor"), "before_fork", None)
+    if before_fork is not None:
+        before_fork()
 
 
 def _after_fork_in_child() -> None:
     """A forked copy of the program owns none of the original's tasks, zygote or threads."""
     global _lock
-    from . import _launch, _monitor, _process
-
     _lock = threading.Lock()
     for task in _live:
         task._forget_in_child()
     _live.clear()
-    _process.forget_in_child()
-    _launch.forget_in_child()
-    _monitor.forget_in_child()
+    for name in _FORK_AWARE:
+        forget = getattr(sys.modules.get(name), "forget_in_child", None)
+        if forget is not None:
+            forget()

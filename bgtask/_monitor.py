@@ -14,10 +14,10 @@ need no lock. The monitor never unpickles user data (that happens in the thread 
 result) and runs no user code besides done-callbacks; whatever a callback raises, a
 ``SystemExit`` included, is logged and the monitor goes on.
 
-The thread starts with the first task. Each started process holds it (``hold()``) until its
-end is known; when the program forks with no task running and nothing queued, the thread is
-stopped first (``stop_if_idle()``, from an at-fork hook), so that a pre-forking server forks
-with no thread of bgtask's, and the next call starts it again.
+The thread starts with the first task and stays. Each started process holds it (``hold()``)
+until its end is known; when the program forks with no task running and nothing queued, the
+thread is stopped first (``stop_if_idle()``, from an at-fork hook), so that a pre-forking server
+forks with no thread of bgtask's, and the next call starts it again.
 """
 
 from __future__ import annotations
@@ -70,11 +70,21 @@ class Monitor:
     # -- called from any thread -------------------------------------------------------------
 
     def call_soon(self, fn: Callback) -> None:
-        """Run ``fn`` in the monitor thread."""
+        """Run ``fn`` in the monitor thread.
+
+        At the interpreter's shutdown, where no thread can start any more (3.12), a stopped
+        monitor cannot run it: it runs here, as no monitor thread exists to race with.
+        """
         with self._lock:
             self._pending.append(fn)
-            self._ensure_thread()
-        self._wake()
+            running = self._ensure_thread()
+        if running:
+            self._wake()
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for call in pending:
+            _guard(call)
 
     def call_at(self, when: float, fn: Callback) -> Timer:
         """Run ``fn`` in the monitor thread at ``time.monotonic() >= when``."""
@@ -144,12 +154,17 @@ class Monitor:
     def _idle(self) -> bool:
         return not (self._holds or self._pending or self._live_timers)
 
-    def _ensure_thread(self) -> None:
-        """Under the lock: start the thread if it is not running."""
+    def _ensure_thread(self) -> bool:
+        """Under the lock: start the thread if it is not running; ``False`` if it cannot."""
         self._stop_when_idle = False
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self._thread = thread
+        return True
 
     def _wake(self) -> None:
         try:

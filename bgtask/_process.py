@@ -76,15 +76,15 @@ class TaskProcess:
         channel: socket.socket,
         signaller: Signaller,
         *,
-        parent: bool,
+        pidfd: Optional[int] = None,
         on_end: Optional[Callable[[], None]] = None,
     ) -> None:
-        """``parent``: this process is the task's parent (its pid stays ours until reaped)."""
+        """``pidfd``: one the launcher opened (this record closes it), else one is opened here."""
         self.pid = pid
         self.channel: Optional[socket.socket] = channel
         # A pidfd names the process even after its pid is reaped elsewhere and reused: used to
-        # signal it when the launcher cannot any more.
-        self.pidfd = None if parent else _platform.open_pidfd(pid)
+        # signal it when the launcher cannot.
+        self.pidfd = _platform.open_pidfd(pid) if pidfd is None else pidfd
         self.done = False
         self._signaller = signaller
         self._on_end = on_end
@@ -117,15 +117,28 @@ class TaskProcess:
             self._consumer = consumer  # last: the monitor acts once it sees a consumer
 
         self._monitor.add_reader(self.channel, self._on_readable, before=hand_over)
+        if self._reaped or self._lost:
+            # The launcher reported first, while nobody was watching: decide now, not on a
+            # channel event that may never come (children of the task may hold it open).
+            self._monitor.call_soon(self._maybe_end)
 
     def signal(self, signum: int, escalate_after: Optional[float] = None) -> None:
         """Send ``signum`` (SIGKILL: to the whole group); SIGKILL the group ``escalate_after`` later."""
         self._monitor.call_soon(lambda: self._signal(signum, escalate_after))
 
     def discard(self) -> None:
-        """The start failed before the task got its call: let go of everything."""
+        """The start failed before the task got its call: let go of everything.
+
+        Called by the launcher before the record is handed over; ``done`` keeps the monitor
+        from acting on it from then on.
+        """
         self.done = True
         self._close()
+
+    def abandon(self) -> None:
+        """The call was interrupted after the process started: kill it and follow it to its end."""
+        self.watch(_NOBODY)
+        self.signal(signal.SIGKILL)
 
     # -- in the monitor thread, from the launcher -----------------------------------------
 
@@ -175,7 +188,8 @@ class TaskProcess:
         self.done = True
         self._close()
         reader = self._reader
-        self._consumer._ended(self._exitcode, reader.messages, reader.partial, reader.corrupt)
+        messages, reader.messages = reader.messages, []  # the consumer keeps what it needs
+        self._consumer._ended(self._exitcode, messages, reader.partial, reader.corrupt)
         self._consumer = None
 
     def _close(self) -> None:
@@ -231,6 +245,21 @@ class TaskProcess:
                 os.kill(self.pid, signum)
         except OSError:
             pass
+
+
+class _Nobody:
+    """The consumer of a process whose call was interrupted: nothing waits for its end."""
+
+    def _outcome_sent(self, kind: int, body: Any) -> None:
+        pass
+
+    def _ended(
+        self, exitcode: Optional[int], messages: List[Tuple[int, Any]], partial: bool, corrupt: Optional[str]
+    ) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
 
 
 def _killpg(pgid: int) -> None:

@@ -22,8 +22,9 @@ one of:
     cancelled  cancel() came first                                -> CancelledError
 
 Everything about the process comes from its ``TaskProcess`` (``_process``), in the monitor
-thread. Done-callbacks run there, or at once in the caller when the task is already done. The
-result is unpickled in the thread that asks for it, outside any lock, once.
+thread. Done-callbacks run there, or in the thread that calls ``cancel()``, or at once in the
+caller when the task is already done. The result is unpickled in the thread that asks for it,
+outside any lock, once.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class Task(concurrent.futures.Future[R]):
         A graceful task is asked to stop (its stop event is set, or the stop exception is raised
         inside it so that its ``finally`` blocks run) and its process group is killed if it is
         still there ``grace`` seconds later. Any other task's process group is killed at once.
-        Stopping a task that has already finished does nothing but wait for its exit.
+        A task whose outcome is known gets no signal: its process, already on its way out, gets
+        ``grace`` seconds to finish its cleanup (``atexit``), then its group is killed.
 
         Raises:
             TimeoutError: the process was not gone within ``timeout`` seconds.
@@ -199,9 +201,10 @@ class Task(concurrent.futures.Future[R]):
     def add_done_callback(self, fn: Callable[[Task[R]], object]) -> None:
         """Call ``fn(task)`` when the task is done.
 
-        It is called in bgtask's monitor thread, or at once in this thread if the task is
-        already done. Whatever it raises (``SystemExit`` included) is logged to the ``bgtask``
-        logger and ignored. It must not wait for a task: that raises ``BgTaskError``.
+        It is called in bgtask's monitor thread, or in the thread that calls ``cancel()``, or at
+        once in this thread if the task is already done. Whatever it raises (``SystemExit``
+        included) is logged to the ``bgtask`` logger and ignored. In the monitor thread it must
+        not wait for a task: that raises ``BgTaskError``.
         """
         self._check_owner()
         with self._condition:
@@ -355,14 +358,25 @@ class Task(concurrent.futures.Future[R]):
                 task._request_stop("timeout")
 
         self._timeout = _monitor.get().call_at(time.monotonic() + seconds, expire)
+        if self._exited:  # it ended before the timer was armed: _ended() could not cancel it
+            self._timeout.cancel()
 
     def _request_stop(self, reason: str, hard: bool = False) -> None:
-        """Ask the task to stop; ``hard`` (or a non-graceful task) kills its group at once."""
-        hard = hard or not self._graceful
+        """Ask the task to stop; ``hard`` (or a non-graceful task) kills its group at once.
+
+        Once the outcome is known, a stop sends no signal: the process is on its way out,
+        running its cleanup, and gets ``grace`` seconds for it before its group is killed.
+        """
         with self._condition:
             process = self._process
             if self._exited or process is None:  # gone, or never started
                 return
+            if self._state == FINISHED and not hard:
+                if self._stop_sent is None:
+                    self._stop_sent = "soft"
+                    process.signal(0, self._grace)  # signal 0: nothing now, SIGKILL later
+                return
+            hard = hard or not self._graceful
             if self._stop_sent == "hard" or (self._stop_sent == "soft" and not hard):
                 return
             if self._stop_reason is None and self._state == RUNNING:

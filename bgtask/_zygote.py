@@ -9,7 +9,7 @@
        |
        +-- reaps tasks, kills what they left behind, reports exit codes to the main program
        +-- main program gone (control socket EOF): stops daemon tasks (SIGTERM, then SIGKILL of
-           the group after grace), kills unused spares
+           the group after grace), kills unused spares, and stays until its tasks have ended
 
 The zygote is started once, lazily, with exec (so it never inherits the main program's threads,
 locks or file descriptors), in a session of its own (so terminal signals do not reach it or its
@@ -89,8 +89,8 @@ class ProcTable:
             self.idle.discard(proc.serial)
         return proc
 
-    def daemons_left(self) -> bool:
-        return any(p.daemon for p in self.by_pid.values())
+    def tasks_left(self) -> bool:
+        return any(p.task for p in self.by_pid.values())
 
 
 class OutQueue:
@@ -177,7 +177,10 @@ class Zygote:
 
     def serve(self) -> None:
         self._refill()
-        while self.ctl is not None or self.procs.daemons_left():
+        # Once the main program is gone the zygote stays until its tasks end (daemon ones are
+        # being stopped; the others run to their end): it reaps them and kills what they leave
+        # behind, and a task's own zygote, adopted by an outer one, keeps its tasks as children.
+        while self.ctl is not None or self.procs.tasks_left():
             self._wait()
             self._drain_wakeups()
             # Activations first: a task that already ended must be known as a task when it
@@ -234,7 +237,11 @@ class Zygote:
         messages, self.reader.messages = self.reader.messages, []
         procs = self.procs
         for kind, body in messages:
-            message = _wire.decode(kind, body)
+            try:
+                message = _wire.decode(kind, body)
+            except Exception:  # a torn frame: nothing more from this channel can be trusted
+                self._main_program_gone()
+                return
             if isinstance(message, _wire.Activate):
                 self._activate(message)
             elif isinstance(message, _wire.Signal):

@@ -280,7 +280,7 @@ def _done_samples_during_stop(task: Task[Any]) -> Set[bool]:
 def test_stop_after_the_result_never_makes_done_false() -> None:
     """stop() after the result arrived leaves done() true throughout; the outcome stays returned."""
 
-    @background
+    @background(grace=0.5)
     def answer() -> int:
         import atexit
 

@@ -287,3 +287,34 @@ def test_stop_lands_while_the_task_is_inside_its_event_wait(tmp_path: Path) -> N
         task.stop(timeout=10)
         assert task.result(0) > 0
         assert task.exitcode == 0  # finished on its own, not killed after its grace
+
+
+def test_stop_after_the_outcome_lets_the_cleanup_finish(start_method: Optional[str], tmp_path: Path) -> None:
+    """stop() once the result arrived sends no signal: the task's atexit cleanup still runs."""
+    if start_method == "fork":
+        pytest.skip("under fork a task's atexit handlers are the main program's and do not run")
+    go, cleaned = _marker(tmp_path, "go"), _marker(tmp_path, "cleaned")
+
+    @background(grace=60, start_method=start_method)
+    def answer() -> int:
+        import atexit
+
+        def cleanup() -> None:
+            deadline = time.monotonic() + 30
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            cleaned.touch()
+
+        atexit.register(cleanup)
+        return 42
+
+    task = answer()
+    assert task.result(timeout=60) == 42
+    stopper = threading.Thread(target=task.stop, kwargs={"timeout": 60})
+    stopper.start()
+    assert wait_until(lambda: task._stop_sent is not None)  # the stop was requested first
+    go.touch()
+    stopper.join(60)
+    assert cleaned.exists()
+    assert task.exitcode == 0
+    assert task.result(0) == 42
