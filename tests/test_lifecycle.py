@@ -6,9 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -77,21 +78,37 @@ def worker(seconds):
 """
 
 
+def _guarded(body: str) -> str:
+    """A script body under the ``__main__`` guard that spawn and forkserver need."""
+    return 'if __name__ == "__main__":\n' + textwrap.indent(textwrap.dedent(body).strip(), "    ") + "\n"
+
+
+def _method_env(start_method: Optional[str]) -> Dict[str, str]:
+    env = script_env()
+    env["BGTASK_TEST_START_METHOD"] = start_method or ""
+    return env
+
+
 def _pids(script: Script, count: int) -> List[int]:
     return [int(script.expect("PID")) for _ in range(count)]
 
 
-def test_normal_exit_waits_for_workers_then_stops_daemons(tmp_path: Path) -> None:
+def test_normal_exit_waits_for_workers_then_stops_daemons(
+    tmp_path: Path, start_method: Optional[str]
+) -> None:
     """At a normal end, the non-daemon task finishes, then daemons stop (graceful ones clean up)."""
     result = run_script(
         tmp_path,
         PRELUDE
-        + """
-d1, d2, d3 = plain_daemon(), graceful_daemon(), cooperative_daemon()
-w = worker(0.3)
-wait_ready("plain", "graceful", "cooperative")
-print("PIDS", d1.pid, d2.pid, d3.pid, flush=True)
-""",
+        + _guarded(
+            """
+            d1, d2, d3 = plain_daemon(), graceful_daemon(), cooperative_daemon()
+            w = worker(0.3)
+            wait_ready("plain", "graceful", "cooperative")
+            print("PIDS", d1.pid, d2.pid, d3.pid, flush=True)
+            """
+        ),
+        env=_method_env(start_method),
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -140,17 +157,22 @@ job()
         ("sys.exit(3)", 3),
     ],
 )
-def test_main_error_and_exit_code_unchanged(tmp_path: Path, ending: str, code: int) -> None:
+def test_main_error_and_exit_code_unchanged(
+    tmp_path: Path, ending: str, code: int, start_method: Optional[str]
+) -> None:
     """An unhandled exception or sys.exit keeps main's traceback and exit code; daemons stop."""
     result = run_script(
         tmp_path,
         PRELUDE
-        + f"""
-d = graceful_daemon()
-wait_ready("graceful")
-print("PID", d.pid, flush=True)
-{ending}
-""",
+        + _guarded(
+            f"""
+            d = graceful_daemon()
+            wait_ready("graceful")
+            print("PID", d.pid, flush=True)
+            {ending}
+            """
+        ),
+        env=_method_env(start_method),
     )
     assert result.returncode == code
     assert (tmp_path / "cleanup-ran").exists()
@@ -214,20 +236,23 @@ def test_daemons_stop_when_main_is_killed(tmp_path: Path, how: str, start_method
         kill_quietly(daemons if "daemons" in locals() else [])
 
 
-def test_ctrl_c_gives_only_mains_traceback(tmp_path: Path) -> None:
+def test_ctrl_c_gives_only_mains_traceback(tmp_path: Path, start_method: Optional[str]) -> None:
     """SIGINT to the foreground group: only main's KeyboardInterrupt; tasks end, cleanup runs."""
     script = Script(
         tmp_path,
         PRELUDE
-        + """
-d1, d2 = plain_daemon(), graceful_daemon()
-w = worker(0.5)
-wait_ready("plain", "graceful", "worker")
-print("PID", d1.pid, flush=True)
-print("PID", d2.pid, flush=True)
-print("READY", flush=True)
-threading.Event().wait()
-""",
+        + _guarded(
+            """
+            d1, d2 = plain_daemon(), graceful_daemon()
+            w = worker(0.5)
+            wait_ready("plain", "graceful", "worker")
+            print("PID", d1.pid, flush=True)
+            print("PID", d2.pid, flush=True)
+            print("READY", flush=True)
+            threading.Event().wait()
+            """
+        ),
+        env=_method_env(start_method),
     )
     try:
         daemons = _pids(script, 2)
