@@ -47,6 +47,15 @@ def _kill_if_alive(pids: List[int]) -> None:
     kill_quietly([pid for pid in pids if pid_alive(pid)])
 
 
+def _end_script(script: Script, pids: List[int]) -> None:
+    """Kill what a script started by pid, survivors first (they hold its pipes), then the script.
+
+    Its tasks run in process groups of their own, which ``Script.close()`` does not reach.
+    """
+    _kill_if_alive([*pids, *descendants(script.proc.pid)])
+    script.close()
+
+
 def _is_my_zygote(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -109,10 +118,7 @@ threading.Event().wait()
         script.wait()
         assert wait_until(lambda: not pid_alive(pid), timeout=10), "the daemon task outlived main"
     finally:
-        # The task is in a group of its own, outside the script's: a survivor is killed by pid,
-        # first, as it holds the script's pipes (also when the call hung before printing it).
-        _kill_if_alive([int(record.read_text())] if record.exists() else [])
-        script.close()
+        _end_script(script, [int(record.read_text())] if record.exists() else [])
 
 
 # -- row 2: a zygote without os.waitid and without /proc -------------------------------------
@@ -224,8 +230,7 @@ threading.Event().wait()
         script.expect("JOINED")
         assert wait_until(lambda: not pid_alive(pids[0]), timeout=10), "the task's child outlived it"
     finally:
-        _kill_if_alive(pids)  # first: a survivor holds the script's pipes
-        script.close()
+        _end_script(script, pids)
 
 
 def test_row02_zygote_without_waitid_or_proc_stops_a_task(tmp_path: Path) -> None:
@@ -256,8 +261,7 @@ print("STOPPED", task.is_alive(), isinstance(task.exception(0), TaskStopped), fl
         assert script.expect("STOPPED", timeout=30) == "False True"
         assert not pid_alive(pids[0])
     finally:
-        _kill_if_alive(pids)  # first: a survivor holds the script's pipes
-        script.close()
+        _end_script(script, pids)
 
 
 # -- row 3: thousands of descriptors in the main program ---------------------------------------
@@ -510,8 +514,7 @@ threading.Event().wait()
         assert wait_until(lambda: not pid_alive(pids[1]), timeout=10), "the daemon task outlived main"
         assert wait_until(lambda: not pid_alive(pids[0]), timeout=10), "the escapee outlived main"
     finally:
-        _kill_if_alive(pids)  # first: a survivor holds the script's pipes
-        script.close()
+        _end_script(script, pids)
 
 
 # -- row 17: standard output redirected after the first call ---------------------------------
