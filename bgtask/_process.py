@@ -63,6 +63,7 @@ class TaskProcess:
         "_reader",
         "_reading",
         "_reaped",
+        "_requested",
         "_signaller",
         "channel",
         "done",
@@ -95,6 +96,7 @@ class TaskProcess:
         self._reaped = False
         self._lost = False
         self._exitcode: Optional[int] = None
+        self._requested = 0  # the strongest signal asked for so far
         self._escalation: Optional[_monitor.Timer] = None
         self._monitor = _monitor.get()
         self._monitor.hold()
@@ -149,8 +151,13 @@ class TaskProcess:
         self._maybe_end()
 
     def lost(self) -> None:
-        """The launcher can no longer report the exit: the channel's EOF will tell it."""
+        """The launcher can no longer report the exit: the channel's EOF will tell it.
+
+        A signal the launcher took as it died may never have arrived: it goes again, directly.
+        """
         self._lost = True
+        if self._requested and not self.done:
+            self._signal_directly(self._requested)
         self._maybe_end()
 
     # -- in the monitor thread ------------------------------------------------------------
@@ -202,9 +209,12 @@ class TaskProcess:
                 self._monitor.remove_reader(self.channel)
             self.channel.close()
             self.channel = None
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
+        # Taken off the record before it is closed: a copy of this program forked meanwhile
+        # either holds a copy of the descriptor (and closes it) or finds none, never a number
+        # that a new descriptor got after the close.
+        pidfd, self.pidfd = self.pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
         with _live_lock:
             _live.discard(self)
         if self._on_end is not None:
@@ -215,6 +225,8 @@ class TaskProcess:
     def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
         if self.done or self._reaped:
             return
+        if signum and self._requested != signal.SIGKILL:
+            self._requested = signum
         if not self._signaller(signum, escalate_after):
             self._signal_directly(signum)
         # Also where the launcher escalates itself (the zygote): it may die meanwhile.

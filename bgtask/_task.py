@@ -401,7 +401,8 @@ class Task(concurrent.futures.Future[R]):
         outcome, body = classify(messages, self._stop_reason, partial, corrupt)
         if outcome == "crashed" and body is None and exitcode is None:
             body = "bgtask's zygote died before it could report the exit status"
-        if outcome == "stopped" and self._graceful and exitcode == -signal.SIGKILL and body is None:
+        graceful_stop = self._graceful and self._stop_sent == "soft"  # not kill(), which is hard
+        if outcome == "stopped" and graceful_stop and exitcode == -signal.SIGKILL and body is None:
             import logging
 
             logging.getLogger("bgtask").warning(
