@@ -13,7 +13,7 @@ is left. One test per start method.
 
 Size, seed and known bugs come from the environment::
 
-    BGTASK_STATEFUL_EXAMPLES=N   examples per start method (default 150: about 1.5 minutes for
+    BGTASK_STATEFUL_EXAMPLES=N   examples per start method (default 150: 1 to 2 minutes for
                                  all four methods on a shared 2-core machine when all passes)
     BGTASK_STATEFUL_SEED=S       an integer: that seed; "random": a fresh one each run;
                                  unset: derandomized, the same examples every run (CI)
