@@ -63,8 +63,10 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     """
     global _task_sock
     code = 1
-    sock.set_inheritable(False)  # under spawn it arrives inheritable: the task's children must
-    # not hold it open, or the main program would not see the task's end on it
+    if not prepared:
+        # Under spawn it arrives inheritable: the task's children must not hold it open, or
+        # the main program would not see the task's end on it.
+        sock.set_inheritable(False)
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
@@ -399,7 +401,7 @@ def end_descendants() -> None:
     killed while unreaped (its pid and group id are still its own), then reaped, so that what
     it orphaned comes here too and goes the same way.
     """
-    if not _subreaper:
+    if not _subreaper or not _platform.has_children():
         return
     import time
 

@@ -82,7 +82,25 @@ def set_child_subreaper() -> bool:
     be found and killed. Not where children cannot be listed (no ``/proc``): adopted processes
     could not be found. Returns whether it is on.
     """
-    return IS_LINUX and children() is not None and _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    global _can_list_children
+    if _can_list_children is None:  # found out once, in the zygote: its forks inherit it
+        _can_list_children = children() is not None
+    return IS_LINUX and _can_list_children and _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+_can_list_children: Optional[bool] = None
+
+
+def has_children() -> bool:
+    """Whether this process has any child, running or exited (one system call where it can)."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return bool(children())
+    try:
+        waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def set_process_name(name: str) -> None:
@@ -116,11 +134,14 @@ def thread_count() -> int:
         return threading.active_count()
 
 
-def children() -> Optional[List[int]]:
-    """This process's children, from ``/proc`` (Linux); ``None`` where they cannot be listed."""
+def children(single_threaded: bool = False) -> Optional[List[int]]:
+    """This process's children, from ``/proc`` (Linux); ``None`` where they cannot be listed.
+
+    ``single_threaded``: the caller has one thread, whose children are all there are.
+    """
     pids: List[int] = []
     try:
-        for tid in os.listdir("/proc/self/task"):
+        for tid in [str(os.getpid())] if single_threaded else os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/children") as f:
                 pids.extend(int(pid) for pid in f.read().split())
     except (OSError, ValueError):

@@ -214,11 +214,11 @@ def recv_exact(sock: socket.socket, size: int, fds: Optional[List[int]] = None) 
     view = memoryview(buf)
     got = 0
     if fds is not None and size:
-        chunk = _recv_with_fds(sock, 1, 0, fds, 8)
+        chunk = _recv_with_fds(sock, size, 0, fds, 8)
         if not chunk:
             return None
-        view[0:1] = chunk
-        got = 1
+        got = len(chunk)
+        view[:got] = chunk
     while got < size:
         n = sock.recv_into(view[got:])
         if n == 0:

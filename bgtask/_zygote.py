@@ -170,6 +170,7 @@ class Zygote:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.selector.register(ctl, selectors.EVENT_READ)
+        self.writing = False  # whether the selector waits for ctl to take more output
         self.ctl_ready = selectors.DefaultSelector()  # "is a message waiting?", without waiting
         self.ctl_ready.register(ctl, selectors.EVENT_READ)
 
@@ -197,8 +198,9 @@ class Zygote:
         timeout = IDLE_WAIT_S
         if self.procs.kill_at:
             timeout = max(0.0, min(timeout, min(self.procs.kill_at.values()) - time.monotonic()))
-        if self.ctl is not None:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        if self.ctl is not None and bool(self.out) != self.writing:
+            self.writing = bool(self.out)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.writing else 0)
             self.selector.modify(self.ctl, events)
         self.selector.select(timeout)
 
@@ -357,7 +359,7 @@ class Zygote:
 
     def _kill_adopted(self) -> None:
         """Kill the processes that left a task's group and came back here when the task ended."""
-        pids = _platform.children()
+        pids = _platform.children(single_threaded=True)
         for pid in pids or ():
             if pid in self.procs.by_pid or pid in self.adopted:
                 continue
