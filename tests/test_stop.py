@@ -274,10 +274,11 @@ def test_stop_lands_while_the_task_is_inside_its_event_wait(tmp_path: Path) -> N
     def busy_waiter() -> int:
         event = stop_event()
         rounds = 0
-        ready.touch()
         while not event.is_set():
             event.wait(0.0001)  # nearly always inside wait() when the signal lands
             rounds += 1
+            if rounds == 1:
+                ready.touch()  # after a first round: the stop can only land in the loop
         return rounds
 
     for _ in range(20):
