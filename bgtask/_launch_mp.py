@@ -52,20 +52,11 @@ class MultiprocessingLauncher:
         # thread, and Process.start() polls (and may reap) every known child: hold the lock
         # wherever this module signals or reaps. Under it too, the channel is made and started
         # as one step, so that no other start forks a copy of this program holding it.
-        with _mp_lock:
-            mine, theirs = socket.socketpair()
-            _process.starting(mine)
-            try:
-                process = self.context.Process(
-                    target=_run_task, args=(theirs, settings), name=settings["name"], daemon=False
-                )
-                process.start()
-            except BaseException:
-                _process.started(mine)
-                mine.close()
-                raise
-            finally:
-                theirs.close()
+        with _mp_lock, _process.new_channel() as (mine, theirs):
+            process = self.context.Process(
+                target=_run_task, args=(theirs, settings), name=settings["name"], daemon=False
+            )
+            process.start()
         pid: int = process.pid
         parent = self.method != "forkserver"
         if self.method == "fork":

@@ -246,18 +246,16 @@ class ZygoteClient:
         self.last_env = _environ_snapshot()  # what the zygote starts with
         self.last_path = list(sys.path)
         self.stdio = _stdio_identity()
-        mine, theirs = socket.socketpair()
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         # A copy of this program forked meanwhile must not hold the control socket: the zygote
         # would not see the main program's end.
-        _process.starting(mine)
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args = [
-            sys.executable,
-            *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-            "-c",
-            _BOOT.format(path=package_parent, fd=theirs.fileno()),
-        ]
-        try:
+        with _process.new_channel() as (mine, theirs):
+            args = [
+                sys.executable,
+                *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                "-c",
+                _BOOT.format(path=package_parent, fd=theirs.fileno()),
+            ]
             self.process = subprocess.Popen(
                 args,
                 pass_fds=[theirs.fileno()],
@@ -265,12 +263,6 @@ class ZygoteClient:
                 start_new_session=True,
                 close_fds=True,
             )
-        except BaseException:
-            _process.started(mine)
-            mine.close()
-            raise
-        finally:
-            theirs.close()
         self.ctl = mine
         try:
             self.ctl.sendall(_wire.encode(_wire.Boot(self.last_path, list(preload))))

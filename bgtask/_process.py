@@ -24,12 +24,13 @@ the channel's EOF, and the exit code is unknown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Set, Tuple
 
 from . import _monitor, _platform, _wire
 
@@ -288,6 +289,26 @@ _live_lock = threading.Lock()
 # Channels made for a process being started, before its TaskProcess exists: under "fork" the
 # task itself is such a copy, and must not keep the main program's end of its own channel.
 _starting: Set[socket.socket] = set()
+
+
+@contextlib.contextmanager
+def new_channel() -> Iterator[Tuple[socket.socket, socket.socket]]:
+    """A socket pair for a process about to start: (this program's end, the process's end).
+
+    This program's end stays out of copies of the program forked meanwhile (``started()``
+    lets go of it once something else follows it); the process's end is closed on leaving the
+    block, and this program's end too if the start failed.
+    """
+    mine, theirs = socket.socketpair()
+    starting(mine)
+    try:
+        yield mine, theirs
+    except BaseException:
+        started(mine)
+        mine.close()
+        raise
+    finally:
+        theirs.close()
 
 
 def starting(channel: socket.socket) -> None:

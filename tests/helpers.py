@@ -32,7 +32,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE_S) -> 
         time.sleep(POLL_S)
 
 
-def _stat(pid: int) -> Optional[List[str]]:
+def proc_stat(pid: int) -> Optional[List[str]]:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or ``None``."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
@@ -44,7 +45,7 @@ def _stat(pid: int) -> Optional[List[str]]:
 
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie counts as gone)."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     if fields is not None:
         return fields[0] != "Z"
     try:
@@ -78,7 +79,7 @@ def descendants(root: Optional[int] = None) -> List[int]:
     children: Dict[int, List[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            fields = _stat(int(name))
+            fields = proc_stat(int(name))
             if fields is not None and fields[0] != "Z":
                 children.setdefault(int(fields[1]), []).append(int(name))
     helpers = _helper_pids()
@@ -139,7 +140,7 @@ def zombie_children() -> List[int]:
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            fields = _stat(int(name))
+            fields = proc_stat(int(name))
             if fields is not None and fields[1] == me and fields[0] == "Z":
                 found.append(int(name))
     return found

@@ -59,7 +59,7 @@ from hypothesis.stateful import (
 
 from bgtask import Task, _launch, _lifecycle, _monitor, background, stop_event
 
-from .helpers import descendants, describe_pids, fd_count, wait_until, zombie_children
+from .helpers import descendants, describe_pids, fd_count, proc_stat, wait_until, zombie_children
 
 EXAMPLES = int(os.environ.get("BGTASK_STATEFUL_EXAMPLES", "150"))
 SEED = os.environ.get("BGTASK_STATEFUL_SEED") or None
@@ -163,27 +163,18 @@ NATURAL_END = {"return", "raise", "exit3", "sigkill", "subtask"}
 # -- processes, seen through /proc --------------------------------------------------------------
 
 
-def _stat(pid: int) -> Optional[List[str]]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(")") + 2 :].split()
-
-
 def _identity(pid: Optional[int]) -> Optional[Tuple[int, str]]:
     """(pid, start time): names one process, even after its pid is reused (pid_max is small)."""
     if pid is None:
         return None
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return None if fields is None else (pid, fields[19])
 
 
 def _running(identity: Optional[Tuple[int, str]]) -> bool:
     if identity is None:
         return False
-    fields = _stat(identity[0])
+    fields = proc_stat(identity[0])
     return fields is not None and fields[0] != "Z" and fields[19] == identity[1]
 
 
