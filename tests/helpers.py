@@ -146,6 +146,21 @@ def zombie_children() -> List[int]:
     return found
 
 
+# Handshakes through files in a script's directory (its cwd), for the scripts tests write: the
+# script defines HERE (its directory) and imports time before this.
+SCRIPT_HANDSHAKES = """
+def ready(name):
+    (HERE / name).touch()
+
+def wait_ready(*names):
+    deadline = time.monotonic() + 30
+    while not all((HERE / n).exists() for n in names):
+        if time.monotonic() > deadline:
+            raise SystemExit("handshake timed out")
+        time.sleep(0.01)
+"""
+
+
 def write_script(tmp_path: Path, source: str, name: str = "script.py") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(source))

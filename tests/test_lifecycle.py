@@ -13,9 +13,19 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from .helpers import ROOT, Script, kill_quietly, pid_alive, run_script, script_env, wait_until
+from .helpers import (
+    ROOT,
+    SCRIPT_HANDSHAKES,
+    Script,
+    kill_quietly,
+    pid_alive,
+    run_script,
+    script_env,
+    wait_until,
+)
 
-PRELUDE = """
+PRELUDE = (
+    """
 import os, sys, time, threading, signal
 from pathlib import Path
 from bgtask import background, stop_event
@@ -23,15 +33,9 @@ from bgtask import background, stop_event
 HERE = Path(__file__).resolve().parent
 METHOD = os.environ.get("BGTASK_TEST_START_METHOD") or None  # the start method under test
 
-def ready(name):
-    (HERE / name).touch()
-
-def wait_ready(*names):
-    deadline = time.monotonic() + 30
-    while not all((HERE / n).exists() for n in names):
-        if time.monotonic() > deadline:
-            raise SystemExit("handshake timed out")
-        time.sleep(0.01)
+"""
+    + SCRIPT_HANDSHAKES
+    + """
 
 @background(daemon=True, start_method=METHOD)
 def plain_daemon():
@@ -76,6 +80,7 @@ def worker(seconds):
     time.sleep(seconds)
     (HERE / "worker-done").write_text("yes")
 """
+)
 
 
 def _guarded(body: str) -> str:

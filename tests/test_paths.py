@@ -15,27 +15,29 @@ import pytest
 
 from bgtask import TaskCrashed, TaskStopped, background
 
-from .helpers import Script, descendants, kill_quietly, pid_alive, run_script, script_env, wait_until
+from .helpers import (
+    SCRIPT_HANDSHAKES,
+    Script,
+    descendants,
+    kill_quietly,
+    pid_alive,
+    run_script,
+    script_env,
+    wait_until,
+)
 
 # What the scripts share: handshakes through files in the script's directory (its cwd).
-PRELUDE = """
+PRELUDE = (
+    """
 import os, sys, time, threading, signal
 from pathlib import Path
 from bgtask import background, stop_event
 
 HERE = Path(__file__).resolve().parent
 METHOD = None if len(sys.argv) < 2 or sys.argv[1] == "zygote" else sys.argv[1]
-
-def ready(name):
-    (HERE / name).touch()
-
-def wait_ready(*names):
-    deadline = time.monotonic() + 30
-    while not all((HERE / n).exists() for n in names):
-        if time.monotonic() > deadline:
-            raise SystemExit("handshake timed out")
-        time.sleep(0.01)
 """
+    + SCRIPT_HANDSHAKES
+)
 
 
 def _method_arg(start_method: Optional[str]) -> List[str]:
