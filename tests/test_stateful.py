@@ -178,8 +178,11 @@ def _running(identity: Optional[Tuple[int, str]]) -> bool:
     return fields is not None and fields[0] != "Z" and fields[19] == identity[1]
 
 
-def _marked(example: str) -> Dict[int, str]:
-    """Running processes whose environment carries this example's mark, with the mark's value."""
+def _marked(example: str, *, any_suffix: bool = False) -> Dict[int, str]:
+    """Running processes whose environment carries this example's mark, with the mark's value.
+
+    ``any_suffix``: every mark that starts with ``example`` (``"PID."``: every example of a run).
+    """
     prefix = f"{MARK_VAR}={example}".encode()
     found: Dict[int, str] = {}
     me = os.getpid()
@@ -192,7 +195,11 @@ def _marked(example: str) -> Dict[int, str]:
         except OSError:
             continue
         for entry in data.split(b"\0"):
-            if entry == prefix or entry.startswith(prefix + b":"):
+            if (
+                entry == prefix
+                or entry.startswith(prefix + b":")
+                or (any_suffix and entry.startswith(prefix))
+            ):
                 found[int(name)] = entry.split(b"=", 1)[1].decode()
                 break
     return found
@@ -793,6 +800,9 @@ def test_random_sequences_of_calls_and_faults(start_method: Optional[str]) -> No
     try:
         run_state_machine_as_test(machine, settings=SETTINGS)
     finally:
+        # The examples checked what they left; this last sweep only keeps a run from leaving a
+        # process behind when an example was cut short (a failure, a shrink).
+        _sigkill(_marked(f"{os.getpid()}.", any_suffix=True))
         runs = next(_examples) - first - 1  # examples run, shrinking and replays included
         print(
             f"\n{start_method or 'zygote'}: {runs} examples in {time.monotonic() - started:.0f} s"
