@@ -90,6 +90,7 @@ def shutdown() -> None:
         for task in live_tasks():
             task._request_stop("exit", hard=True)
     _launch.close_all()
+    _stop_idle_monitor()
 
 
 def _wait_for_non_daemons() -> None:
@@ -138,9 +139,13 @@ _FORK_AWARE = ("bgtask._decorator", "bgtask._process", "bgtask._launch", "bgtask
 
 def _before_fork() -> None:
     """No thread of bgtask's should be copied into a fork it has no reason to be in."""
-    before_fork = getattr(sys.modules.get("bgtask._monitor"), "before_fork", None)
-    if before_fork is not None:
-        before_fork()
+    _stop_idle_monitor()
+
+
+def _stop_idle_monitor() -> None:
+    stop = getattr(sys.modules.get("bgtask._monitor"), "stop_idle_thread", None)
+    if stop is not None:
+        stop()
 
 
 def _after_fork_in_child() -> None:

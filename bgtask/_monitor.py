@@ -142,10 +142,13 @@ class Monitor:
         return threading.current_thread() is self._thread
 
     def stop_if_idle(self, timeout: float) -> None:
-        """Stop the thread and wait for it, if no task runs and nothing is queued."""
+        """Stop the thread and wait for it, if no task runs and no timer waits.
+
+        Calls already queued run first (the zygote's release at the program's end, say).
+        """
         with self._lock:
             thread = self._thread
-            if thread is None or thread is threading.current_thread() or not self._idle():
+            if thread is None or thread is threading.current_thread() or self._holds or self._live_timers:
                 return
             self._stop_when_idle = True
         self._wake()
@@ -268,15 +271,16 @@ def in_monitor_thread() -> bool:
     return monitor is not None and monitor.owner_pid == os.getpid() and monitor.in_monitor_thread()
 
 
-# How long a fork waits for an idle monitor thread to end.
-STOP_BEFORE_FORK_S = 1.0
+# How long a fork, or the end of the program, waits for an idle monitor thread to end.
+STOP_IDLE_S = 1.0
 
 
-def before_fork() -> None:
-    """Before this process forks: end the monitor thread if it has nothing to do."""
+def stop_idle_thread() -> None:
+    """End the monitor thread if it has nothing to do: before a fork, and at the program's end
+    (so that no thread of bgtask's runs while the interpreter finalizes)."""
     monitor = _monitor
     if monitor is not None and monitor.owner_pid == os.getpid():
-        monitor.stop_if_idle(STOP_BEFORE_FORK_S)
+        monitor.stop_if_idle(STOP_IDLE_S)
 
 
 def forget_in_child() -> None:
