@@ -238,10 +238,6 @@ class ExitWatcher:
     BSD), a pidfd per child (Linux without ``waitid``).
     """
 
-    def fileno(self) -> Optional[int]:
-        """A descriptor that turns readable when a watched child exits, or ``None``."""
-        return None
-
     def watch(self, pid: int) -> None:
         """Start watching child ``pid``, from right after its fork."""
 
@@ -316,9 +312,6 @@ class _KqueueWatcher(ExitWatcher):
 
         self._kq = select.kqueue()  # type: ignore[attr-defined]
         self._early: List[int] = []
-
-    def fileno(self) -> Optional[int]:
-        return self._kq.fileno()  # type: ignore[no-any-return]
 
     def watch(self, pid: int) -> None:
         import select
