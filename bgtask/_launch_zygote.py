@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import _monitor, _process, _wire
 from ._process import TaskProcess
@@ -482,6 +482,19 @@ class ZygoteClient:
                 pass
 
 
+def _c_sigmask() -> Callable[[int, Iterable[int]], Any]:
+    """``signal.pthread_sigmask`` without its conversions to enums (called twice a call)."""
+    try:
+        import _signal  # type: ignore[import-not-found]
+    except ImportError:  # not CPython
+        return signal.pthread_sigmask
+    return _signal.pthread_sigmask  # type: ignore[no-any-return]
+
+
+_sigmask = _c_sigmask()
+_SIGINT_ONLY = (int(signal.SIGINT),)
+
+
 class _signals_deferred:
     """Block SIGINT in the main thread for a moment (nothing elsewhere: signals go there)."""
 
@@ -490,8 +503,8 @@ class _signals_deferred:
     def __enter__(self) -> None:
         self._old = None
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            self._old = _sigmask(signal.SIG_BLOCK, _SIGINT_ONLY)
 
     def __exit__(self, *exc: object) -> None:
         if self._old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+            _sigmask(signal.SIG_SETMASK, self._old)

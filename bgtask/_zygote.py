@@ -46,6 +46,8 @@ SPARES = 2
 MAX_OWED = 8
 # How long the loop waits at most: a lost SIGCHLD or a failed fork costs at most this.
 IDLE_WAIT_S = 1.0
+# How long after a task's end the zygote looks for what it left behind (see _reap).
+ADOPTED_SCAN_S = 0.05
 
 
 class _Proc:
@@ -151,6 +153,7 @@ class Zygote:
         self.watcher = _platform.exit_watcher()
         self.subreaper = _platform.set_child_subreaper()
         self.adopted: Set[int] = set()  # zygotes of ended tasks, left to end on their own
+        self.scan_at: Optional[float] = None  # when to look for processes tasks left behind
         self.generation = 0  # bumped by every change of environment or preloaded modules
         # Calls that found no spare and wait: each gets a fork beyond SPARES, so that a burst of
         # calls keeps the zygote forking instead of waiting for its spares to be taken.
@@ -188,16 +191,27 @@ class Zygote:
             # is reaped (the main program sends the activation before the task's payload).
             if self.ctl is not None:
                 self._read_control()
-            self._reap()
-            self._escalate()
+            # A call may be waiting for a spare: fork before reaping. The pids of exited
+            # children are not reused before they are reaped, so no report can come too late.
             self._flush()
             self._refill()
+            self._reap()
+            now = time.monotonic()
+            self._escalate(now)
+            self._scan_adopted(now)
+            self._flush()
+            self._refill()
+        if self.subreaper:
+            self._kill_adopted()  # the last ones: nothing adopts them after this process
         os._exit(0)
 
     def _wait(self) -> None:
+        deadlines = list(self.procs.kill_at.values())
+        if self.scan_at is not None:
+            deadlines.append(self.scan_at)
         timeout = IDLE_WAIT_S
-        if self.procs.kill_at:
-            timeout = max(0.0, min(timeout, min(self.procs.kill_at.values()) - time.monotonic()))
+        if deadlines:
+            timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
         if self.ctl is not None and bool(self.out) != self.writing:
             self.writing = bool(self.out)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.writing else 0)
@@ -314,11 +328,10 @@ class Zygote:
             else:
                 self._signal(proc, signal.SIGKILL, None)
 
-    def _escalate(self) -> None:
+    def _escalate(self, now: float) -> None:
         kill_at = self.procs.kill_at
         if not kill_at:
             return
-        now = time.monotonic()
         for pid, when in list(kill_at.items()):
             if when <= now:
                 del kill_at[pid]
@@ -354,7 +367,14 @@ class Zygote:
             proc = self.procs.remove(pid)
             if proc is not None:
                 self._report(_wire.Reaped(proc.serial, exitcode))
-        if reaped and self.subreaper:
+        if reaped and self.subreaper and self.scan_at is None:
+            # What a task left behind, once it is gone: looked for a moment later, once for
+            # all the tasks that end meanwhile (a burst of tasks would scan at every exit).
+            self.scan_at = time.monotonic() + ADOPTED_SCAN_S
+
+    def _scan_adopted(self, now: float) -> None:
+        if self.scan_at is not None and now >= self.scan_at:
+            self.scan_at = None
             self._kill_adopted()
 
     def _kill_adopted(self) -> None:
@@ -407,10 +427,16 @@ class Zygote:
         """In a freshly forked spare: let go of what is the zygote's."""
         signal.set_wakeup_fd(-1)
         _child.set_handler(signal.SIGCHLD, _child.SIG_DFL)  # SIGINT: prepare_process()
+        # The descriptors only: the objects' memory stays shared with the zygote, unwritten.
+        for selector in (self.selector, self.ctl_ready):
+            fileno = getattr(selector, "fileno", None)
+            if fileno is not None:
+                try:
+                    os.close(fileno())
+                except OSError:  # kqueue: not inherited at all
+                    pass
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
-        self.selector.close()
-        self.ctl_ready.close()
         self.watcher.close()
         if self.ctl is not None:
             self.ctl.close()
