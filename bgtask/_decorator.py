@@ -17,7 +17,7 @@ import types
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
 
-from . import _lifecycle
+from . import _green, _lifecycle
 from ._errors import BgTaskError
 from ._platform import check_supported
 
@@ -117,7 +117,7 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     from ._task import Task
 
     _refuse_during_bootstrap()
-    _refuse_green_threads()
+    _green.check(options["start_method"])
     payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
     name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
     task: Task[Any] = Task(
@@ -203,22 +203,6 @@ def _refuse_during_bootstrap() -> None:
             "process (start_method 'spawn' or 'forkserver'); protect the script's entry point "
             "with `if __name__ == '__main__':`, or use the default start method, which needs no "
             "guard"
-        )
-
-
-def _refuse_green_threads() -> None:
-    # bgtask's monitor is an OS thread sharing locks with the caller; gevent and eventlet turn
-    # threads, locks and sockets into green ones, and the two cannot wait on each other.
-    gevent_monkey = sys.modules.get("gevent.monkey")
-    eventlet_patcher = sys.modules.get("eventlet.patcher")
-    patched = (gevent_monkey is not None and gevent_monkey.is_module_patched("threading")) or (
-        eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("thread")
-    )
-    if patched:
-        raise BgTaskError(
-            "bgtask does not support programs whose threads are monkey-patched by gevent or "
-            "eventlet yet (gunicorn -k gevent, monkey.patch_all()): start tasks from a program "
-            "or worker class without green threads"
         )
 
 

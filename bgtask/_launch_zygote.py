@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
-from . import _monitor, _process, _wire
+from . import _green, _monitor, _process, _wire
 from ._process import TaskProcess
 from ._wire import Settings
 
@@ -406,7 +406,7 @@ class ZygoteClient:
                     except OSError:
                         pass
                 return
-            sock = socket.socket(fileno=fds[0])
+            sock = _green.socket_from_fd(fds[0])
             sock.set_inheritable(False)  # where MSG_CMSG_CLOEXEC is missing (macOS)
             self.pool.put(Spare(message.serial, message.pid, message.generation, sock))
 

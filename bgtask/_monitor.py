@@ -57,6 +57,9 @@ class Monitor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # epoll and kqueue add a descriptor registered meanwhile to a wait in progress; the
+        # others (poll, select, gevent's cooperative selector) only see it in the next wait.
+        self._sees_new_readers = type(self._selector).__name__ in ("EpollSelector", "KqueueSelector")
         self._lock = threading.Lock()
         self._pending: List[Callback] = []
         self._timers: List[Tuple[float, int, Timer]] = []
@@ -123,13 +126,15 @@ class Monitor:
 
         ``before`` runs first, under the lock that ``remove_reader`` takes: what it sets is in
         place before the handler can run, and the monitor cannot unregister the object before
-        it is registered. Registering needs no wake-up: the kernel adds the descriptor to the
-        wait in progress.
+        it is registered. With epoll and kqueue, registering needs no wake-up: the kernel adds
+        the descriptor to the wait in progress.
         """
         with self._lock:
             if before is not None:
                 before()
             self._selector.register(fileobj, selectors.EVENT_READ, handler)
+        if not self._sees_new_readers:
+            self._wake()
 
     def remove_reader(self, fileobj: Any) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, List, Optional, Protocol, Set, Tuple
 
-from . import _monitor, _platform, _wire
+from . import _green, _monitor, _platform, _wire
 
 # A signaller delivers a signal through the launcher (the zygote, or the parent's own kill);
 # it returns False when the launcher cannot (its zygote is gone), and the process then signals
@@ -299,7 +299,7 @@ def new_channel() -> Iterator[Tuple[socket.socket, socket.socket]]:
     lets go of it once something else follows it); the process's end is closed on leaving the
     block, and this program's end too if the start failed.
     """
-    mine, theirs = socket.socketpair()
+    mine, theirs = _green.socketpair()
     starting(mine)
     try:
         yield mine, theirs

@@ -12,7 +12,7 @@ import pytest
 import bgtask
 from bgtask import BgTaskError, SerializationError, Task, background
 
-from .helpers import run_script
+from .helpers import Script, pid_alive, wait_until
 
 EXPECTED = {
     "Background",
@@ -219,28 +219,93 @@ print(len(children), threading.active_count())
     assert result.stdout.split() == ["0", "1"]
 
 
-def test_a_gevent_patched_program_is_refused_at_once(tmp_path: Path) -> None:
-    """Under gevent's monkey-patching a call fails at once with a clear error, not a hang."""
-    pytest.importorskip("gevent")
-    result = run_script(
-        tmp_path,
-        """
+GEVENT_SCRIPT = """
 from gevent import monkey
 
 monkey.patch_all()
+import os
+import sys
 import time
+
+import gevent
+
 import bgtask
 
-started = time.monotonic()
-try:
-    bgtask.background(abs)(-1)
-except bgtask.BgTaskError as exc:
-    print("REFUSED", round(time.monotonic() - started, 1), "gevent" in str(exc))
-""",
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    refused, seconds, named = result.stdout.split()
-    assert refused == "REFUSED"
-    assert named == "True"
-    assert float(seconds) < 10
+
+@bgtask.background
+def work(x):
+    time.sleep(0.3)
+    return x * 2
+
+
+@bgtask.background(daemon=True, graceful=True)
+def sidecar(path):
+    ev = bgtask.stop_event()
+    print("SIDECAR", os.getpid(), flush=True)
+    try:
+        while not ev.is_set():
+            ev.wait(0.05)
+    finally:
+        with open(path, "w") as f:
+            f.write("cleaned")
+
+
+@bgtask.background
+def worker(path):
+    time.sleep(0.5)
+    with open(path, "w") as f:
+        f.write("done")
+
+
+if __name__ == "__main__":
+    side = sidecar("sidecar-cleaned")
+    ticks = []
+
+    def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.01)
+
+    clock = gevent.spawn(ticker)
+    started = time.monotonic()
+    calls = [gevent.spawn(lambda i=i: work(i).result(30)) for i in range(6)]
+    gevent.joinall(calls, timeout=30, raise_error=True)
+    elapsed = time.monotonic() - started
+    print("RESULTS", *[call.value for call in calls], flush=True)
+    # The greenlets went on while the callers waited for their results.
+    print("TICKS", sum(1 for t in ticks if started <= t <= started + elapsed), flush=True)
+    clock.kill()
+    stopped = work(1)
+    stopped.stop(timeout=10)
+    print("STOPPED", type(stopped.exception(5)).__name__, flush=True)
+    try:
+        bgtask.background(start_method="spawn")(abs)(-1)
+    except bgtask.BgTaskError as exc:
+        print("REFUSED", "default start method" in str(exc), flush=True)
+    # The exit procedure: the worker runs to its end, the sidecar is stopped gracefully.
+    worker("worker-done")
+"""
+
+
+def test_a_gevent_patched_program_runs_tasks(tmp_path: Path) -> None:
+    """gevent's monkey-patching (``gunicorn -k gevent``): tasks run, waits are cooperative.
+
+    Callers in several greenlets wait at once, the other greenlets run meanwhile, stop works,
+    the exit procedure stops daemons gracefully and waits for workers, nothing is left. The
+    start methods that would run a task in a patched interpreter are refused at once.
+    """
+    pytest.importorskip("gevent")
+    script = Script(tmp_path, GEVENT_SCRIPT)
+    try:
+        sidecar = int(script.expect("SIDECAR"))
+        assert script.expect("RESULTS").split() == ["0", "2", "4", "6", "8", "10"]
+        assert int(script.expect("TICKS")) >= 3  # 10 ms ticks through a wait of 0.3 s or more
+        assert script.expect("STOPPED") == "TaskStopped"
+        assert script.expect("REFUSED") == "True"
+        assert script.wait() == 0, script.stderr()
+        assert (tmp_path / "worker-done").read_text() == "done"
+        assert (tmp_path / "sidecar-cleaned").read_text() == "cleaned"
+        assert wait_until(lambda: not pid_alive(sidecar))
+        assert "Traceback" not in script.stderr()
+    finally:
+        script.close()

@@ -23,6 +23,7 @@ MAIN_SIDE = {
     "_launch_mp",
     "_process",
     "_monitor",
+    "_green",
 }
 
 
