@@ -103,11 +103,6 @@ def become_spare(sock: socket.socket, zygote_pid: int) -> NoReturn:
             os.setpgid(0, 0)
         except OSError:
             pass
-        # Hooks that preloaded modules registered in the zygote are not the task's (the fork
-        # server clears them the same way).
-        clear = getattr(atexit, "_clear", None)
-        if clear is not None:
-            clear()
         prepare_process()
         message = _wire.recv_message(sock, maxfds=2)
         if message is None or message[0] != _wire.SETTINGS:

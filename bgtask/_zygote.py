@@ -26,10 +26,12 @@ It imports only the task runtime; it never unpickles user data itself.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import gc
 import itertools
 import os
+import select
 import selectors
 import signal
 import socket
@@ -174,8 +176,9 @@ class Zygote:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.selector.register(ctl, selectors.EVENT_READ)
         self.writing = False  # whether the selector waits for ctl to take more output
-        self.ctl_ready = selectors.DefaultSelector()  # "is a message waiting?", without waiting
-        self.ctl_ready.register(ctl, selectors.EVENT_READ)
+        # "Is a message waiting?", without waiting: asked before every fork, so the cheapest.
+        self.ctl_ready = select.poll()
+        self.ctl_ready.register(ctl, select.POLLIN)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -227,7 +230,7 @@ class Zygote:
         while (len(procs.idle) < SPARES or self.owed) and self.ctl is not None and not self.paused:
             if self.out:
                 return
-            if self.ctl_ready.select(0):
+            if self.ctl_ready.poll(0):
                 return  # activations and requests first: the next round forks
             try:
                 self._fork_spare()
@@ -428,13 +431,12 @@ class Zygote:
         signal.set_wakeup_fd(-1)
         _child.set_handler(signal.SIGCHLD, _child.SIG_DFL)  # SIGINT: prepare_process()
         # The descriptors only: the objects' memory stays shared with the zygote, unwritten.
-        for selector in (self.selector, self.ctl_ready):
-            fileno = getattr(selector, "fileno", None)
-            if fileno is not None:
-                try:
-                    os.close(fileno())
-                except OSError:  # kqueue: not inherited at all
-                    pass
+        fileno = getattr(self.selector, "fileno", None)
+        if fileno is not None:
+            try:
+                os.close(fileno())
+            except OSError:  # kqueue: not inherited at all
+                pass
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
         self.watcher.close()
@@ -443,7 +445,11 @@ class Zygote:
 
 
 def preload(names: List[str]) -> None:
-    """Import modules in the zygote, so that every task forked later has them imported."""
+    """Import modules in the zygote, so that every task forked later has them imported.
+
+    What they register with ``atexit`` is dropped: those hooks are not the tasks' (the fork
+    server clears them the same way), and the zygote itself never runs them.
+    """
     for name in names:
         try:
             __import__(name)
@@ -456,6 +462,13 @@ def preload(names: List[str]) -> None:
                 "a process with threads can deadlock: do not preload it",
                 file=sys.stderr,
             )
+    _clear_atexit()
+
+
+def _clear_atexit() -> None:
+    clear = getattr(atexit, "_clear", None)
+    if clear is not None:
+        clear()
 
 
 def main(ctl_fd: int) -> None:
@@ -473,6 +486,7 @@ def main(ctl_fd: int) -> None:
     import multiprocessing.process  # noqa: F401
 
     fork = None if boot.preload else _platform.plain_fork()
+    _clear_atexit()  # a task runs only the hooks registered in it
     preload(boot.preload)
     _child.prepare_streams()  # inherited by every task
     Zygote(ctl, fork or os.fork).serve()
