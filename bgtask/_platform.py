@@ -207,6 +207,15 @@ def open_pidfd(pid: int) -> Optional[int]:
         return None
 
 
+def hung_up(fd: int) -> bool:
+    """Whether the other end of socket ``fd`` is closed (data may still wait to be read)."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
+
+
 def pidfd_exited(pidfd: int) -> bool:
     """Whether the process a pidfd names has exited (it is readable then)."""
     import select
