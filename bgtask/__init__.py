@@ -10,7 +10,8 @@ nothing of the main side, so a task starts without paying for it)::
     main program, caller's thread
       _decorator     @background; a call pickles (_serialization), asks a launcher, returns a Task
       _task          Task: a Future and a process handle; decodes the outcome in the caller
-      _lifecycle     the live tasks; the exit procedure (atexit)
+      _lifecycle     the live tasks, active(); the exit procedure (atexit, shutdown())
+      _green         what a gevent-patched program needs (real sockets for the channels)
       _launch        the launcher seam: get(method).start(settings, payload) -> TaskProcess
       _launch_zygote the zygote's client: spares, activation, reports (the default method)
       _launch_mp     multiprocessing's "fork", "spawn", "forkserver"
@@ -21,6 +22,7 @@ nothing of the main side, so a task starts without paying for it)::
       _zygote        forks spares, reaps tasks, stops daemon tasks when the main program dies
       _child         the task runtime, from a spare's first line to os._exit
       _stop          StopEvent, stop_event()
+      _ready         ready(): the task tells its program it is ready
     shared
       _wire          every message between processes, defined once; framing
       _outcome       what a task's messages mean; the errors result() raises
@@ -33,6 +35,8 @@ from typing import TYPE_CHECKING, Any, List
 
 from ._decorator import Background, background, preload
 from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
+from ._lifecycle import active, shutdown
+from ._ready import ready
 from ._stop import StopEvent, stop_event
 
 if TYPE_CHECKING:
@@ -49,8 +53,11 @@ __all__ = [
     "TaskCrashed",
     "TaskError",
     "TaskStopped",
+    "active",
     "background",
     "preload",
+    "ready",
+    "shutdown",
     "stop_event",
 ]
 

@@ -33,7 +33,7 @@ import sys
 import threading
 from typing import Any, Callable, List, NoReturn, Optional, Set
 
-from . import _platform, _stop, _wire
+from . import _platform, _ready, _stop, _wire
 from ._serialization import dumps_value, loads, pack_exception
 from ._stop import _StopRequest, _TaskState
 from ._wire import Settings
@@ -70,6 +70,7 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
+    _ready._install(_ready_sender(sock, state))
     try:
         try:
             if not prepared:
@@ -299,7 +300,7 @@ def _finish(settings: Settings) -> None:
     """Do what a normal interpreter exit would, bounded: nested tasks, atexit, streams."""
     lifecycle = sys.modules.get("bgtask._lifecycle")
     if lifecycle is not None:
-        lifecycle.shutdown()
+        lifecycle._at_exit()
     if settings.get("run_atexit", True):
         atexit._run_exitfuncs()
 
@@ -334,9 +335,33 @@ def _system_exit_code(exc: SystemExit) -> int:
 
 def _send(sock: socket.socket, kind: int, body: bytes) -> None:
     try:
-        _wire.send_message(sock, kind, body)
+        with _send_lock:  # ready() may send from another thread
+            _wire.send_message(sock, kind, body)
     except OSError:
         pass  # the main program is gone (BrokenPipeError) or closed our channel: nobody to tell
+
+
+_send_lock = threading.Lock()
+
+
+def _ready_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:
+    """How ``ready()`` sends: whole, never torn by a stop raised in the middle of the send."""
+
+    def send(kind: int, body: bytes) -> None:
+        # A stop is raised in the main thread only: there, it waits until the frame is out.
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            state.atomic = True
+        try:
+            _send(sock, kind, body)
+        finally:
+            if main:
+                state.atomic = False
+        if main and state.pending:
+            state.pending = False
+            raise _StopRequest()
+
+    return send
 
 
 def _data(obj: Any) -> bytes:
@@ -357,7 +382,10 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     state.stopping = True
     state.event._set()
     if first and state.running and not state.cooperative:
-        raise _StopRequest()
+        if state.atomic:
+            state.pending = True  # raised once the message being sent is out
+        else:
+            raise _StopRequest()
 
 
 def _watch_parent(sock: socket.socket, state: _TaskState, grace: float) -> None:
@@ -441,7 +469,8 @@ def _redirect_stdin() -> None:
 
 def _close_in_fork() -> None:
     # A process the task forks must not hold the task's socket: the main program would not see
-    # EOF when the task ends.
+    # EOF when the task ends. It is not the task: ready() there is an error.
+    _ready._install(None)
     if _task_sock is not None:
         try:
             _task_sock.close()

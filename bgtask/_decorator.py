@@ -123,6 +123,8 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     task: Task[Any] = Task(
         name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"]
     )
+    if _lifecycle.track_origins:
+        task._origin = _call_site()
     try:
         cwd: Optional[str] = os.getcwd()
     except OSError:
@@ -152,6 +154,19 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     if options["timeout"] is not None:
         task._arm_timeout(options["timeout"])
     return task
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _call_site() -> str:
+    """Where the user's code called the background function: ``file:line in function``."""
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+        frame = frame.f_back
+    if frame is None:
+        return "an unknown place"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def _why_not_started(exc: OSError) -> str:

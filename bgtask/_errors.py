@@ -35,8 +35,9 @@ class BgTaskError(Exception):
     """Base class of every error bgtask raises for its own reasons.
 
     Raised directly when a handle is misused: a task's handle used in a forked copy of the program
-    that started it, ``result()`` called from inside the task itself, or ``stop_event()`` called
-    outside a task.
+    that started it, ``result()`` called from inside the task itself, ``stop_event()`` or
+    ``ready()`` called outside a task; and by ``Task.wait_ready()`` for a task that returned
+    without calling ``ready()``.
     """
 
     __module__ = "bgtask"
@@ -123,7 +124,8 @@ class SerializationError(BgTaskError, TypeError):
     Raised by a call of a background function, before any process starts, when the function, one
     of its arguments or a variable it captures cannot be pickled; the message names the culprit.
     Raised by ``Task.result()`` when the task's return value could not be pickled in the task or
-    unpickled here.
+    unpickled here; by ``ready()`` in a task for a value that cannot be pickled, and by
+    ``Task.wait_ready()`` for one that cannot be unpickled here.
     """
 
     __module__ = "bgtask"

@@ -15,7 +15,12 @@ kills a daemon logger while the non-daemon work still writes to it.
 
 The procedure runs from ``atexit`` in the main program, and from the task runtime at the end of a
 task that started tasks of its own. When the main program dies without running it (SIGKILL,
-SIGTERM, ``os._exit``), the zygote does step 2 from outside.
+SIGTERM, ``os._exit``), the zygote does step 2 from outside. Where a framework ends the program
+its own way (a server's signal handler, a notebook kernel shut down from outside), the program
+calls it as ``bgtask.shutdown()`` from the framework's hook.
+
+The registry also answers ``bgtask.active()``, and remembers where each task was started while
+``track_origins`` is on (the pytest plugin's leak check turns it on).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, List, Set
+from typing import Any, List, Optional, Set
 
 # Margin added to the longest grace when the exit procedure waits for daemon tasks to be gone.
 EXIT_WAIT_MARGIN_S = 2.0
@@ -35,6 +40,8 @@ _live: Set[Any] = set()  # strong references: a task is watched whether or not i
 _hook_owner = 0  # pid of the process whose atexit hook is registered
 _fork_hook = False  # registered on first use (a process that never starts a task forks faster)
 _after_multiprocessing = 0  # pid of the process whose hook was moved after multiprocessing's
+# Whether each call records where it was made (Task._origin): a frame walk, off by default.
+track_origins = False
 
 
 def register(task: Any) -> None:
@@ -44,7 +51,7 @@ def register(task: Any) -> None:
         _live.add(task)
         if _hook_owner != os.getpid():
             _hook_owner = os.getpid()
-            atexit.register(shutdown)
+            atexit.register(_at_exit)
         if not _fork_hook:
             _fork_hook = True
             os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
@@ -67,8 +74,8 @@ def run_before_multiprocessing() -> None:
         return
     with _lock:
         if _hook_owner == os.getpid() and "multiprocessing.util" in sys.modules:
-            atexit.unregister(shutdown)
-            atexit.register(shutdown)
+            atexit.unregister(_at_exit)
+            atexit.register(_at_exit)
             _after_multiprocessing = os.getpid()
 
 
@@ -77,23 +84,61 @@ def live_tasks() -> List[Any]:
         return list(_live)
 
 
-def shutdown() -> None:
-    """The exit procedure (see the module docstring). Safe to call more than once."""
+def active() -> List[Any]:
+    """The tasks this program started whose process has not ended, oldest first.
+
+    Each is a ``Task`` handle: ``name``, ``pid``, ``is_daemon``, ``age`` tell what it is. For
+    diagnostics and leak checks: a task is listed until its process is gone, whether or not its
+    handle is kept.
+    """
+    tasks = [task for task in live_tasks() if not task._exited]
+    tasks.sort(key=lambda task: task._started)
+    return tasks
+
+
+def shutdown(wait: bool = True, timeout: Optional[float] = None) -> None:
+    """Run bgtask's exit procedure now: end this program's tasks and its zygote.
+
+    For programs whose end bypasses ``atexit`` (a server's signal handler, a notebook kernel
+    shut down from outside) and for frameworks' shutdown hooks. With ``wait``, non-daemon tasks
+    are waited for (up to ``timeout`` seconds; those still running then are stopped), then
+    daemon tasks are stopped (graceful ones get their ``grace``). Without ``wait``, every task
+    is stopped at once. Returns once every task's process is gone. Safe to call more than once;
+    tasks started afterwards work as usual (a new zygote starts with the first).
+    """
     if _hook_owner != os.getpid():
         return  # a forked copy, or no task was ever started here
     from . import _launch
 
     try:
-        _wait_for_non_daemons()
-        _stop_daemons()
-    except BaseException:  # noqa: BLE001 (an exit hook must not die halfway, leaving tasks running)
+        if wait:
+            _wait_for_non_daemons(None if timeout is None else time.monotonic() + timeout)
+        _stop_all()
+    except BaseException:
         for task in live_tasks():
             task._request_stop("exit", hard=True)
+        raise
     _launch.close_all()
     _stop_idle_monitor()
 
 
-def _wait_for_non_daemons() -> None:
+active.__module__ = "bgtask"
+shutdown.__module__ = "bgtask"
+
+
+def _at_exit() -> None:
+    """The exit procedure at the interpreter's exit (see the module docstring)."""
+    try:
+        shutdown()
+    except BaseException:  # noqa: BLE001 (an exit hook must not die halfway; tasks were killed)
+        from . import _launch
+
+        _launch.close_all()
+        _stop_idle_monitor()
+
+
+def _wait_for_non_daemons(deadline: Optional[float]) -> None:
+    """Wait for non-daemon tasks; a Ctrl-C (or the deadline) stops them, a second one kills."""
     interrupts = 0
     while True:
         pending = [t for t in live_tasks() if not t.is_daemon and not t._exited]
@@ -101,23 +146,26 @@ def _wait_for_non_daemons() -> None:
             return
         try:
             for task in pending:
-                task._wait_exit(None)
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not task._wait_exit(remaining):
+                    return  # the deadline passed: _stop_all() stops the rest
         except KeyboardInterrupt:
             interrupts += 1
             for task in pending:
                 task._request_stop("exit", hard=interrupts > 1)
 
 
-def _stop_daemons() -> None:
-    daemons = [t for t in live_tasks() if t.is_daemon and not t._exited]
-    if not daemons:
+def _stop_all() -> None:
+    """Stop every task still running, all at once, and wait until they are gone."""
+    tasks = [t for t in live_tasks() if not t._exited]
+    if not tasks:
         return
-    for task in daemons:
+    for task in tasks:
         task._request_stop("exit")
-    longest = max((t._grace for t in daemons if t._graceful), default=0.0)
+    longest = max((t._grace for t in tasks if t._graceful), default=0.0)
     deadline = time.monotonic() + longest + EXIT_WAIT_MARGIN_S
     hard = False
-    for task in daemons:
+    for task in tasks:
         while not task._exited:
             try:
                 task._wait_exit(max(0.0, deadline - time.monotonic()))
@@ -125,7 +173,7 @@ def _stop_daemons() -> None:
             except KeyboardInterrupt:
                 if not hard:
                     hard = True
-                    for other in daemons:
+                    for other in tasks:
                         other._request_stop("exit", hard=True)
         if time.monotonic() >= deadline:
             break

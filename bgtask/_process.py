@@ -43,6 +43,8 @@ Signaller = Callable[[int, Optional[float]], bool]
 class Consumer(Protocol):
     """What a ``TaskProcess`` reports to (the ``Task``), in the monitor thread."""
 
+    def _ready_sent(self, body: Any) -> None: ...
+
     def _outcome_sent(self, kind: int, body: Any) -> None: ...
 
     def _ended(
@@ -172,11 +174,7 @@ class TaskProcess:
         reader = self._reader
         if not reader.eof:
             reader.feed_from(self.channel)
-        if reader.messages and not self._early_sent and self._consumer is not None:
-            kind, body = reader.messages[0]
-            if kind in _wire.EARLY:
-                self._early_sent = True
-                self._consumer._outcome_sent(kind, body)
+        self._deliver()
         if reader.eof and self._reading:
             self._reading = False
             self._monitor.remove_reader(self.channel)
@@ -189,6 +187,26 @@ class TaskProcess:
                     pass
             self._maybe_end()
 
+    def _deliver(self) -> None:
+        """Hand what arrived to the consumer: readiness at once, an early outcome once."""
+        reader = self._reader
+        consumer = self._consumer
+        if consumer is None or not reader.messages:
+            return
+        if any(kind == _wire.READY for kind, _ in reader.messages):
+            outcomes = []
+            for kind, body in reader.messages:
+                if kind == _wire.READY:
+                    consumer._ready_sent(body)
+                else:
+                    outcomes.append((kind, body))
+            reader.messages = outcomes
+        if reader.messages and not self._early_sent:
+            kind, body = reader.messages[0]
+            if kind in _wire.EARLY:
+                self._early_sent = True
+                consumer._outcome_sent(kind, body)
+
     def _maybe_end(self) -> None:
         if self.done or self._consumer is None:
             return
@@ -196,6 +214,7 @@ class TaskProcess:
             return
         if not self._reader.eof and self.channel is not None:
             self._reader.feed_from(self.channel)  # what the task wrote before it exited is all there
+            self._deliver()
         self.done = True
         self._close()
         reader = self._reader
@@ -277,6 +296,9 @@ class TaskProcess:
 
 class _Nobody:
     """The consumer of a process whose call was interrupted: nothing waits for its end."""
+
+    def _ready_sent(self, body: Any) -> None:
+        pass
 
     def _outcome_sent(self, kind: int, body: Any) -> None:
         pass

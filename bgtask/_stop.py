@@ -90,7 +90,7 @@ class StopEvent:
 class _TaskState:
     """What the running task process knows about itself; one per task process."""
 
-    __slots__ = ("cooperative", "event", "graceful", "running", "stopping")
+    __slots__ = ("atomic", "cooperative", "event", "graceful", "pending", "running", "stopping")
 
     def __init__(self, graceful: bool) -> None:
         self.event = StopEvent()
@@ -98,6 +98,8 @@ class _TaskState:
         self.stopping = False  # a stop was requested
         self.running = True  # the function has not returned yet: a stop may still be raised
         self.graceful = graceful
+        self.atomic = False  # the main thread sends a message: a stop must wait until it is out
+        self.pending = False  # a stop came meanwhile: raised once the message is out
 
     def running_done(self) -> None:
         """Mark the function as returned: from now on a stop request raises nothing."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import TYPE_CHECKING, Any, Callable, Generator, List, NoReturn, Optional, Tuple, TypeVar, final
 
@@ -53,7 +54,9 @@ class Task(concurrent.futures.Future[R]):
     works like a ``multiprocessing.Process`` (``pid``, ``exitcode``, ``is_alive()``, ``join()``,
     ``kill()``), is a ``concurrent.futures.Future`` (``result()``, ``exception()``, ``done()``,
     ``cancel()``, ``add_done_callback()``; ``wait`` and ``as_completed`` take it) and is
-    awaitable (``await task``; cancelling the awaiting coroutine cancels the task).
+    awaitable (``await task``; cancelling the awaiting coroutine cancels the task). A task that
+    calls ``bgtask.ready(value)`` hands ``value`` to ``wait_ready()``. ``with fn(...) as task:``
+    (or ``async with``) stops the task when the block is left.
 
     A handle belongs to the process that started the task: it cannot be pickled, and in a forked
     copy of that process every method raises ``BgTaskError``.
@@ -80,6 +83,11 @@ class Task(concurrent.futures.Future[R]):
         self._body: Any = None  # the outcome's data, as it came from the task
         self._decoded: Optional[Tuple[Any, Optional[BaseException]]] = None
         self._timeout: Optional[_monitor.Timer] = None
+        self._ready: Any = _NOT_READY  # what bgtask.ready() sent, as it came from the task
+        self._ready_value: Any = _NOT_READY  # ... unpickled, once
+        self._watchers: List[Callable[[], None]] = []  # woken at any change (asyncio waiters)
+        self._started = time.monotonic()
+        self._origin: Optional[str] = None  # where the call was made, when tracked (_lifecycle)
 
     # -- process facets ---------------------------------------------------------------------
 
@@ -106,6 +114,11 @@ class Task(concurrent.futures.Future[R]):
         exit (``is_alive()`` tells the two apart).
         """
         return self._exitcode
+
+    @property
+    def age(self) -> float:
+        """Seconds since the task was started."""
+        return time.monotonic() - self._started
 
     def is_alive(self) -> bool:
         """Return whether the task's process is still running."""
@@ -142,6 +155,78 @@ class Task(concurrent.futures.Future[R]):
         """Kill the task's process group with SIGKILL now; returns without waiting."""
         self._check_owner()
         self._request_stop("kill", hard=True)
+
+    def __enter__(self) -> Task[R]:
+        """``with fn(...) as task:`` stops the task when the block is left (see ``__exit__``)."""
+        self._check_owner()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop the task, as ``stop()`` does, and wait until its process is gone.
+
+        Whether the block ended normally or by an exception, which is never hidden. The task's
+        own outcome is not raised here: ask ``result()`` for it.
+        """
+        self.stop()
+
+    async def __aenter__(self) -> Task[R]:
+        """``async with fn(...) as task:``, the same as ``with``, without blocking the loop."""
+        self._check_owner()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop the task and wait, without blocking the event loop, until its process is gone."""
+        self._check_owner()
+        self._request_stop("stop")
+        await self._until(lambda: self._exited)
+
+    # -- readiness --------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: Optional[float] = None) -> Any:
+        """Wait until the task calls ``bgtask.ready(value)``, and return ``value``.
+
+        A server task reports the port it bound this way, for example. A task that never calls
+        ``ready()`` is never ready: this waits until ``timeout``, or until the task ends.
+
+        Raises:
+            TimeoutError: the task was not ready within ``timeout`` seconds.
+            concurrent.futures.CancelledError: the task was cancelled before it was ready.
+            BgTaskError: the task returned without calling ``ready()``.
+            Exception: what ``result()`` raises when the task ended before it was ready: its
+                own exception, ``TaskCrashed``, ``TaskStopped``...
+        """
+        self._check_owner()
+        with self._condition:
+            if self._ready is _NOT_READY and self._state == RUNNING:
+                self._check_not_monitor()
+                if not self._condition.wait_for(self._ready_or_done, timeout):
+                    raise TimeoutError(f"task {self._name!r} was not ready within {timeout} s")
+            body = self._ready
+        if body is _NOT_READY:  # it ended first
+            error = self._wait_decoded(None)[1]
+            if error is not None:
+                raise error
+            raise BgTaskError(f"task {self._name!r} returned without calling bgtask.ready()")
+        if self._ready_value is _NOT_READY:
+            self._ready_value = _decode_ready(body, self._name)  # racing threads get equal values
+        return self._ready_value
+
+    async def wait_ready_async(self, timeout: Optional[float] = None) -> Any:
+        """``wait_ready()`` for asyncio: waits without blocking the event loop.
+
+        Cancelling the waiting coroutine only stops the wait, not the task.
+        """
+        import asyncio
+
+        self._check_owner()
+        try:
+            await asyncio.wait_for(self._until(self._ready_or_done), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"task {self._name!r} was not ready within {timeout} s") from None
+        return self.wait_ready(0)
+
+    def _ready_or_done(self) -> bool:
+        return self._ready is not _NOT_READY or self._state != RUNNING
 
     # -- future facets ----------------------------------------------------------------------
 
@@ -237,28 +322,38 @@ class Task(concurrent.futures.Future[R]):
         import asyncio
 
         self._check_owner()
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-
-        def wake(_task: Task[R]) -> None:
-            def set_done() -> None:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-            try:
-                loop.call_soon_threadsafe(set_done)
-            except RuntimeError:
-                pass  # the loop is closed: nobody waits any more
-
-        self.add_done_callback(wake)
         try:
-            await waiter
+            await self._until(lambda: self._state != RUNNING)
         except asyncio.CancelledError:
             self.cancel()
             raise
         if self.cancelled():
             raise asyncio.CancelledError(f"task {self._name!r} was cancelled")
         return self.result(0)
+
+    async def _until(self, predicate: Callable[[], bool]) -> None:
+        """Wait in the running event loop until ``predicate()``, checked at each change."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = loop.create_future()
+
+            def wake(waiter: Any = waiter) -> None:
+                def set_done() -> None:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+                try:
+                    loop.call_soon_threadsafe(set_done)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody waits any more
+
+            with self._condition:
+                if predicate():
+                    return
+                self._watchers.append(wake)
+            await waiter
 
     # -- misc -------------------------------------------------------------------------------
 
@@ -438,15 +533,44 @@ class Task(concurrent.futures.Future[R]):
             else:
                 waiter.add_exception(self)
 
+    def _ready_sent(self, body: Any) -> None:
+        """In the monitor: the task called ``bgtask.ready()``."""
+        with self._condition:
+            if self._ready is not _NOT_READY:
+                return
+            self._ready = body
+            self._condition.notify_all()
+            watchers, self._watchers = self._watchers, []
+        for wake in watchers:
+            wake()
+
     def _invoke_callbacks(self) -> None:
         with self._condition:
             callbacks, self._done_callbacks = self._done_callbacks, []
+            watchers, self._watchers = self._watchers, []
+        for wake in watchers:
+            wake()
         for fn in callbacks:
             _run_callback(fn, self)
 
     def _forget_in_child(self) -> None:
         """In a forked copy: this handle is the original's; its timer is not ours."""
         self._timeout = None
+
+
+_NOT_READY: Any = object()
+
+
+def _decode_ready(body: Any, name: str) -> Any:
+    from ._errors import SerializationError
+    from ._serialization import loads
+
+    try:
+        return loads(body)
+    except Exception as exc:
+        raise SerializationError(
+            f"the value task {name!r} passed to ready() cannot be unpickled here: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _weak(task: Task[Any]) -> Callable[[], Optional[Task[Any]]]:

@@ -23,8 +23,11 @@ EXPECTED = {
     "TaskCrashed",
     "TaskError",
     "TaskStopped",
+    "active",
     "background",
     "preload",
+    "ready",
+    "shutdown",
     "stop_event",
 }
 

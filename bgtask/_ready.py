@@ -1,0 +1,67 @@
+"""The task's side of readiness: ``ready(value)`` tells the program that started it.
+
+::
+
+    task:  server binds port 0, ready(port)  --READY message on the task's channel-->
+    main:  task.wait_ready() returns port    (the monitor hands the message to the Task)
+
+The message goes out on the task's channel, the one its outcome takes later, so it always
+arrives before the outcome. The task runtime installs the sender (``_child``); this module is
+imported by ``import bgtask`` and by the runtime, so it imports nothing else of bgtask at the top.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+# Set by the task runtime: sends one framed message on the task's channel, whole.
+_sender: Optional[Callable[[int, bytes], None]] = None
+_lock = threading.Lock()
+_sent = False
+
+
+def ready(value: Any = None) -> None:
+    """Tell the program that started this task that the task is ready, with ``value``.
+
+    Call it once the task can serve: a server after it has bound its socket, with the port it
+    got (``ready(port)`` after binding port 0). ``Task.wait_ready()`` in the main program then
+    returns ``value``. Any picklable value will do; ``None`` by default.
+
+    Raises:
+        BgTaskError: called outside a task started by bgtask, or a second time.
+        SerializationError: ``value`` cannot be pickled.
+    """
+    global _sent
+    from ._errors import BgTaskError
+
+    if _sender is None:
+        raise BgTaskError(
+            "ready() was called outside a bgtask task; it is only available in the process of a "
+            "function decorated with @background"
+        )
+    from ._serialization import dumps_value
+    from ._wire import READY
+
+    try:
+        data = dumps_value(value)
+    except Exception as exc:
+        from ._errors import SerializationError
+
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise SerializationError(f"ready(): the value (a {kind}) cannot be pickled: {exc}") from exc
+    with _lock:
+        if _sent:
+            raise BgTaskError("ready() was already called in this task; it tells readiness once")
+        _sent = True
+    _sender(READY, data)
+
+
+ready.__module__ = "bgtask"
+
+
+def _install(sender: Optional[Callable[[int, bytes], None]]) -> None:
+    """In a task process, by the runtime: where ``ready()`` sends (``None``: not a task)."""
+    global _sender, _sent
+    _sender = sender
+    _sent = False
