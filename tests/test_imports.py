@@ -24,6 +24,7 @@ MAIN_SIDE = {
     "_process",
     "_monitor",
     "_green",
+    "pytest_plugin",  # public, but of the main side: a pytest process starts tasks
 }
 
 
