@@ -285,7 +285,10 @@ def _is_awaitable(value: Any) -> bool:
 def _report_stopped(sock: socket.socket, stop: _StopRequest) -> None:
     import traceback
 
-    frames = [f for f in traceback.extract_tb(_user_frames(stop.__traceback__)) if f.filename != __file__]
+    # Where the user's code was: bgtask's own frames (ready(), the runtime) are left out.
+    here = os.path.dirname(__file__)
+    stack = traceback.extract_tb(_user_frames(stop.__traceback__))
+    frames = [f for f in stack if os.path.dirname(f.filename) != here]
     _send(sock, _wire.STOPPED, _data("".join(traceback.format_list(frames))))
 
 
@@ -470,7 +473,9 @@ def _redirect_stdin() -> None:
 def _close_in_fork() -> None:
     # A process the task forks must not hold the task's socket: the main program would not see
     # EOF when the task ends. It is not the task: ready() there is an error.
+    global _send_lock
     _ready._install(None)
+    _send_lock = threading.Lock()  # another thread may have held it at the fork
     if _task_sock is not None:
         try:
             _task_sock.close()

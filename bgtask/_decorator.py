@@ -160,9 +160,18 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _call_site() -> str:
-    """Where the user's code called the background function: ``file:line in function``."""
+    """Where the user's code called the background function: ``file:line in function``.
+
+    Frames of bgtask and of ``contextlib`` (a ``with`` helper that starts the task) are skipped.
+    """
+    import contextlib
+
+    skipped = {os.path.abspath(contextlib.__file__)}
     frame: Optional[types.FrameType] = sys._getframe(1)
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if os.path.dirname(path) != _PACKAGE_DIR and path not in skipped:
+            break
         frame = frame.f_back
     if frame is None:
         return "an unknown place"

@@ -76,7 +76,8 @@ class TaskStopped(BgTaskError):
     ``stop_event()``) is not stopped: its return value counts.
 
     Attributes:
-        reason: what stopped it: ``"stop"``, ``"kill"``, ``"timeout"`` or ``"exit"``.
+        reason: what stopped it: ``"stop"``, ``"kill"``, ``"timeout"``, ``"cancel"``, ``"exit"``
+            (the end of the program) or ``"shutdown"`` (``bgtask.shutdown()``).
         exitcode: the process's exit code, negative for a signal.
         pid: the process id the task had.
     """

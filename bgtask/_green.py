@@ -37,6 +37,14 @@ def check(start_method: Optional[str]) -> None:
             "bgtask does not support programs that eventlet monkey-patched (its threads and "
             "sockets cannot wait on bgtask's); gevent is supported"
         )
+    partial = _partly_patched()
+    if partial:
+        from ._errors import BgTaskError
+
+        raise BgTaskError(
+            "bgtask supports programs that gevent patched as patch_all() does (threads, sockets "
+            f"and select together); this one patched {partial}"
+        )
     if start_method is not None and is_gevent_patched():
         from ._errors import BgTaskError
 
@@ -45,6 +53,20 @@ def check(start_method: Optional[str]) -> None:
             "monkey-patched: use the default start method, whose tasks are fresh interpreters "
             "with nothing patched"
         )
+
+
+_TOGETHER = ("threading", "socket", "select")
+
+
+def _partly_patched() -> str:
+    """What gevent patched, when it patched some of what must be patched together, else ""."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None:
+        return ""
+    patched = [name for name in _TOGETHER if monkey.is_module_patched(name)]
+    if not patched or len(patched) == len(_TOGETHER):
+        return ""
+    return " and ".join(patched) + " only"
 
 
 def is_gevent_patched() -> bool:

@@ -103,23 +103,28 @@ def shutdown(wait: bool = True, timeout: Optional[float] = None) -> None:
     shut down from outside) and for frameworks' shutdown hooks. With ``wait``, non-daemon tasks
     are waited for (up to ``timeout`` seconds; those still running then are stopped), then
     daemon tasks are stopped (graceful ones get their ``grace``). Without ``wait``, every task
-    is stopped at once. Returns once every task's process is gone. Safe to call more than once;
-    tasks started afterwards work as usual (a new zygote starts with the first).
-    """
-    if _hook_owner != os.getpid():
-        return  # a forked copy, or no task was ever started here
-    from . import _launch
+    is stopped at once. Returns once every task's process is gone (at the latest a moment after
+    the longest ``grace``, when the stragglers were killed). Safe to call more than once; tasks
+    started afterwards work as usual (a new zygote starts with the first).
 
-    try:
-        if wait:
-            _wait_for_non_daemons(None if timeout is None else time.monotonic() + timeout)
-        _stop_all()
-    except BaseException:
-        for task in live_tasks():
-            task._request_stop("exit", hard=True)
-        raise
-    _launch.close_all()
-    _stop_idle_monitor()
+    A Ctrl-C meanwhile stops the non-daemon tasks it waits for (a second one kills every task);
+    the procedure then finishes and the ``KeyboardInterrupt`` is raised here.
+
+    Raises:
+        BgTaskError: called in a done-callback, which runs in the thread that ends tasks.
+        KeyboardInterrupt: a Ctrl-C came meanwhile; every task is gone all the same.
+    """
+    from . import _monitor
+
+    if _monitor.in_monitor_thread():
+        from ._errors import BgTaskError
+
+        raise BgTaskError(
+            "bgtask.shutdown() cannot run in a done-callback: callbacks run in bgtask's monitor "
+            "thread, which ends tasks; call it elsewhere"
+        )
+    if _procedure("shutdown", wait, timeout):
+        raise KeyboardInterrupt
 
 
 active.__module__ = "bgtask"
@@ -128,55 +133,77 @@ shutdown.__module__ = "bgtask"
 
 def _at_exit() -> None:
     """The exit procedure at the interpreter's exit (see the module docstring)."""
+    _procedure("exit", True, None)
+
+
+def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
+    """The exit procedure; returns whether a Ctrl-C came meanwhile."""
+    if _hook_owner != os.getpid():
+        return False  # a forked copy, or no task was ever started here
+    from . import _launch
+
+    interrupted = False
     try:
-        shutdown()
-    except BaseException:  # noqa: BLE001 (an exit hook must not die halfway; tasks were killed)
-        from . import _launch
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            interrupted = _wait_for_non_daemons(reason, deadline)
+        interrupted = _stop_all(reason) or interrupted
+    except BaseException:  # noqa: BLE001 (a third Ctrl-C, say: end everything, as fast as possible)
+        for task in live_tasks():
+            task._request_stop(reason, hard=True)
+        interrupted = True
+    _launch.close_all()
+    _stop_idle_monitor()
+    return interrupted
 
-        _launch.close_all()
-        _stop_idle_monitor()
 
+def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:
+    """Wait for non-daemon tasks; a Ctrl-C (or the deadline) stops them, a second one kills.
 
-def _wait_for_non_daemons(deadline: Optional[float]) -> None:
-    """Wait for non-daemon tasks; a Ctrl-C (or the deadline) stops them, a second one kills."""
+    Returns whether a Ctrl-C came.
+    """
     interrupts = 0
     while True:
         pending = [t for t in live_tasks() if not t.is_daemon and not t._exited]
         if not pending:
-            return
+            return interrupts > 0
         try:
             for task in pending:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not task._wait_exit(remaining):
-                    return  # the deadline passed: _stop_all() stops the rest
+                    return interrupts > 0  # the deadline passed: _stop_all() stops the rest
         except KeyboardInterrupt:
             interrupts += 1
             for task in pending:
-                task._request_stop("exit", hard=interrupts > 1)
+                task._request_stop(reason, hard=interrupts > 1)
 
 
-def _stop_all() -> None:
-    """Stop every task still running, all at once, and wait until they are gone."""
+def _stop_all(reason: str) -> bool:
+    """Stop every task still running, all at once, and wait until they are gone.
+
+    A Ctrl-C meanwhile kills them; returns whether one came.
+    """
     tasks = [t for t in live_tasks() if not t._exited]
     if not tasks:
-        return
+        return False
     for task in tasks:
-        task._request_stop("exit")
+        task._request_stop(reason)
     longest = max((t._grace for t in tasks if t._graceful), default=0.0)
     deadline = time.monotonic() + longest + EXIT_WAIT_MARGIN_S
-    hard = False
+    interrupted = False
     for task in tasks:
         while not task._exited:
             try:
                 task._wait_exit(max(0.0, deadline - time.monotonic()))
                 break
             except KeyboardInterrupt:
-                if not hard:
-                    hard = True
+                if not interrupted:
+                    interrupted = True
                     for other in tasks:
-                        other._request_stop("exit", hard=True)
+                        other._request_stop(reason, hard=True)
         if time.monotonic() >= deadline:
             break
+    return interrupted
 
 
 # The modules whose state a forked copy of the program must let go of, in this order. The fork

@@ -203,7 +203,14 @@ class Monitor:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
             if self._pending:
                 timeout = 0.0
-        events = self._selector.select(timeout)
+        try:
+            events = self._selector.select(timeout)
+        except Exception:  # never dies: every task's end depends on this thread
+            import logging
+
+            logging.getLogger("bgtask").exception("bgtask monitor: waiting for events failed")
+            time.sleep(0.01)
+            events = []
         for key, _mask in events:
             if key.data is None:
                 try:

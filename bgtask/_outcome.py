@@ -29,6 +29,7 @@ STOP_REASONS = {
     "kill": "by kill()",
     "timeout": "by its timeout",
     "exit": "at the end of the program",
+    "shutdown": "by bgtask.shutdown()",
     "cancel": "by cancel()",
 }
 

@@ -207,22 +207,23 @@ def open_pidfd(pid: int) -> Optional[int]:
         return None
 
 
-def hung_up(fd: int) -> bool:
-    """Whether the other end of socket ``fd`` is closed (data may still wait to be read)."""
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
-
-
 def pidfd_exited(pidfd: int) -> bool:
     """Whether the process a pidfd names has exited (it is readable then)."""
     import select
 
-    poller = select.poll()
+    poller = _real_poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _real_poll() -> Any:
+    """A ``select.poll`` object, gevent's original where gevent patched ``select``."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("select"):
+        return monkey.get_original("select", "poll")()
+    import select
+
+    return select.poll()
 
 
 def pidfd_signal(pidfd: int, signum: int) -> None:

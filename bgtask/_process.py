@@ -83,15 +83,12 @@ class TaskProcess:
         pidfd: Optional[int] = None,
         on_end: Optional[Callable[[], None]] = None,
     ) -> None:
-        """``pidfd``: one the launcher opened, which this record closes.
-
-        A pidfd names the process even after its pid is reaped elsewhere and reused: it is
-        how the process is signalled when the launcher cannot. Without one from the launcher,
-        it is opened when first needed (``_signal_directly``).
-        """
+        """``pidfd``: one the launcher opened (this record closes it), else one is opened here."""
         self.pid = pid
         self.channel: Optional[socket.socket] = channel
-        self.pidfd = pidfd
+        # A pidfd names the process even after its pid is reaped elsewhere and reused: used to
+        # signal it when the launcher cannot.
+        self.pidfd = _platform.open_pidfd(pid) if pidfd is None else pidfd
         self.done = False
         self._signaller = signaller
         self._on_end = on_end
@@ -259,22 +256,8 @@ class TaskProcess:
             )
 
     def _signal_directly(self, signum: int) -> None:
-        """Signal a process this program is not the parent of, and whose launcher is gone.
-
-        The channel tells whether the process still runs: the process's end closes when it
-        exits, before its pid can be reaped and reused (nothing else holds that end).
-        """
-        channel = self.channel
-        if channel is None or self._reaped or _platform.hung_up(channel.fileno()):
-            return
+        """Signal a process this program is not the parent of, and whose launcher is gone."""
         pidfd = self.pidfd
-        if pidfd is None:
-            pidfd = _platform.open_pidfd(self.pid)
-            if pidfd is not None and _platform.hung_up(channel.fileno()):
-                os.close(pidfd)  # it exited meanwhile: the pid may name another process now
-                return
-            # Not hung up after the pidfd was opened: the pid named this process then.
-            self.pidfd = pidfd
         if pidfd is not None:
             if _platform.pidfd_exited(pidfd):
                 return
@@ -283,8 +266,10 @@ class TaskProcess:
                 _killpg(self.pid)
             _platform.pidfd_signal(pidfd, signum)
             return
-        # No pidfd (macOS): the channel was not hung up a moment ago. The process may exit and
-        # be reaped in between, a window of microseconds that only a pidfd closes.
+        # No pidfd (macOS): the channel tells whether the process still runs; it closes when it
+        # exits, a moment before its pid can be reaped and reused.
+        if self._reader.eof:
+            return
         try:
             if signum == signal.SIGKILL:
                 os.killpg(self.pid, signum)

@@ -26,7 +26,11 @@ def ready(value: Any = None) -> None:
 
     Call it once the task can serve: a server after it has bound its socket, with the port it
     got (``ready(port)`` after binding port 0). ``Task.wait_ready()`` in the main program then
-    returns ``value``. Any picklable value will do; ``None`` by default.
+    returns ``value``. Any picklable value will do; ``None`` by default. A value that cannot
+    be pickled raises here and does not count as the one call.
+
+    In a graceful task, a stop that arrives while the message goes out is raised when it is
+    out, from this call: call it inside the ``try`` whose ``finally`` cleans up.
 
     Raises:
         BgTaskError: called outside a task started by bgtask, or a second time.
@@ -62,6 +66,7 @@ ready.__module__ = "bgtask"
 
 def _install(sender: Optional[Callable[[int, bytes], None]]) -> None:
     """In a task process, by the runtime: where ``ready()`` sends (``None``: not a task)."""
-    global _sender, _sent
+    global _sender, _sent, _lock
     _sender = sender
     _sent = False
+    _lock = threading.Lock()  # in a forked child, another thread may have held it at the fork

@@ -87,6 +87,7 @@ class Task(concurrent.futures.Future[R]):
         self._ready_value: Any = _NOT_READY  # ... unpickled, once
         self._watchers: List[Callable[[], None]] = []  # woken at any change (asyncio waiters)
         self._started = time.monotonic()
+        self._ended_at = 0.0
         self._origin: Optional[str] = None  # where the call was made, when tracked (_lifecycle)
 
     # -- process facets ---------------------------------------------------------------------
@@ -117,8 +118,8 @@ class Task(concurrent.futures.Future[R]):
 
     @property
     def age(self) -> float:
-        """Seconds since the task was started."""
-        return time.monotonic() - self._started
+        """Seconds since the task was started, until its process ended."""
+        return (self._ended_at or time.monotonic()) - self._started
 
     def is_alive(self) -> bool:
         """Return whether the task's process is still running."""
@@ -175,10 +176,24 @@ class Task(concurrent.futures.Future[R]):
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        """Stop the task and wait, without blocking the event loop, until its process is gone."""
+        """Stop the task and wait, without blocking the event loop, until its process is gone.
+
+        Cancelled meanwhile, it still waits (at most the task's ``grace``: its group is killed
+        then), and the cancellation is raised once the process is gone.
+        """
+        import asyncio
+
         self._check_owner()
         self._request_stop("stop")
-        await self._until(lambda: self._exited)
+        cancelled: Optional[BaseException] = None
+        while True:
+            try:
+                await self._until(lambda: self._exited)
+                break
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+        if cancelled is not None:
+            raise cancelled
 
     # -- readiness --------------------------------------------------------------------------
 
@@ -219,10 +234,13 @@ class Task(concurrent.futures.Future[R]):
         import asyncio
 
         self._check_owner()
-        try:
-            await asyncio.wait_for(self._until(self._ready_or_done), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"task {self._name!r} was not ready within {timeout} s") from None
+        if not self._ready_or_done():
+            try:
+                await asyncio.wait_for(self._until(self._ready_or_done), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"task {self._name!r} was not ready within {timeout} s") from None
+        if self.cancelled():  # as ``await task`` does
+            raise asyncio.CancelledError(f"task {self._name!r} was cancelled")
         return self.wait_ready(0)
 
     def _ready_or_done(self) -> bool:
@@ -353,7 +371,12 @@ class Task(concurrent.futures.Future[R]):
                 if predicate():
                     return
                 self._watchers.append(wake)
-            await waiter
+            try:
+                await waiter
+            finally:  # cancelled or timed out: nothing of this wait stays with the task
+                with self._condition:
+                    if wake in self._watchers:
+                        self._watchers.remove(wake)
 
     # -- misc -------------------------------------------------------------------------------
 
@@ -509,6 +532,7 @@ class Task(concurrent.futures.Future[R]):
             )
         with self._condition:
             self._exitcode = exitcode
+            self._ended_at = time.monotonic()
             self._exited = True  # in the same step as the outcome: join() then result(0) works
             self._set_outcome_locked(outcome, body)
             self._condition.notify_all()

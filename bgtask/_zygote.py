@@ -197,7 +197,7 @@ class Zygote:
             # A call may be waiting for a spare: fork before reaping. The pids of exited
             # children are not reused before they are reaped, so no report can come too late.
             self._flush()
-            self._refill()
+            self._refill(report=False)
             self._reap()
             now = time.monotonic()
             self._escalate(now)
@@ -221,10 +221,12 @@ class Zygote:
             self.selector.modify(self.ctl, events)
         self.selector.select(timeout)
 
-    def _refill(self) -> None:
+    def _refill(self, report: bool = True) -> None:
         """Fork spares up to ``SPARES``; a fork that fails is reported to a waiting call.
 
-        Not while earlier messages wait to be sent: the main program is not reading.
+        Not while earlier messages wait to be sent: the main program is not reading. Before the
+        round's reaping (``report`` false), a failure is not reported yet: the zombies it reaps
+        may be what held the process limit, and the fork after the reaping is the one that counts.
         """
         procs = self.procs
         while (len(procs.idle) < SPARES or self.owed) and self.ctl is not None and not self.paused:
@@ -235,7 +237,7 @@ class Zygote:
             try:
                 self._fork_spare()
             except OSError as exc:  # EAGAIN at RLIMIT_NPROC, ENOMEM, EMFILE...
-                if self.owed and not procs.idle:
+                if report and self.owed and not procs.idle:
                     self.owed = 0
                     self._report(_wire.NoSpare(f"fork() failed: {exc}"))
                     self._flush()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Generator, Iterator, List, Set
+from typing import Any, Callable, Dict, Generator, Iterator, List, Set
 
 import pytest
 
@@ -41,17 +41,24 @@ EXIT_GRACE_S = 5.0
 # How long the check waits for a leaked task to be gone once it stopped it.
 STOP_WAIT_S = 30.0
 
-_SNAPSHOT = pytest.StashKey[Set[Any]]()
+# The tasks running when a checked test's setup began, by test id (no pytest.StashKey: the
+# plugin loads wherever bgtask is installed, whatever the pytest).
+_snapshots: Dict[str, Set[Any]] = {}
 _WIDER: weakref.WeakSet[Any] = weakref.WeakSet()  # started by fixtures wider than a test: theirs
 _tracking = False  # whether the leak check is on for the test being run
 
 
 @contextlib.contextmanager
-def service(fn: Callable[..., Any], *args: Any, ready_timeout: float = 60.0, **kwargs: Any) -> Iterator[Any]:
+def service(
+    fn: Callable[..., Any], /, *args: Any, ready_timeout: float = 60.0, **kwargs: Any
+) -> Iterator[Any]:
     """Start ``fn(*args, **kwargs)`` as a task, wait for its ``ready()``, yield the value.
 
     The task is stopped, and its process gone, when the block is left. A plain function is
-    started as a daemon, graceful task; a background function keeps its options.
+    started as a daemon, graceful task; a background function keeps its options. It yields
+    the value, not the task: use ``with fn(...) as task:`` where the handle is needed.
+    ``ready_timeout`` is this helper's own keyword (a server taking one of that name gets it
+    through ``functools.partial``).
 
     Raises:
         TimeoutError: the task did not call ``ready()`` within ``ready_timeout`` seconds.
@@ -65,7 +72,7 @@ def service(fn: Callable[..., Any], *args: Any, ready_timeout: float = 60.0, **k
 def _service_starter(wider: bool) -> Generator[Callable[..., Any], None, None]:
     with contextlib.ExitStack() as stack:
 
-        def start(fn: Callable[..., Any], *args: Any, ready_timeout: float = 60.0, **kwargs: Any) -> Any:
+        def start(fn: Callable[..., Any], /, *args: Any, ready_timeout: float = 60.0, **kwargs: Any) -> Any:
             before = set(_lifecycle.active())
             value = stack.enter_context(service(fn, *args, ready_timeout=ready_timeout, **kwargs))
             if wider:
@@ -129,7 +136,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _tracking = _checked(item)
     if _tracking:
         _lifecycle.track_origins = True
-        item.stash[_SNAPSHOT] = set(_lifecycle.active())
+        _snapshots[item.nodeid] = set(_lifecycle.active())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -145,10 +152,9 @@ def pytest_fixture_setup(fixturedef: Any, request: Any) -> Generator[None, Any, 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
-    if call.when != "teardown" or _SNAPSHOT not in item.stash:
+    if call.when != "teardown" or item.nodeid not in _snapshots:
         return
-    before = item.stash[_SNAPSHOT]
-    del item.stash[_SNAPSHOT]
+    before = _snapshots.pop(item.nodeid)
     leaked = _leaked(before)
     if not leaked:
         return

@@ -312,3 +312,31 @@ def test_a_gevent_patched_program_runs_tasks(tmp_path: Path) -> None:
         assert "Traceback" not in script.stderr()
     finally:
         script.close()
+
+
+@pytest.mark.parametrize(
+    "patch", ["patch_all(select=False)", "patch_all(thread=False)", "patch_thread()", "patch_socket()"]
+)
+def test_a_partly_gevent_patched_program_is_refused(tmp_path: Path, patch: str) -> None:
+    """Threads, sockets and select patched apart from each other: a clear error, no hang."""
+    pytest.importorskip("gevent")
+    script = Script(
+        tmp_path,
+        f"""
+from gevent import monkey
+
+monkey.{patch}
+import bgtask
+
+try:
+    bgtask.background(abs)(-1).result(30)
+    print("RAN")
+except bgtask.BgTaskError as exc:
+    print("REFUSED", "patch_all()" in str(exc))
+""",
+    )
+    try:
+        assert script.expect("REFUSED") == "True"
+        assert script.wait() == 0, script.stderr()
+    finally:
+        script.close()

@@ -16,7 +16,7 @@ import pytest
 import bgtask
 from bgtask import BgTaskError, SerializationError, TaskCrashed, TaskStopped, background, ready
 
-from .helpers import pid_alive, wait_until
+from .helpers import pid_alive, run_script, wait_until
 
 
 def _serve_http(cleaned: Optional[Path] = None) -> None:
@@ -450,3 +450,216 @@ def test_active_and_shutdown_before_any_task() -> None:
     assert bgtask.active() == []
     bgtask.shutdown()
     assert wait_until(lambda: bgtask.active() == [])
+
+
+def test_shutdown_in_a_done_callback_is_refused_and_stops_nothing(tmp_path: Path) -> None:
+    """shutdown() from a done-callback raises BgTaskError before it touches any task."""
+    cleaned = tmp_path / "cleaned"
+    errors: List[BaseException] = []
+    called = threading.Event()
+    serve = background(daemon=True, graceful=True)(_serve_http)
+
+    @background
+    def quick() -> int:
+        return 1
+
+    server = serve(cleaned)
+    server.wait_ready(60)
+
+    def callback(task: Any) -> None:
+        try:
+            bgtask.shutdown()
+        except BaseException as exc:
+            errors.append(exc)
+        called.set()
+
+    quick().add_done_callback(callback)
+    assert called.wait(60)
+    assert isinstance(errors[0], BgTaskError)
+    assert server.is_alive()
+    server.stop(timeout=60)
+    assert cleaned.read_text() == "cleaned"
+
+
+def test_ctrl_c_during_shutdown_is_raised_once_every_task_is_gone(tmp_path: Path) -> None:
+    """A Ctrl-C stops the non-daemon tasks shutdown() waits for; KeyboardInterrupt follows."""
+    result = run_script(
+        tmp_path,
+        """
+import os, signal, threading, time
+import bgtask
+
+@bgtask.background(graceful=True)
+def forever():
+    bgtask.ready()
+    threading.Event().wait()
+
+task = forever()
+task.wait_ready(60)
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    bgtask.shutdown()
+except KeyboardInterrupt:
+    print("RAISED", task.is_alive(), task.exception(0).reason, bgtask.active())
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["RAISED", "False", "shutdown", "[]"]
+
+
+def test_a_cancelled_async_with_still_waits_for_the_process(tmp_path: Path) -> None:
+    """Cancelling the coroutine while async with stops the task: it waits, then is cancelled."""
+    started, cleaned = tmp_path / "started", tmp_path / "cleaned"
+
+    @background(graceful=True, daemon=True)
+    def slow_cleanup() -> None:
+        try:
+            started.touch()
+            threading.Event().wait()
+        finally:
+            time.sleep(0.5)
+            cleaned.touch()
+
+    async def main() -> Any:
+        box: List[Any] = []
+
+        async def user() -> None:
+            async with slow_cleanup() as task:
+                box.append(task)
+                while not started.exists():
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(60)  # not reached before the cancellation below
+
+        job = asyncio.ensure_future(user())
+        while not started.exists():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # not an ordering: __aexit__ is waiting by now, or soon
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        return box[0]
+
+    task = asyncio.run(main())
+    assert not task.is_alive()
+    assert cleaned.exists()
+
+
+def test_wait_ready_async_on_a_cancelled_task_raises_asyncio_cancelled() -> None:
+    """As ``await task`` does, ``wait_ready_async`` raises asyncio.CancelledError."""
+
+    @background
+    def slow() -> None:
+        threading.Event().wait()
+
+    async def main() -> None:
+        task = slow()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task.wait_ready_async(60)
+        task.join(60)
+
+    asyncio.run(main())
+
+
+def test_age_stops_at_the_end() -> None:
+    """A finished task's age is the time its process lived, not the time since."""
+
+    @background
+    def quick() -> None:
+        return None
+
+    task = quick()
+    task.join(60)
+    age = task.age
+    time.sleep(0.05)  # a moment after the end, not an ordering
+    assert task.age == age
+
+
+def test_a_stop_cause_shows_the_users_code_only() -> None:
+    """TaskStopped's cause is where the user's code was, with no frame of bgtask's."""
+
+    @background(graceful=True)
+    def serves() -> None:
+        ready()
+        threading.Event().wait()
+
+    task = serves()
+    task.wait_ready(60)
+    task.stop(timeout=60)
+    error = task.exception(0)
+    assert isinstance(error, TaskStopped)
+    cause = str(error.__cause__)
+    assert "serves" in cause
+    assert "bgtask/_" not in cause
+
+
+def test_service_passes_keywords_named_fn_through() -> None:
+    """The plugin's service(): the function is positional-only, so ``fn=`` reaches the server."""
+    from bgtask.pytest_plugin import service
+
+    def echo(fn: str) -> None:
+        ready(fn)
+        threading.Event().wait()
+
+    with service(echo, fn="given") as value:
+        assert value == "given"
+
+
+def test_wait_ready_async_with_no_time_left_returns_a_ready_value() -> None:
+    """wait_ready_async(0) on a ready task returns its value, as wait_ready(0) does."""
+
+    @background(daemon=True, graceful=True)
+    def reports() -> None:
+        ready(1234)
+        threading.Event().wait()
+
+    async def main() -> Any:
+        return await task.wait_ready_async(0)
+
+    task = reports()
+    try:
+        task.wait_ready(60)
+        assert asyncio.run(main()) == 1234
+    finally:
+        task.stop(timeout=60)
+
+
+def test_waits_that_time_out_leave_nothing_with_the_task() -> None:
+    """Many timed-out asyncio waits for readiness hold nothing afterwards."""
+
+    @background(daemon=True)
+    def never_ready() -> None:
+        threading.Event().wait()
+
+    async def main() -> None:
+        for _ in range(200):
+            with pytest.raises(TimeoutError):
+                await task.wait_ready_async(0.001)
+
+    task = never_ready()
+    try:
+        asyncio.run(main())
+        assert task._watchers == []
+    finally:
+        task.stop(timeout=60)
+
+
+def test_the_leak_checks_origin_is_the_users_line() -> None:
+    """A task started through a ``with`` helper names the user's line, not contextlib's."""
+    from bgtask import _lifecycle
+    from bgtask.pytest_plugin import service
+
+    def serve() -> None:
+        ready()
+        threading.Event().wait()
+
+    _lifecycle.track_origins = True
+    try:
+        with service(serve):
+            (task,) = bgtask.active()
+            origin = task._origin
+    finally:
+        _lifecycle.track_origins = False
+    assert origin is not None
+    assert "test_services.py" in origin
+    assert "test_the_leak_checks_origin_is_the_users_line" in origin

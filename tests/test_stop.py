@@ -15,7 +15,7 @@ import pytest
 
 from bgtask import TaskStopped, background, stop_event
 
-from .helpers import pid_alive, wait_until
+from .helpers import pid_alive, run_script, wait_until
 
 
 def _marker(tmp_path: Path, name: str) -> Path:
@@ -319,3 +319,61 @@ def test_stop_after_the_outcome_lets_the_cleanup_finish(start_method: Optional[s
     assert cleaned.exists()
     assert task.exitcode == 0
     assert task.result(0) == 42
+
+
+def test_a_task_that_execs_another_program_is_stopped(
+    start_method: Optional[str], kind: Dict[str, bool]
+) -> None:
+    """A task replaced by exec (its channel closed on exec) is still stopped and gone."""
+
+    @background(start_method=start_method, **kind)
+    def becomes_sleep() -> None:
+        os.execvp("sleep", ["sleep", "600"])
+
+    task = becomes_sleep()
+    assert task.pid is not None
+    assert wait_until(lambda: _command(task.pid) == "sleep")
+    started = time.monotonic()
+    task.stop(timeout=60)
+    assert time.monotonic() - started < 30  # at most its grace; a few milliseconds when plain
+    assert not pid_alive(task.pid)
+
+
+def test_a_daemon_that_execs_is_stopped_at_exit(tmp_path: Path, start_method: Optional[str]) -> None:
+    """The program ends at once, not when an exec'd daemon task would have ended."""
+    result = run_script(
+        tmp_path,
+        f"""
+import os, time
+import bgtask
+
+@bgtask.background(daemon=True, start_method={start_method!r})
+def becomes_sleep():
+    os.execvp("sleep", ["sleep", "600"])
+
+if __name__ == "__main__":
+    task = becomes_sleep()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{{task.pid}}/comm") as f:
+                if f.read().strip() == "sleep":
+                    break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    print("PID", task.pid, flush=True)
+""",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split()[1])
+    assert wait_until(lambda: not pid_alive(pid))
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
