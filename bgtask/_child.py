@@ -15,8 +15,9 @@
 The settings dict (``Settings``) holds: ``name``, ``daemon``, ``graceful``, ``grace``, ``cwd``,
 ``argv``; optionally ``env`` and ``sys_path`` (when they changed since the zygote forked the
 spare), ``stdio`` (standard output and error arrive as descriptors with the call),
-``watch_parent`` (watch the channel for the main program's death: no zygote does it) and
-``run_atexit``.
+``watch_parent`` (watch the channel for the main program's death: no zygote does it),
+``run_atexit`` and ``logging`` (the main program's logging levels and warnings filters, for the
+relay of ``_logs``; absent when the task logs on its own).
 
 The process ends when the function returns: threads it left behind end with it. This module is
 the child side of bgtask and imports nothing of the parent side (its import cost is start-up
@@ -33,7 +34,7 @@ import sys
 import threading
 from typing import Any, Callable, List, NoReturn, Optional, Set
 
-from . import _platform, _ready, _stop, _wire
+from . import _logs, _platform, _ready, _stop, _wire
 from ._serialization import dumps_value, loads, pack_exception
 from ._stop import _StopRequest, _TaskState
 from ._wire import Settings
@@ -70,7 +71,7 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
-    _ready._install(_ready_sender(sock, state))
+    _ready._install(_atomic_sender(sock, state))
     try:
         try:
             if not prepared:
@@ -189,6 +190,12 @@ def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) 
     # process of that name when it adopts it.
     name = settings["name"]
     _platform.set_process_name(name if name != _platform.ZYGOTE_NAME else f"task:{name}")
+    logs = settings.get("logging")
+    if logs is not None:
+        send = _atomic_sender(sock, state)
+        _logs.install(logs, lambda data: send(_wire.LOG, data), name)
+    else:
+        _logs.uninstall()
     mp_process = sys.modules.get("multiprocessing.process")
     if mp_process is not None:
         mp_process.current_process().name = settings["name"]
@@ -347,8 +354,8 @@ def _send(sock: socket.socket, kind: int, body: bytes) -> None:
 _send_lock = threading.Lock()
 
 
-def _ready_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:
-    """How ``ready()`` sends: whole, never torn by a stop raised in the middle of the send."""
+def _atomic_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:
+    """How ``ready()`` and log records go out: whole, never torn by a stop raised meanwhile."""
 
     def send(kind: int, body: bytes) -> None:
         # A stop is raised in the main thread only: there, it waits until the frame is out.

@@ -137,6 +137,10 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
         "cwd": cwd,
         "argv": list(sys.argv),
     }
+    if options["relay_logging"]:
+        from . import _logs
+
+        settings["logging"] = _logs.snapshot()
     _lifecycle.register(task)
     process = None
     try:
@@ -232,7 +236,7 @@ def _refuse_during_bootstrap() -> None:
 
 def _check_options(options: Dict[str, Any]) -> None:
     """Wrong types raise ``TypeError``, wrong values ``ValueError``, as the stdlib does."""
-    for flag in ("daemon", "graceful"):
+    for flag in ("daemon", "graceful", "relay_logging"):
         if not isinstance(options[flag], bool):
             raise TypeError(f"background(): {flag} must be a bool, not {type(options[flag]).__name__}")
     for key, zero_ok in (("grace", True), ("timeout", False)):
@@ -272,6 +276,7 @@ def background(
     name: Optional[str] = None,
     start_method: Optional[str] = None,
     timeout: Optional[float] = None,
+    relay_logging: bool = True,
 ) -> Callable[[Callable[P, R]], Background[P, R]]: ...
 
 
@@ -285,6 +290,7 @@ def background(
     name: Optional[str] = None,
     start_method: Optional[str] = None,
     timeout: Optional[float] = None,
+    relay_logging: bool = True,
 ) -> Union[Background[P, R], Callable[[Callable[P, R]], Background[P, R]]]:
     """Make a function start a new process each time it is called.
 
@@ -305,6 +311,9 @@ def background(
             guard needed), or ``"fork"``, ``"spawn"``, ``"forkserver"`` (``multiprocessing``).
         timeout: stop the task after this many seconds; its ``result()`` then raises
             ``TaskStopped``.
+        relay_logging: the task's ``logging`` records go to this program's handlers, at this
+            program's levels, and its warnings follow this program's filters. ``False`` for a
+            task that configures logging itself.
 
     Raises:
         BgTaskError: on Windows, which bgtask does not support yet.
@@ -316,6 +325,7 @@ def background(
         "name": name,
         "start_method": start_method,
         "timeout": timeout,
+        "relay_logging": relay_logging,
     }
     _check_options(options)
     check_supported()

@@ -28,9 +28,10 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Set, Tuple, Union
 
 from . import _green, _monitor, _platform, _wire
 
@@ -185,15 +186,17 @@ class TaskProcess:
             self._maybe_end()
 
     def _deliver(self) -> None:
-        """Hand what arrived to the consumer: readiness at once, an early outcome once."""
+        """Hand what arrived on: records and readiness in order, at once; an early outcome once."""
         reader = self._reader
         consumer = self._consumer
         if consumer is None or not reader.messages:
             return
-        if any(kind == _wire.READY for kind, _ in reader.messages):
+        if any(kind in _wire.ASIDES for kind, _ in reader.messages):
             outcomes = []
             for kind, body in reader.messages:
-                if kind == _wire.READY:
+                if kind == _wire.LOG:
+                    _handle_record(body)
+                elif kind == _wire.READY:
                     consumer._ready_sent(body)
                 else:
                     outcomes.append((kind, body))
@@ -295,6 +298,19 @@ class _Nobody:
 
 
 _NOBODY = _Nobody()
+
+
+def _handle_record(body: Union[bytes, bytearray]) -> None:
+    """A task's logging record, to this program's handlers; whatever they raise stays here."""
+    from . import _logs
+
+    try:
+        _logs.handle(body)
+    except Exception:  # noqa: BLE001 (a user's handler or filter: reported, the monitor goes on)
+        import traceback
+
+        print("bgtask: a task's logging record could not be handled:", file=sys.stderr)
+        traceback.print_exc()
 
 
 def _killpg(pgid: int) -> None:

@@ -34,7 +34,7 @@ HEADER = struct.Struct("!2sBQ")
 # Main program -> task.
 SETTINGS = 1  # pickle of the task's settings dict (zygote only); stdio descriptors may ride on it
 PAYLOAD = 2  # cloudpickle bytes of (function, args, kwargs)
-# Task -> main program: exactly one of these, then EOF (READY messages may come before it).
+# Task -> main program: exactly one of these, then EOF (ASIDES may come before it).
 RESULT = 3  # cloudpickle bytes of the return value
 ERROR = 4  # pickle of (exception cloudpickle bytes or None, type name, message, traceback)
 STOPPED = 5  # pickle of the traceback text at the point the stop exception unwound
@@ -46,6 +46,10 @@ OUTCOMES = frozenset((RESULT, ERROR, STOPPED, EXITED, FAILED))
 EARLY = frozenset((RESULT, ERROR, FAILED))
 # Task -> main program, before its outcome: bgtask.ready() was called (cloudpickle of its value).
 READY = 8
+# Task -> main program, before its outcome: a logging record (pickle of its fields, see _logs).
+LOG = 9
+# What a task may send before its outcome, handled as it arrives.
+ASIDES = frozenset((READY, LOG))
 
 
 # -- control messages, main program <-> zygote ------------------------------------------------
@@ -135,7 +139,7 @@ _CONTROL: Tuple[Type[Any], ...] = (
 )
 _KIND_OF: Dict[Type[Any], int] = {cls: 20 + i for i, cls in enumerate(_CONTROL)}
 _CLASS_OF: Dict[int, Type[Any]] = {kind: cls for cls, kind in _KIND_OF.items()}
-KNOWN_KINDS = frozenset({SETTINGS, PAYLOAD, *OUTCOMES, READY, *_CLASS_OF})
+KNOWN_KINDS = frozenset({SETTINGS, PAYLOAD, *OUTCOMES, *ASIDES, *_CLASS_OF})
 
 
 def encode(message: Any) -> bytes:

@@ -40,7 +40,7 @@ import sys
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
-from . import _child, _platform, _wire
+from . import _child, _logs, _platform, _wire
 
 # Children forked ahead and handed to the main program: a call finds its process ready.
 SPARES = 2
@@ -490,5 +490,6 @@ def main(ctl_fd: int) -> None:
     fork = None if boot.preload else _platform.plain_fork()
     _clear_atexit()  # a task runs only the hooks registered in it
     preload(boot.preload)
+    _logs.prepare()  # every task's logging relay, in place ahead
     _child.prepare_streams()  # inherited by every task
     Zygote(ctl, fork or os.fork).serve()

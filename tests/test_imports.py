@@ -13,7 +13,17 @@ import bgtask
 PACKAGE = Path(bgtask.__file__).resolve().parent
 
 # The task side runs in the zygote and in every task: it must not pull in the main side.
-TASK_SIDE = {"_child", "_zygote", "_stop", "_ready", "_wire", "_platform", "_serialization", "_errors"}
+TASK_SIDE = {
+    "_child",
+    "_zygote",
+    "_stop",
+    "_ready",
+    "_logs",
+    "_wire",
+    "_platform",
+    "_serialization",
+    "_errors",
+}
 MAIN_SIDE = {
     "_decorator",
     "_task",

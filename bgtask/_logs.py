@@ -1,0 +1,186 @@
+"""The logging relay: a task's ``logging`` records reach the main program's handlers.
+
+::
+
+    main program, at each call   snapshot(): its loggers' levels, logging.disable(), whether
+                                 warnings are captured, its warnings filters -> the settings
+    task, before its function    install(): every logger's own handlers dropped (under "fork"
+                                 they are the main program's), the levels applied, every logger
+                                 propagating, one handler on the root logger that sends each
+                                 record as a LOG message
+    main program, monitor        handle(): logging.getLogger(record.name).handle(record), in
+                                 the order the task logged, before its outcome is known
+
+A record goes out only if the main program's levels let it through, with its message formatted,
+its exception as text, ``processName`` the task's name and ``process`` its pid. It is sent at
+once, on the channel the outcome takes later: what a task logged before a crash or ``os._exit``
+is handled before ``result()`` or ``join()`` returns. Both sides import this module; it imports
+nothing else of bgtask.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+# (root level, {logger name: level} for loggers with a level of their own, logging.disable()
+# level, whether logging captures warnings, warnings filters)
+Snapshot = Tuple[int, Dict[str, int], int, bool, List[Any]]
+
+# A key no level uses, put in the root logger's level cache: setLevel() and logging.disable()
+# clear that cache, so while the key is there the levels are those of the last snapshot.
+_UNCHANGED = -0xB6
+_levels: Optional[Tuple[int, Dict[str, int], int]] = None
+_filters: Tuple[Optional[List[Any]], List[Any]] = (None, [])
+
+# Field values a record keeps as they are; any other value travels as its repr().
+_PLAIN = (str, int, float, bool, type(None))
+
+
+# -- the main program -------------------------------------------------------------------------
+
+
+def snapshot() -> Snapshot:
+    """What a task needs to log as this program would: cheap when nothing changed."""
+    root_level, levels, disable = _logger_levels()
+    captured = getattr(logging, "_warnings_showwarning", None) is not None
+    return (root_level, levels, disable, captured, _warnings_filters())
+
+
+def _logger_levels() -> Tuple[int, Dict[str, int], int]:
+    global _levels
+    root = logging.root
+    cache = getattr(root, "_cache", None)
+    if _levels is not None and isinstance(cache, dict) and _UNCHANGED in cache:
+        return _levels
+    if isinstance(cache, dict):
+        cache[_UNCHANGED] = False  # before reading: a change meanwhile is seen next time
+    manager = root.manager
+    own = {
+        name: logger.level
+        for name, logger in list(manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+    }
+    _levels = (root.level, own, manager.disable)
+    return _levels
+
+
+def _warnings_filters() -> List[Any]:
+    """The warnings filters, but those about categories a task may not be able to import."""
+    global _filters
+    current = warnings.filters
+    last, kept = _filters
+    if last is not None and last == current:
+        return kept
+    copy = list(current)
+    kept = [f for f in copy if getattr(f[2], "__module__", None) == "builtins"]
+    _filters = (copy, kept)
+    return kept
+
+
+def handle(body: Union[bytes, bytearray]) -> None:
+    """In the monitor: a record a task sent, handed to this program's logger of its name."""
+    record = logging.makeLogRecord(pickle.loads(body))
+    logger = logging.root if record.name == "root" else logging.getLogger(record.name)
+    logger.handle(record)
+
+
+# -- the task ---------------------------------------------------------------------------------
+
+
+def prepare() -> None:
+    """In the zygote: the relay handler in place ahead, so that a task only points it home."""
+    if not any(isinstance(handler, _Relay) for handler in logging.root.handlers):
+        logging.root.addHandler(_Relay())
+
+
+def install(snap: Snapshot, send: Callable[[bytes], None], task_name: str) -> None:
+    """In the task: log as the main program would, through ``send``.
+
+    Touches only what differs from the snapshot: a task forked by the zygote, whose logging is
+    already in place (``prepare()``), writes almost nothing (each write costs a page copy).
+    """
+    root_level, levels, disable, captured, filters = snap
+    root = logging.root
+    relay = next((h for h in root.handlers if isinstance(h, _Relay)), None)
+    if relay is None:
+        relay = _Relay()
+        root.addHandler(relay)
+    relay.send = send
+    relay.task_name = task_name
+    for handler in root.handlers:
+        if handler is not relay:
+            root.removeHandler(handler)
+    for logger in list(root.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        if logger.handlers:  # under "fork", the main program's: it handles the records itself
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+        level = levels.get(logger.name, logging.NOTSET)
+        if logger.level != level:
+            logger.setLevel(level)
+        if not logger.propagate:
+            # Every record climbs to the relay; the main program's loggers propagate it as
+            # they are set there.
+            logger.propagate = True
+    for name, level in levels.items():
+        logger = logging.getLogger(name)
+        if logger.level != level:
+            logger.setLevel(level)
+    if root.level != root_level:
+        root.setLevel(root_level)
+    if root.manager.disable != disable:
+        logging.disable(disable)
+    if warnings.filters != filters:
+        warnings.filters[:] = filters  # type: ignore[index]  # a list, typed as a Sequence
+        mutated = getattr(warnings, "_filters_mutated", None)
+        if mutated is not None:
+            mutated()  # the C side caches the filters' version
+    if captured != (getattr(logging, "_warnings_showwarning", None) is not None):
+        logging.captureWarnings(captured)
+
+
+def uninstall() -> None:
+    """In a task that logs on its own: no relay (the zygote put one in place ahead)."""
+    for handler in list(logging.root.handlers):
+        if isinstance(handler, _Relay):
+            logging.root.removeHandler(handler)
+
+
+class _Relay(logging.Handler):
+    """The task's one handler: each record it gets goes to the main program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.send: Optional[Callable[[bytes], None]] = None  # set in the task
+        self.task_name = ""
+        self._formatter = logging.Formatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        send = self.send
+        if send is None:
+            return  # the zygote itself: it logs nothing
+        try:
+            data = self._prepare(record)
+        except Exception:  # noqa: BLE001 (as logging's own handlers do: report, go on)
+            self.handleError(record)
+            return
+        send(data)
+
+    def _prepare(self, record: logging.LogRecord) -> bytes:
+        fields: Dict[str, Any] = dict(record.__dict__)
+        fields["msg"] = record.getMessage()
+        fields["args"] = None
+        if record.exc_info:
+            fields["exc_text"] = record.exc_text or self._formatter.formatException(record.exc_info)
+        fields["exc_info"] = None
+        if record.process == os.getpid():  # not a record this task's own task sent on
+            fields["processName"] = self.task_name
+        for key, value in fields.items():
+            if not isinstance(value, _PLAIN):
+                fields[key] = repr(value)
+        return pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
