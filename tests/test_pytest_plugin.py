@@ -28,7 +28,8 @@ def serve(record=None):
     """An HTTP server on port 0; it writes its pid to ``record`` and reports its port."""
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     if record:
-        pathlib.Path(record).write_text(str(os.getpid()))
+        pathlib.Path(record + ".tmp").write_text(str(os.getpid()))
+        os.replace(record + ".tmp", record)
     try:
         bgtask.ready(server.server_address[1])
         server.serve_forever(poll_interval=0.05)
@@ -48,7 +49,9 @@ import bgtask
 
 @bgtask.background(daemon=True, name="forgotten")
 def forgotten(record):
-    pathlib.Path(record).write_text(str(os.getpid()))
+    # Whole or not at all: the test goes on (and the check kills this task) once it exists.
+    pathlib.Path(record + ".tmp").write_text(str(os.getpid()))
+    os.replace(record + ".tmp", record)
     threading.Event().wait()
 
 
@@ -71,7 +74,8 @@ def test_clean():
 
 
 def _pids_in(directory: Path) -> List[int]:
-    return [int(path.read_text()) for path in directory.glob("pid-*") if path.read_text()]
+    """The pids the tasks recorded, each in a file of its own, written whole (``os.replace``)."""
+    return [int(path.read_text()) for path in directory.glob("pid-*") if path.suffix != ".tmp"]
 
 
 def _session_processes(sid: int) -> List[int]:
