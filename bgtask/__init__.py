@@ -10,6 +10,7 @@ nothing of the main side, so a task starts without paying for it)::
     main program, caller's thread
       _decorator     @background; a call pickles (_serialization), asks a launcher, returns a Task
       _task          Task: a Future and a process handle; decodes the outcome in the caller
+      _task_core     what is under a Task: its state, the waits, the transitions of its end
       _lifecycle     the live tasks, active(); the exit procedure (atexit, shutdown())
       _green         what a gevent-patched program needs (real sockets for the channels)
       _launch        the launcher seam: get(method).start(settings, payload) -> TaskProcess

@@ -27,6 +27,7 @@ TASK_SIDE = {
 MAIN_SIDE = {
     "_decorator",
     "_task",
+    "_task_core",
     "_lifecycle",
     "_launch",
     "_launch_zygote",

@@ -1,0 +1,310 @@
+"""The state under a ``Task``: what its process's end sets, and the waits its methods share.
+
+``Task`` (``_task``) is the public handle; this base class holds its fields and everything that
+is not public: the transitions the monitor thread drives through the ``TaskProcess``
+(``_outcome_sent``, ``_ready_sent``, ``_ended``), the stop requests of ``stop()``, timeouts and
+the exit procedure, and the waits (for the outcome, the exit, readiness, and from asyncio) that
+the public methods are built on. The states and transitions are drawn in ``_task``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, TypeVar
+
+from . import _lifecycle, _monitor
+from ._errors import BgTaskError, describe_exit
+from ._outcome import STOP_REASONS, classify, decode
+
+if TYPE_CHECKING:
+    from ._process import TaskProcess
+
+R = TypeVar("R")
+
+
+class TaskCore(concurrent.futures.Future[R]):
+    """The fields and internal workings of a ``Task``; see the module docstring."""
+
+    def __init__(self, name: str, *, daemon: bool, graceful: bool, grace: float) -> None:
+        super().__init__()
+        self._done_callbacks: List[Callable[[Any], object]]  # each gets the Task
+        self._state = RUNNING  # the process starts at the call
+        self._name = name
+        self._daemon = daemon
+        self._graceful = graceful
+        self._grace = grace
+        self._owner = os.getpid()
+        self._process: Optional[TaskProcess] = None
+        self._pid: Optional[int] = None
+        self._exited = False
+        self._exitcode: Optional[int] = None
+        self._stop_reason: Optional[str] = None
+        self._stop_sent: Optional[str] = None  # "soft" or "hard"
+        self._outcome: Optional[str] = None
+        self._body: Any = None  # the outcome's data, as it came from the task
+        self._decoded: Optional[Tuple[Any, Optional[BaseException]]] = None
+        self._timeout: Optional[_monitor.Timer] = None
+        self._ready: Any = _NOT_READY  # what bgtask.ready() sent, as it came from the task
+        self._ready_value: Any = _NOT_READY  # ... unpickled, once
+        self._watchers: List[Callable[[], None]] = []  # woken at any change (asyncio waiters)
+        self._started = time.monotonic()
+        self._ended_at = 0.0
+        self._origin: Optional[str] = None  # where the call was made, when tracked (_lifecycle)
+
+    # -- checks ----------------------------------------------------------------------
+
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner:
+            raise BgTaskError(
+                f"the handle of task {self._name!r} belongs to process {self._owner}, which "
+                f"started it; it cannot be used in process {os.getpid()} (a forked copy)"
+            )
+
+    def _check_not_monitor(self) -> None:
+        if _monitor.in_monitor_thread():
+            raise BgTaskError(
+                "a done-callback cannot wait for a task: it runs in bgtask's monitor thread, "
+                "which finishes tasks; wait elsewhere"
+            )
+
+    def _describe_state(self) -> str:
+        if self._state == RUNNING:
+            return "stopping" if self._stop_sent else "running"
+        exiting = "" if self._exited else ", exiting"
+        if self._outcome == "raised":
+            return (
+                f"finished: raised {self._body[1]}{exiting}" if self._body else f"finished: raised{exiting}"
+            )
+        if self._outcome == "stopped":
+            return f"stopped {STOP_REASONS.get(self._stop_reason or '', '')}".rstrip() + exiting
+        if self._outcome == "crashed":
+            return f"crashed: {describe_exit(self._exitcode)}"
+        return f"{'finished: ' if self._outcome != 'cancelled' else ''}{self._outcome}{exiting}"
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def _wait_exit(self, timeout: Optional[float]) -> bool:
+        """Wait for the process to exit."""
+        with self._condition:
+            if not self._exited:
+                self._check_not_monitor()
+            return self._condition.wait_for(lambda: self._exited, timeout)
+
+    def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
+        self._check_owner()
+        with self._condition:
+            if self._state == RUNNING:
+                self._check_not_monitor()
+                if not self._condition.wait_for(lambda: self._state != RUNNING, timeout):
+                    raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
+            if self._state == CANCELLED_AND_NOTIFIED:
+                raise concurrent.futures.CancelledError(f"task {self._name!r} was cancelled")
+            if self._decoded is not None:
+                return self._decoded
+            outcome, body = self._outcome, self._body
+        # Unpickled outside the lock: the monitor needs it to finish the task, and other tasks
+        # must not wait for this one's unpickling. Two threads racing here decode twice; the
+        # first to publish wins, so every caller sees the same objects.
+        decoded = decode(
+            outcome or "crashed",
+            body,
+            name=self._name,
+            pid=self._pid,
+            exitcode=self._exitcode,
+            stop_reason=self._stop_reason,
+        )
+        with self._condition:
+            if self._decoded is None:
+                self._decoded = decoded
+                self._body = None if outcome == "returned" else body
+            return self._decoded
+
+    def _ready_or_done(self) -> bool:
+        return self._ready is not _NOT_READY or self._state != RUNNING
+
+    async def _until(self, predicate: Callable[[], bool]) -> None:
+        """Wait in the running event loop until ``predicate()``, checked at each change."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = loop.create_future()
+
+            def wake(waiter: Any = waiter) -> None:
+                def set_done() -> None:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+                try:
+                    loop.call_soon_threadsafe(set_done)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody waits any more
+
+            with self._condition:
+                if predicate():
+                    return
+                self._watchers.append(wake)
+            try:
+                await waiter
+            finally:  # cancelled or timed out: nothing of this wait stays with the task
+                with self._condition:
+                    if wake in self._watchers:
+                        self._watchers.remove(wake)
+
+    # -- driven by the decorator, the lifecycle and the TaskProcess ------------------
+
+    def _attach(self, process: TaskProcess) -> None:
+        """Right after the launcher started the process: follow it."""
+        self._pid = process.pid
+        self._process = process
+        process.watch(self)
+
+    def _arm_timeout(self, seconds: float) -> None:
+        import time
+
+        task_ref = _weak(self)
+
+        def expire() -> None:
+            task = task_ref()
+            if task is not None:
+                task._request_stop("timeout")
+
+        self._timeout = _monitor.get().call_at(time.monotonic() + seconds, expire)
+        if self._exited:  # it ended before the timer was armed: _ended() could not cancel it
+            self._timeout.cancel()
+
+    def _request_stop(self, reason: str, hard: bool = False) -> None:
+        """Ask the task to stop; ``hard`` (or a non-graceful task) kills its group at once.
+
+        Once the outcome is known, a stop sends no signal: the process is on its way out,
+        running its cleanup, and gets ``grace`` seconds for it before its group is killed.
+        """
+        with self._condition:
+            process = self._process
+            if self._exited or process is None:  # gone, or never started
+                return
+            if self._state == FINISHED and not hard:
+                if self._stop_sent is None:
+                    self._stop_sent = "soft"
+                    process.signal(0, self._grace)  # signal 0: nothing now, SIGKILL later
+                return
+            hard = hard or not self._graceful
+            if self._stop_sent == "hard" or (self._stop_sent == "soft" and not hard):
+                return
+            if self._stop_reason is None and self._state == RUNNING:
+                self._stop_reason = reason
+            self._stop_sent = "hard" if hard else "soft"
+        if hard:
+            process.signal(signal.SIGKILL)
+        else:
+            process.signal(signal.SIGTERM, self._grace)
+
+    def _outcome_sent(self, kind: int, body: Any) -> None:
+        """In the monitor: the task sent its outcome; its process is about to exit."""
+        outcome, body = classify([(kind, body)], None, False, None)
+        self._set_outcome(outcome, body)
+
+    def _ended(
+        self, exitcode: Optional[int], messages: List[Tuple[int, Any]], partial: bool, corrupt: Optional[str]
+    ) -> None:
+        """In the monitor: the process is gone; fix the outcome if not yet, run callbacks."""
+        if self._timeout is not None:
+            self._timeout.cancel()
+        outcome, body = classify(messages, self._stop_reason, partial, corrupt)
+        if outcome == "crashed" and body is None and exitcode is None:
+            body = "bgtask's zygote died before it could report the exit status"
+        graceful_stop = self._graceful and self._stop_sent == "soft"  # not kill(), which is hard
+        if outcome == "stopped" and graceful_stop and exitcode == -signal.SIGKILL and body is None:
+            import logging
+
+            logging.getLogger("bgtask").warning(
+                "bgtask: task %r (pid %s) did not stop within its grace of %s s; its process group "
+                "was killed",
+                self._name,
+                self._pid,
+                self._grace,
+            )
+        with self._condition:
+            self._exitcode = exitcode
+            self._ended_at = time.monotonic()
+            self._exited = True  # in the same step as the outcome: join() then result(0) works
+            self._set_outcome_locked(outcome, body)
+            self._condition.notify_all()
+        _lifecycle.unregister(self)
+        self._invoke_callbacks()
+
+    def _set_outcome(self, outcome: str, body: Any) -> None:
+        with self._condition:
+            self._set_outcome_locked(outcome, body)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _set_outcome_locked(self, outcome: str, body: Any) -> None:
+        if self._state != RUNNING:
+            return
+        self._outcome = outcome
+        self._body = body
+        self._state = FINISHED
+        for waiter in self._waiters:
+            if outcome == "returned":
+                waiter.add_result(self)
+            else:
+                waiter.add_exception(self)
+
+    def _ready_sent(self, body: Any) -> None:
+        """In the monitor: the task called ``bgtask.ready()``."""
+        with self._condition:
+            if self._ready is not _NOT_READY:
+                return
+            self._ready = body
+            self._condition.notify_all()
+            watchers, self._watchers = self._watchers, []
+        for wake in watchers:
+            wake()
+
+    def _invoke_callbacks(self) -> None:
+        with self._condition:
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            watchers, self._watchers = self._watchers, []
+        for wake in watchers:
+            wake()
+        for fn in callbacks:
+            _run_callback(fn, self)
+
+    def _forget_in_child(self) -> None:
+        """In a forked copy: this handle is the original's; its timer is not ours."""
+        self._timeout = None
+
+
+_NOT_READY: Any = object()
+
+
+def _decode_ready(body: Any, name: str) -> Any:
+    from ._errors import SerializationError
+    from ._serialization import loads
+
+    try:
+        return loads(body)
+    except Exception as exc:
+        raise SerializationError(
+            f"the value task {name!r} passed to ready() cannot be unpickled here: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _weak(task: TaskCore[Any]) -> Callable[[], Optional[TaskCore[Any]]]:
+    import weakref
+
+    return weakref.ref(task)
+
+
+def _run_callback(fn: Callable[[Any], object], task: TaskCore[Any]) -> None:
+    try:
+        fn(task)
+    except BaseException:
+        import logging
+
+        logging.getLogger("bgtask").exception("bgtask: done-callback %r of %r raised", fn, task)
