@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, List
 
 from ._decorator import Background, background, preload
 from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
-from ._lifecycle import active, shutdown
+from ._lifecycle import shutdown
 from ._ready import ready
 from ._stop import StopEvent, stop_event
 
@@ -61,6 +61,18 @@ __all__ = [
     "shutdown",
     "stop_event",
 ]
+
+
+def active() -> "List[Task[Any]]":
+    """The tasks this program started whose process has not ended, oldest first.
+
+    Each is a ``Task`` handle: ``name``, ``pid``, ``is_daemon``, ``age`` tell what it is. For
+    diagnostics and leak checks: a task is listed until its process is gone, whether or not its
+    handle is kept.
+    """
+    from ._lifecycle import active
+
+    return active()
 
 
 def __getattr__(name: str) -> Any:

@@ -85,12 +85,7 @@ def live_tasks() -> List[Any]:
 
 
 def active() -> List[Any]:
-    """The tasks this program started whose process has not ended, oldest first.
-
-    Each is a ``Task`` handle: ``name``, ``pid``, ``is_daemon``, ``age`` tell what it is. For
-    diagnostics and leak checks: a task is listed until its process is gone, whether or not its
-    handle is kept.
-    """
+    """The live tasks whose process has not ended, oldest first (``bgtask.active()``)."""
     tasks = [task for task in live_tasks() if not task._exited]
     tasks.sort(key=lambda task: task._started)
     return tasks
@@ -127,7 +122,6 @@ def shutdown(wait: bool = True, timeout: Optional[float] = None) -> None:
         raise KeyboardInterrupt
 
 
-active.__module__ = "bgtask"
 shutdown.__module__ = "bgtask"
 
 

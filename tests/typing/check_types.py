@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from typing_extensions import assert_type
 
+import bgtask
 from bgtask import Background, StopEvent, Task, background, stop_event
 
 
@@ -47,3 +48,18 @@ async def check_async() -> None:
     value = await add(1)
     assert_type(value, int)
     await asyncio.sleep(0)
+
+
+def check_services() -> None:
+    with add(1) as task:
+        assert_type(task, Task[int])
+        assert_type(task.wait_ready(1.0), Any)
+        assert_type(task.age, float)
+    assert_type(bgtask.active(), List[Task[Any]])
+    bgtask.shutdown(wait=False, timeout=1.0)
+
+
+async def check_async_services() -> None:
+    async with add(1) as task:
+        assert_type(task, Task[int])
+        assert_type(await task.wait_ready_async(1.0), Any)
