@@ -16,6 +16,7 @@ import collections
 import io
 import marshal
 import pickle
+import sys
 import traceback
 import types
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
@@ -44,10 +45,43 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
     )
 
 
+def _refuse_descriptor(obj: Any) -> Any:
+    raise TypeError(
+        f"a {type(obj).__module__}.{type(obj).__qualname__} stands for a descriptor of this "
+        "process: the task would get its number only, naming nothing or another file there"
+    )
+
+
+class _StrictPickler(_Pickler):
+    """Also refuses objects that stand for a descriptor and would pickle as its bare number.
+
+    A ``multiprocessing`` connection pickles as its descriptor's number outside
+    ``multiprocessing``'s own pickler. It is made (and used) once ``multiprocessing.connection``
+    is imported; a program without it pays nothing.
+    """
+
+    dispatch_table: ClassVar[Any] = collections.ChainMap({}, _Pickler.dispatch_table)
+
+
+_pickler: Any = _Pickler
+
+
+def _pickler_class() -> Any:
+    global _pickler
+    if _pickler is _Pickler:
+        connection = sys.modules.get("multiprocessing.connection")
+        if connection is not None:
+            for cls in (connection.Connection, getattr(connection, "PipeConnection", None)):
+                if cls is not None:
+                    _StrictPickler.dispatch_table.maps[0][cls] = _refuse_descriptor
+            _pickler = _StrictPickler
+    return _pickler
+
+
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` with cloudpickle."""
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+    _pickler_class()(buffer, protocol=PROTOCOL).dump(obj)
     return buffer.getvalue()
 
 
@@ -57,6 +91,8 @@ def dumps_value(obj: Any) -> bytes:
     What the stdlib pickles, it pickles by reference to importable modules, which the main
     program can import too; anything else (lambdas, classes defined in the task) goes by value.
     """
+    if _pickler_class() is _StrictPickler:
+        return dumps(obj)  # a multiprocessing connection must not pass as a bare number
     try:
         return pickle.dumps(obj, PROTOCOL)
     except Exception:

@@ -340,3 +340,34 @@ except bgtask.BgTaskError as exc:
         assert script.wait() == 0, script.stderr()
     finally:
         script.close()
+
+
+def test_a_multiprocessing_connection_argument_fails_at_the_call() -> None:
+    """A Pipe() end would reach the task as a bare descriptor number: refused, named."""
+    import multiprocessing
+
+    ours, theirs = multiprocessing.Pipe()
+    try:
+
+        @background
+        def use(conn: object) -> None:
+            return None
+
+        with pytest.raises(SerializationError, match=r"positional argument 0 .*stands for a descriptor"):
+            use(theirs)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_task_cannot_return_a_multiprocessing_connection() -> None:
+    """Nor can one come back as a result: SerializationError, not a stray number here."""
+
+    @background
+    def make() -> object:
+        import multiprocessing
+
+        return multiprocessing.Pipe()[0]
+
+    with pytest.raises(SerializationError, match="stands for a descriptor"):
+        make().result(60)
