@@ -71,13 +71,14 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
-    _ready._install(_atomic_sender(sock, state))
+    send = _atomic_sender(sock, state)  # ready() and log records
+    _ready._install(send)
     try:
         try:
             if not prepared:
                 prepare_streams()
                 prepare_process()
-            _apply_settings(sock, settings, state)
+            _apply_settings(settings, send)
             code = _run_and_report(sock, settings, state)
         except _StopRequest as stop:
             _report_stopped(sock, stop)
@@ -164,7 +165,7 @@ def prepare_streams() -> None:
 _subreaper = False
 
 
-def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) -> None:
+def _apply_settings(settings: Settings, send: Callable[[int, bytes], None]) -> None:
     if settings["graceful"]:
         set_handler(signal.SIGTERM, _on_stop_signal)
     else:
@@ -192,7 +193,6 @@ def _apply_settings(sock: socket.socket, settings: Settings, state: _TaskState) 
     _platform.set_process_name(name if name != _platform.ZYGOTE_NAME else f"task:{name}")
     logs = settings.get("logging")
     if logs is not None:
-        send = _atomic_sender(sock, state)
         _logs.install(logs, lambda data: send(_wire.LOG, data), name)
     else:
         _logs.uninstall()

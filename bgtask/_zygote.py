@@ -209,12 +209,14 @@ class Zygote:
         os._exit(0)
 
     def _wait(self) -> None:
-        deadlines = list(self.procs.kill_at.values())
-        if self.scan_at is not None:
-            deadlines.append(self.scan_at)
         timeout = IDLE_WAIT_S
-        if deadlines:
-            timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
+        if self.procs.kill_at or self.scan_at is not None:
+            now = time.monotonic()
+            if self.procs.kill_at:
+                timeout = min(timeout, min(self.procs.kill_at.values()) - now)
+            if self.scan_at is not None:
+                timeout = min(timeout, self.scan_at - now)
+            timeout = max(0.0, timeout)
         if self.ctl is not None and bool(self.out) != self.writing:
             self.writing = bool(self.out)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.writing else 0)
@@ -488,8 +490,7 @@ def main(ctl_fd: int) -> None:
     import multiprocessing.process  # noqa: F401
 
     fork = None if boot.preload else _platform.plain_fork()
-    _clear_atexit()  # a task runs only the hooks registered in it
-    preload(boot.preload)
+    preload(boot.preload)  # also clears atexit: a task runs only the hooks registered in it
     _logs.prepare()  # every task's logging relay, in place ahead
     _child.prepare_streams()  # inherited by every task
     Zygote(ctl, fork or os.fork).serve()

@@ -73,11 +73,8 @@ def _service_starter(wider: bool) -> Generator[Callable[..., Any], None, None]:
     with contextlib.ExitStack() as stack:
 
         def start(fn: Callable[..., Any], /, *args: Any, ready_timeout: float = 60.0, **kwargs: Any) -> Any:
-            before = set(_lifecycle.active())
-            value = stack.enter_context(service(fn, *args, ready_timeout=ready_timeout, **kwargs))
-            if wider:
-                _WIDER.update(set(_lifecycle.active()) - before)
-            return value
+            with _owned_by_a_wider_scope() if wider else contextlib.nullcontext():
+                return stack.enter_context(service(fn, *args, ready_timeout=ready_timeout, **kwargs))
 
         yield start
 
@@ -144,6 +141,13 @@ def pytest_fixture_setup(fixturedef: Any, request: Any) -> Generator[None, Any, 
     if not _tracking or fixturedef.scope == "function":
         yield
         return
+    with _owned_by_a_wider_scope():
+        yield
+
+
+@contextlib.contextmanager
+def _owned_by_a_wider_scope() -> Iterator[None]:
+    """The tasks started in the block belong to a fixture wider than a test: not leaks."""
     before = set(_lifecycle.active())
     yield
     _WIDER.update(set(_lifecycle.active()) - before)
