@@ -127,7 +127,10 @@ shutdown.__module__ = "bgtask"
 
 def _at_exit() -> None:
     """The exit procedure at the interpreter's exit (see the module docstring)."""
-    _procedure("exit", True, None)
+    try:
+        _procedure("exit", True, None)
+    except BaseException:  # noqa: BLE001 (an exit hook: the tasks were killed, nothing is left)
+        pass
 
 
 def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
@@ -137,17 +140,23 @@ def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
     from . import _launch
 
     interrupted = False
+    error: Optional[BaseException] = None
     try:
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             interrupted = _wait_for_non_daemons(reason, deadline)
         interrupted = _stop_all(reason) or interrupted
-    except BaseException:  # noqa: BLE001 (a third Ctrl-C, say: end everything, as fast as possible)
+    except BaseException as exc:  # noqa: BLE001 (a third Ctrl-C, say: end everything, fast)
         for task in live_tasks():
             task._request_stop(reason, hard=True)
-        interrupted = True
+        if isinstance(exc, KeyboardInterrupt):
+            interrupted = True
+        else:
+            error = exc
     _launch.close_all()
     _stop_idle_monitor()
+    if error is not None:
+        raise error
     return interrupted
 
 

@@ -111,7 +111,7 @@ def install(snap: Snapshot, send: Callable[[bytes], None], task_name: str) -> No
         root.addHandler(relay)
     relay.send = send
     relay.task_name = task_name
-    for handler in root.handlers:
+    for handler in list(root.handlers):  # a copy: removing shifts the list
         if handler is not relay:
             root.removeHandler(handler)
     for logger in list(root.manager.loggerDict.values()):

@@ -317,3 +317,24 @@ def test_a_stopped_event_task_logs_as_usual(collected: List[logging.LogRecord]) 
     assert wait_until(lambda: len(collected) == 1, timeout=60)
     task.stop(timeout=60)
     assert [r.getMessage() for r in collected] == ["waiting", "stopping"]
+
+
+def test_several_inherited_root_handlers_are_all_left_out_under_fork(tmp_path: Path) -> None:
+    """Two handlers on the main program's root, inherited by fork: each line written once."""
+    files = [tmp_path / "one.log", tmp_path / "two.log"]
+    handlers = [logging.FileHandler(path) for path in files]
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+
+        @background(start_method="fork")
+        def writes() -> None:
+            logging.getLogger().warning("once")
+
+        writes().result(60)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    assert [path.read_text().splitlines() for path in files] == [["once"], ["once"]]

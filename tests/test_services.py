@@ -663,3 +663,22 @@ def test_the_leak_checks_origin_is_the_users_line() -> None:
     assert origin is not None
     assert "test_services.py" in origin
     assert "test_the_leak_checks_origin_is_the_users_line" in origin
+
+
+def test_an_unexpected_error_in_shutdown_is_raised_as_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error inside the procedure kills the tasks and comes out as itself, not as Ctrl-C."""
+    from bgtask import _lifecycle
+
+    @background(graceful=True)
+    def forever() -> None:
+        threading.Event().wait()
+
+    def broken(reason: str) -> bool:
+        raise RuntimeError("broken step")
+
+    task = forever()
+    monkeypatch.setattr(_lifecycle, "_stop_all", broken)
+    with pytest.raises(RuntimeError, match="broken step"):
+        bgtask.shutdown(wait=False)
+    task.join(60)
+    assert task.exitcode == -9
