@@ -6,6 +6,7 @@ import inspect
 import pickle
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -360,10 +361,10 @@ def test_a_multiprocessing_connection_argument_fails_at_the_call() -> None:
         theirs.close()
 
 
-def test_a_task_cannot_return_a_multiprocessing_connection() -> None:
+def test_a_task_cannot_return_a_multiprocessing_connection(start_method: Optional[str]) -> None:
     """Nor can one come back as a result: SerializationError, not a stray number here."""
 
-    @background
+    @background(start_method=start_method)
     def make() -> object:
         import multiprocessing
 
