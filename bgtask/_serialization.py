@@ -69,11 +69,11 @@ _pickler: Any = _Pickler
 def _pickler_class() -> Any:
     global _pickler
     if _pickler is _Pickler:
-        connection = sys.modules.get("multiprocessing.connection")
+        # Another thread may be importing the module: until it has defined the class, no
+        # connection exists that could be pickled.
+        connection = getattr(sys.modules.get("multiprocessing.connection"), "Connection", None)
         if connection is not None:
-            for cls in (connection.Connection, getattr(connection, "PipeConnection", None)):
-                if cls is not None:
-                    _StrictPickler.dispatch_table.maps[0][cls] = _refuse_descriptor
+            _StrictPickler.dispatch_table.maps[0][connection] = _refuse_descriptor
             _pickler = _StrictPickler
     return _pickler
 

@@ -13,7 +13,7 @@ import pytest
 import bgtask
 from bgtask import BgTaskError, SerializationError, Task, background
 
-from .helpers import Script, pid_alive, wait_until
+from .helpers import Script, pid_alive, run_script, wait_until
 
 EXPECTED = {
     "Background",
@@ -372,3 +372,28 @@ def test_a_task_cannot_return_a_multiprocessing_connection(start_method: Optiona
 
     with pytest.raises(SerializationError, match="stands for a descriptor"):
         make().result(60)
+
+
+def test_calls_work_while_multiprocessing_connection_is_being_imported(tmp_path: Path) -> None:
+    """A half-imported multiprocessing.connection (another thread imports it) breaks no call."""
+    result = run_script(
+        tmp_path,
+        """
+import sys, types
+import bgtask
+
+real = sys.modules.pop("multiprocessing.connection", None)
+sys.modules["multiprocessing.connection"] = types.ModuleType("multiprocessing.connection")
+print("DURING", bgtask.background(abs)(-1).result(60))
+del sys.modules["multiprocessing.connection"]
+import multiprocessing
+
+ours, theirs = multiprocessing.Pipe()
+try:
+    bgtask.background(abs)(theirs)
+except bgtask.SerializationError:
+    print("AFTER refused")
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["DURING", "1", "AFTER", "refused"]
