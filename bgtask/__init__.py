@@ -12,7 +12,6 @@ nothing of the main side, so a task starts without paying for it)::
       _task          Task: a Future and a process handle; decodes the outcome in the caller
       _task_core     what is under a Task: its state, the waits, the transitions of its end
       _lifecycle     the live tasks, active(); the exit procedure (atexit, shutdown())
-      _green         what a gevent-patched program needs (real sockets for the channels)
       _launch        the launcher seam: get(method).start(settings, payload) -> TaskProcess
       _launch_zygote the zygote's client: spares, activation, reports (the default method)
       _launch_mp     multiprocessing's "fork", "spawn", "forkserver"
@@ -24,7 +23,10 @@ nothing of the main side, so a task starts without paying for it)::
       _child         the task runtime, from a spare's first line to os._exit
       _stop          StopEvent, stop_event()
       _ready         ready(): the task tells its program it is ready
+      _logs          the logging relay: records of tasks go to the main program's handlers
     shared
+      _queue         Queue: items through a datagram socket every process holds
+      _green         what a gevent-patched program needs (real sockets for channels and queues)
       _wire          every message between processes, defined once; framing
       _outcome       what a task's messages mean; the errors result() raises
       _serialization the only cloudpickle import
@@ -41,15 +43,19 @@ from ._ready import ready
 from ._stop import StopEvent, stop_event
 
 if TYPE_CHECKING:
-    from ._task import Task
+    from ._queue import Queue, ShutDown
+    from ._task import StreamTask, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Background",
     "BgTaskError",
+    "Queue",
     "SerializationError",
+    "ShutDown",
     "StopEvent",
+    "StreamTask",
     "Task",
     "TaskCrashed",
     "TaskError",
@@ -78,12 +84,16 @@ def active() -> "List[Task[Any]]":
 def __getattr__(name: str) -> Any:
     # Task is a concurrent.futures.Future, whose import (logging, threading) the first call pays
     # rather than `import bgtask`.
-    if name == "Task":
-        from ._task import Task
+    if name in ("Task", "StreamTask"):
+        from . import _task
 
-        return Task
+        return getattr(_task, name)
+    if name in ("Queue", "ShutDown"):
+        from . import _queue
+
+        return getattr(_queue, name)
     raise AttributeError(f"module 'bgtask' has no attribute {name!r}")
 
 
 def __dir__() -> List[str]:
-    return sorted({*globals(), "Task"})
+    return sorted({*globals(), "Queue", "ShutDown", "StreamTask", "Task"})

@@ -15,7 +15,8 @@
 The settings dict (``Settings``) holds: ``name``, ``daemon``, ``graceful``, ``grace``, ``cwd``,
 ``argv``; optionally ``env`` and ``sys_path`` (when they changed since the zygote forked the
 spare), ``stdio`` (standard output and error arrive as descriptors with the call),
-``watch_parent`` (watch the channel for the main program's death: no zygote does it),
+``parent`` (the main program's pid), ``watch_parent`` (watch the channel for the main program's
+death: no zygote does it),
 ``run_atexit`` and ``logging`` (the main program's logging levels and warnings filters, for the
 relay of ``_logs``; absent when the task logs on its own).
 
@@ -35,7 +36,7 @@ import threading
 from typing import Any, Callable, List, NoReturn, Optional, Set
 
 from . import _logs, _platform, _ready, _stop, _wire
-from ._serialization import dumps_value, loads, pack_exception
+from ._serialization import MAX_DESCRIPTORS, dumps_value, loads_call, pack_exception
 from ._stop import _StopRequest, _TaskState
 from ._wire import Settings
 
@@ -71,6 +72,8 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
+    global _parent_pid
+    _parent_pid = settings.get("parent", 0)
     send = _atomic_sender(sock, state)  # ready() and log records
     _ready._install(send)
     try:
@@ -79,11 +82,12 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
                 prepare_streams()
                 prepare_process()
             _apply_settings(settings, send)
-            code = _run_and_report(sock, settings, state)
+            code = _run_and_report(sock, settings, state, send, stdio_on_payload=not prepared)
         except _StopRequest as stop:
             _report_stopped(sock, stop)
             code = -signal.SIGTERM
         _finish(settings)
+        _send_queued(sock)  # what its own tasks handed over meanwhile
     except _StopRequest:  # a second stop during cleanup: the outcome is already reported
         code = -signal.SIGTERM
     except BaseException:  # never let an error in bgtask's own code escape with a traceback
@@ -215,14 +219,23 @@ def _adopt_stdio(fds: List[int]) -> None:
         os.close(fd)
 
 
-def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) -> int:
+def _run_and_report(
+    sock: socket.socket,
+    settings: Settings,
+    state: _TaskState,
+    send: Callable[[int, bytes], None],
+    stdio_on_payload: bool,
+) -> int:
+    stdio = 2 if settings.get("stdio") and stdio_on_payload else 0
     try:
-        message = _wire.recv_message(sock, maxfds=2 if settings.get("stdio") else 0)
+        message = _wire.recv_message(sock, maxfds=stdio + MAX_DESCRIPTORS)
     except _wire.ProtocolError:
         message = None
     if message is None or message[0] != _wire.PAYLOAD:
         return 0  # the main program went away before it sent the call: nothing to do
-    _adopt_stdio(message[2])
+    fds = message[2]
+    _adopt_stdio(fds[:stdio])
+    del fds[:stdio]
     if settings.get("watch_parent") and settings["daemon"]:
         # Started only now: the main program sends nothing more on the channel, so this
         # thread's reads cannot take the call from the runtime.
@@ -234,7 +247,7 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
         ).start()
     body = message[1]
     try:
-        fn, args, kwargs = loads(body)
+        fn, args, kwargs = loads_call(body, fds)
     except BaseException as exc:
         if isinstance(exc, _StopRequest):
             raise
@@ -242,7 +255,7 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
         return 1
     del body, message
     try:
-        value = _call(fn, args, kwargs)
+        value = _call(fn, args, kwargs, send if settings.get("stream") else None)
     except _StopRequest:
         raise
     except SystemExit as exc:
@@ -272,8 +285,10 @@ def _run_and_report(sock: socket.socket, settings: Settings, state: _TaskState) 
     return 0
 
 
-def _call(fn: Any, args: Any, kwargs: Any) -> Any:
+def _call(fn: Any, args: Any, kwargs: Any, stream: Optional[Callable[[int, bytes], None]]) -> Any:
     result = fn(*args, **kwargs)
+    if stream is not None:
+        return _stream(result, stream)
     if _is_awaitable(result):
         import asyncio
 
@@ -282,6 +297,37 @@ def _call(fn: Any, args: Any, kwargs: Any) -> Any:
 
         return asyncio.run(_await())
     return result
+
+
+def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
+    """Send what a generator yields, each as it comes; return what it returns."""
+    count = 0
+
+    def data(item: Any) -> bytes:
+        try:
+            return dumps_value(item)
+        except Exception as exc:
+            what = f"{type(item).__module__}.{type(item).__qualname__}"
+            raise TypeError(f"item {count} the task yielded (a {what}) cannot be pickled: {exc}") from exc
+
+    if hasattr(values, "__anext__"):
+        import asyncio
+
+        async def pump() -> None:
+            nonlocal count
+            async for item in values:
+                send(_wire.ITEM, data(item))
+                count += 1
+
+        asyncio.run(pump())
+        return None
+    while True:
+        try:
+            item = next(values)
+        except StopIteration as stop:
+            return stop.value
+        send(_wire.ITEM, data(item))
+        count += 1
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -344,6 +390,8 @@ def _system_exit_code(exc: SystemExit) -> int:
 
 
 def _send(sock: socket.socket, kind: int, body: bytes) -> None:
+    if kind in _wire.OUTCOMES:
+        _send_queued(sock)  # ahead of the outcome: result() returns once they are handed over
     try:
         with _send_lock:  # ready() may send from another thread
             _wire.send_message(sock, kind, body)
@@ -352,6 +400,24 @@ def _send(sock: socket.socket, kind: int, body: bytes) -> None:
 
 
 _send_lock = threading.Lock()
+_parent_pid = 0
+
+
+def _send_queued(sock: socket.socket) -> None:
+    """Hand what this task's queues could not send yet to its main program, which sends it on."""
+    queues = sys.modules.get("bgtask._queue")
+    if queues is None:
+        return
+    try:
+        body = queues.spill(_parent_pid)
+    except Exception:
+        return
+    if body is not None:
+        try:
+            with _send_lock:
+                _wire.send_message(sock, _wire.QUEUED, body)
+        except OSError:
+            pass
 
 
 def _atomic_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:

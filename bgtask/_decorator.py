@@ -15,14 +15,28 @@ import sys
 import threading
 import types
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Generator,
+    Generic,
+    Iterator,
+    Optional,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import _green, _lifecycle
 from ._errors import BgTaskError
 from ._platform import check_supported
 
 if TYPE_CHECKING:
-    from ._task import Task
+    from ._task import StreamTask, Task
 
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
@@ -31,6 +45,8 @@ else:  # pragma: no cover (3.9)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+Y = TypeVar("Y")
+S = TypeVar("S")
 
 START_METHODS = (None, "fork", "spawn", "forkserver")
 
@@ -72,8 +88,28 @@ class Background(Generic[P, R]):
         """Whether this function's tasks are daemons (stopped, not waited for, at exit)."""
         return bool(self._options["daemon"])
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
-        task: Task[R] = _start(self._fn, args, kwargs, self._options)
+    # A generator function's call returns a StreamTask of what it yields.
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self: Background[P, Generator[Y, Any, S]], *args: P.args, **kwargs: P.kwargs
+    ) -> StreamTask[Y, S]: ...
+    @overload
+    def __call__(
+        self: Background[P, Iterator[Y]], *args: P.args, **kwargs: P.kwargs
+    ) -> StreamTask[Y, None]: ...
+    @overload
+    def __call__(
+        self: Background[P, AsyncGenerator[Y, Any]], *args: P.args, **kwargs: P.kwargs
+    ) -> StreamTask[Y, None]: ...
+    @overload
+    def __call__(
+        self: Background[P, AsyncIterator[Y]], *args: P.args, **kwargs: P.kwargs
+    ) -> StreamTask[Y, None]: ...
+    @overload
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        task: Task[Any] = _start(self._fn, args, kwargs, self._options)
         with _started_lock:
             self._started.add(task)
         return task
@@ -114,13 +150,15 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
     from . import _launch
     from ._serialization import dumps_call
-    from ._task import Task
+    from ._task import StreamTask, Task
 
     _refuse_during_bootstrap()
     _green.check(options["start_method"])
     payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
     name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
-    task: Task[Any] = Task(
+    stream = _is_generator_function(fn)
+    kind = StreamTask if stream else Task
+    task: Task[Any] = kind(
         name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"]
     )
     if _lifecycle.track_origins:
@@ -136,7 +174,10 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
         "grace": options["grace"],
         "cwd": cwd,
         "argv": list(sys.argv),
+        "parent": os.getpid(),
     }
+    if stream:
+        settings["stream"] = True
     if options["relay_logging"]:
         from . import _logs
 
@@ -144,7 +185,11 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     _lifecycle.register(task)
     process = None
     try:
-        process = _launch.get(options["start_method"]).start(settings, payload)
+        try:
+            process = _launch.get(options["start_method"]).start(settings, payload)
+        finally:
+            payload.close()
+        process.keep = payload.keep
         task._attach(process)
     except BaseException as exc:
         _lifecycle.unregister(task)
@@ -158,6 +203,23 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     if options["timeout"] is not None:
         task._arm_timeout(options["timeout"])
     return task
+
+
+# Code flags of generator and asynchronous generator functions (inspect.CO_*, without inspect).
+_GENERATOR_FLAGS = 0x20 | 0x200
+
+
+def _is_generator_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a generator: its task streams what it yields."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif hasattr(fn, "__func__"):
+            fn = fn.__func__
+        else:
+            break
+    code = getattr(fn, "__code__", None)
+    return code is not None and bool(code.co_flags & _GENERATOR_FLAGS)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -20,14 +20,18 @@ from typing import TYPE_CHECKING, Dict, Optional, Protocol
 
 if TYPE_CHECKING:
     from ._process import TaskProcess
+    from ._serialization import Payload
     from ._wire import Settings
 
 
 class Launcher(Protocol):
     """Starts task processes one way."""
 
-    def start(self, settings: Settings, payload: bytes) -> TaskProcess:
-        """Start a process running the pickled call; raise ``OSError`` if it cannot start."""
+    def start(self, settings: Settings, payload: Payload) -> TaskProcess:
+        """Start a process running the pickled call; raise ``OSError`` if it cannot start.
+
+        The payload's descriptors go with it; the caller closes its own copies afterwards.
+        """
         ...
 
     def close(self) -> None:

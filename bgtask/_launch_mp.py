@@ -17,11 +17,14 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _monitor, _platform, _process, _wire
 from ._process import TaskProcess
 from ._wire import Settings
+
+if TYPE_CHECKING:
+    from ._serialization import Payload
 
 # How soon to look again for the exit status of a process whose sentinel fired.
 REAP_RETRY_S = 0.001
@@ -41,7 +44,7 @@ class MultiprocessingLauncher:
         self.method = method
         self.context: Any = multiprocessing.get_context(method)
 
-    def start(self, settings: Settings, payload: bytes) -> TaskProcess:
+    def start(self, settings: Settings, payload: Payload) -> TaskProcess:
         settings = dict(settings, watch_parent=True)
         # Under fork the atexit handlers in this process are the main program's, not the task's.
         settings["run_atexit"] = self.method != "fork"
@@ -113,7 +116,7 @@ class MultiprocessingLauncher:
         watched: Any = pidfd if parent and pidfd is not None else process.sentinel
         monitor.add_reader(watched, on_exit)
         try:
-            _wire.send_messages(mine, [(_wire.PAYLOAD, payload)], fds=stdio)
+            _wire.send_messages(mine, [(_wire.PAYLOAD, payload.body)], fds=stdio + payload.fds)
         except OSError:
             pass  # the task died before it read its call: its exit code tells the rest
         except BaseException:

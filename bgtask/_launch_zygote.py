@@ -24,11 +24,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import _green, _monitor, _process, _wire
 from ._process import TaskProcess
 from ._wire import Settings
+
+if TYPE_CHECKING:
+    from ._serialization import Payload
 
 # How long the exit procedure waits for a zygote to exit after its control socket closed.
 ZYGOTE_EXIT_WAIT_S = 2.0
@@ -59,7 +62,7 @@ class ZygoteLauncher:
         if new and client is not None and client.owner == os.getpid():
             client.preload(new)
 
-    def start(self, settings: Settings, payload: bytes) -> TaskProcess:
+    def start(self, settings: Settings, payload: Payload) -> TaskProcess:
         # A spare that died before it read its call is replaced; a zygote that died, once.
         lost_zygotes = dead_spares = 0
         monitor = _monitor.get()
@@ -69,7 +72,7 @@ class ZygoteLauncher:
                 client = self.client()
                 try:
                     spare = client.pool.take(client)
-                    process, messages, fds = client.activate(spare, settings, payload)
+                    process, messages, fds = client.activate(spare, settings, payload.body)
                 except ZygoteGone:
                     client.lost()
                     lost_zygotes += 1
@@ -77,7 +80,11 @@ class ZygoteLauncher:
                         raise
                     continue
                 try:
-                    _wire.send_messages(spare.sock, messages, fds)
+                    if payload.fds:  # on the payload's own first byte
+                        _wire.send_messages(spare.sock, messages[:-1], fds)
+                        _wire.send_messages(spare.sock, messages[-1:], payload.fds)
+                    else:
+                        _wire.send_messages(spare.sock, messages, fds)
                 except BaseException as exc:
                     # The spare died (OSError), or the call was interrupted mid-write: either
                     # way it never runs this call; closing its channel ends it.

@@ -46,6 +46,8 @@ class Consumer(Protocol):
 
     def _ready_sent(self, body: Any) -> None: ...
 
+    def _item_sent(self, body: Any) -> bool: ...
+
     def _outcome_sent(self, kind: int, body: Any) -> None: ...
 
     def _ended(
@@ -64,6 +66,7 @@ class TaskProcess:
         "_lost",
         "_monitor",
         "_on_end",
+        "_paused",
         "_reader",
         "_reading",
         "_reaped",
@@ -71,6 +74,7 @@ class TaskProcess:
         "_signaller",
         "channel",
         "done",
+        "keep",
         "pid",
         "pidfd",
     )
@@ -91,12 +95,14 @@ class TaskProcess:
         # signal it when the launcher cannot.
         self.pidfd = _platform.open_pidfd(pid) if pidfd is None else pidfd
         self.done = False
+        self.keep: Any = ()  # what its call sent along that must live as long as it does
         self._signaller = signaller
         self._on_end = on_end
         self._reader = _wire.MessageReader()
         self._consumer: Optional[Consumer] = None
         self._early_sent = False
         self._reading = False
+        self._paused = False  # a stream's reader stopped reading its channel: see resume()
         self._reaped = False
         self._lost = False
         self._exitcode: Optional[int] = None
@@ -140,6 +146,10 @@ class TaskProcess:
         """
         self.done = True
         self._close()
+
+    def resume(self) -> None:
+        """Read the channel again: the program took items of a stream that filled up."""
+        self._monitor.call_soon(self._resume)
 
     def abandon(self) -> None:
         """The call was interrupted after the process started: kill it and follow it to its end."""
@@ -193,19 +203,39 @@ class TaskProcess:
             return
         if any(kind in _wire.ASIDES for kind, _ in reader.messages):
             outcomes = []
+            full = False
             for kind, body in reader.messages:
+                if kind == _wire.ITEM:
+                    full = consumer._item_sent(body)
+                    continue
                 if kind == _wire.LOG:
                     _handle_record(body)
                 elif kind == _wire.READY:
                     consumer._ready_sent(body)
+                elif kind == _wire.QUEUED:
+                    _adopt_queued(body)
                 else:
                     outcomes.append((kind, body))
             reader.messages = outcomes
+            if full:
+                self._pause()
         if reader.messages and not self._early_sent:
             kind, body = reader.messages[0]
             if kind in _wire.EARLY:
                 self._early_sent = True
                 consumer._outcome_sent(kind, body)
+
+    def _pause(self) -> None:
+        """Stop reading the channel: the task then waits to send its next item (backpressure)."""
+        if self._reading and not self._paused and self.channel is not None:
+            self._paused = True
+            self._monitor.remove_reader(self.channel)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._reading and self.channel is not None and not self.done:
+                self._monitor.add_reader(self.channel, self._on_readable)
 
     def _maybe_end(self) -> None:
         if self.done or self._consumer is None:
@@ -243,11 +273,13 @@ class TaskProcess:
         if self._on_end is not None:
             self._on_end()
             self._on_end = None
+        self.keep = ()
         self._monitor.release()
 
     def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
         if self.done or self._reaped:
             return
+        self._resume()  # a stream waiting to send its next item must see the stop
         if signum and self._requested != signal.SIGKILL:
             self._requested = signum
         if not self._signaller(signum, escalate_after):
@@ -288,6 +320,9 @@ class _Nobody:
     def _ready_sent(self, body: Any) -> None:
         pass
 
+    def _item_sent(self, body: Any) -> bool:
+        return False
+
     def _outcome_sent(self, kind: int, body: Any) -> None:
         pass
 
@@ -298,6 +333,15 @@ class _Nobody:
 
 
 _NOBODY = _Nobody()
+
+
+def _adopt_queued(body: Union[bytes, bytearray]) -> None:
+    from . import _queue
+
+    try:
+        _queue.adopt(body)
+    except Exception:  # noqa: BLE001 (a task's bytes: they must not stop the monitor)
+        pass
 
 
 def _handle_record(body: Union[bytes, bytearray]) -> None:

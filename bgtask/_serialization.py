@@ -8,6 +8,13 @@ the main module, and a script needs no ``if __name__ == "__main__":`` guard.
 Arguments are pickled eagerly, in the caller, so a bad argument fails at the call site with its
 name; an exception that cannot make the round trip is replaced, in the task, by a plain packet
 (type name, message, traceback) that always can.
+
+Objects that stand for a descriptor (a socket, a ``multiprocessing`` connection, a
+``bgtask.Queue``) travel in a call only: their descriptors are duplicated while the call is
+pickled (:func:`send_along`) and go with it as ``SCM_RIGHTS``; the task takes them back while it
+unpickles (:func:`received`). Anywhere else (a result, a queue item) they are refused by name,
+never sent as a bare number. ``multiprocessing`` manager proxies carry their manager's authkey,
+as ``multiprocessing`` itself does for the children it starts.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ from __future__ import annotations
 import collections
 import io
 import marshal
+import os
 import pickle
 import sys
+import threading
 import traceback
 import types
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import cloudpickle
 
@@ -45,36 +54,125 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
     )
 
 
-def _refuse_descriptor(obj: Any) -> Any:
-    raise TypeError(
-        f"a {type(obj).__module__}.{type(obj).__qualname__} stands for a descriptor of this "
-        "process: the task would get its number only, naming nothing or another file there"
-    )
+# At most this many descriptors travel with one call (Linux takes 253 in one SCM_RIGHTS message;
+# two more may carry the standard streams).
+MAX_DESCRIPTORS = 250
+
+
+class _Descriptors(threading.local):
+    outgoing: Optional[List[int]] = None  # while a call is pickled: duplicates to send with it
+    keep: Optional[List[Any]] = None  # while a call is pickled: what must live as long as its task
+    incoming: Optional[List[int]] = None  # while a call is unpickled: what arrived with it
+
+
+_descriptors = _Descriptors()
+
+
+def send_along(fd: int, what: str) -> int:
+    """While a call is pickled: send a duplicate of ``fd`` with it; its index for :func:`received`.
+
+    Elsewhere (a result, a queue item, ``pickle.dumps`` by hand) raise ``TypeError`` naming
+    ``what``: a descriptor number means nothing in another process.
+    """
+    outgoing = _descriptors.outgoing
+    if outgoing is None:
+        raise TypeError(
+            f"{what} stands for a descriptor of this process: it can be an argument of a task "
+            "(or captured by its function), not a result, a queue item or pickled otherwise"
+        )
+    if len(outgoing) >= MAX_DESCRIPTORS:
+        raise TypeError(f"more than {MAX_DESCRIPTORS} descriptors in one call")
+    outgoing.append(os.dup(fd))
+    return len(outgoing) - 1
+
+
+def keep_alive(obj: Any) -> None:
+    """While a call is pickled: keep ``obj`` alive in this process as long as the task runs."""
+    keep = _descriptors.keep
+    if keep is not None:
+        keep.append(obj)
+
+
+def received(index: int) -> int:
+    """While a call is unpickled: the descriptor sent at ``index``, now the caller's to close."""
+    incoming = _descriptors.incoming
+    if incoming is None or not 0 <= index < len(incoming) or incoming[index] < 0:
+        raise pickle.UnpicklingError("a descriptor that did not arrive with the call")
+    fd, incoming[index] = incoming[index], -1
+    return fd
+
+
+def _describe_type(obj: Any) -> str:
+    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _reduce_socket(sock: Any) -> Any:
+    index = send_along(sock.fileno(), _describe_type(sock))
+    return _rebuild_socket, (index, int(sock.family), int(sock.type), sock.proto)
+
+
+def _rebuild_socket(index: int, family: int, kind: int, proto: int) -> Any:
+    import socket
+
+    return socket.socket(family, kind, proto, fileno=received(index))
+
+
+def _reduce_connection(conn: Any) -> Any:
+    index = send_along(conn.fileno(), _describe_type(conn))
+    return _rebuild_connection, (index, conn.readable, conn.writable)
+
+
+def _rebuild_connection(index: int, readable: bool, writable: bool) -> Any:
+    from multiprocessing.connection import Connection
+
+    return Connection(received(index), readable, writable)
+
+
+def _reduce_proxy(proxy: Any) -> Any:
+    """A manager proxy, with its authkey: a task does not share this program's own."""
+    rebuild, (func, token, serializer, kwds) = proxy.__reduce__()
+    kwds = dict(kwds, authkey=bytes(proxy._authkey))
+    return rebuild, (func, token, serializer, kwds)
 
 
 class _StrictPickler(_Pickler):
-    """Also refuses objects that stand for a descriptor and would pickle as its bare number.
+    """Also sends what stands for a descriptor along, and proxies with their authkey.
 
-    A ``multiprocessing`` connection pickles as its descriptor's number outside
-    ``multiprocessing``'s own pickler. It is made (and used) once ``multiprocessing.connection``
-    is imported; a program without it pays nothing.
+    A ``multiprocessing`` connection would pickle as its descriptor's number, and a manager
+    proxy without the authkey its manager checks. They are made (and used) once
+    ``multiprocessing.connection`` is imported; a program without it pays nothing.
     """
 
     dispatch_table: ClassVar[Any] = collections.ChainMap({}, _Pickler.dispatch_table)
 
+    def reducer_override(self, obj: Any) -> Any:
+        if _proxy_class is not None and isinstance(obj, _proxy_class):
+            return _reduce_proxy(obj)
+        return super().reducer_override(obj)
 
+
+def _socket_class() -> Any:
+    import socket
+
+    return socket.socket
+
+
+_Pickler.dispatch_table.maps[0][_socket_class()] = _reduce_socket
 _pickler: Any = _Pickler
+_proxy_class: Any = None
 
 
 def _pickler_class() -> Any:
-    global _pickler
+    global _pickler, _proxy_class
     if _pickler is _Pickler:
         # Another thread may be importing the module: until it has defined the class, no
         # connection exists that could be pickled.
         connection = getattr(sys.modules.get("multiprocessing.connection"), "Connection", None)
         if connection is not None:
-            _StrictPickler.dispatch_table.maps[0][connection] = _refuse_descriptor
+            _StrictPickler.dispatch_table.maps[0][connection] = _reduce_connection
             _pickler = _StrictPickler
+    if _proxy_class is None and _pickler is _StrictPickler:
+        _proxy_class = getattr(sys.modules.get("multiprocessing.managers"), "BaseProxy", None)
     return _pickler
 
 
@@ -91,6 +189,8 @@ def dumps_value(obj: Any) -> bytes:
     What the stdlib pickles, it pickles by reference to importable modules, which the main
     program can import too; anything else (lambdas, classes defined in the task) goes by value.
     """
+    if type(obj) in _PLAIN:
+        return pickle.dumps(obj, PROTOCOL)
     if _pickler_class() is _StrictPickler:
         return dumps(obj)  # a multiprocessing connection must not pass as a bare number
     try:
@@ -99,15 +199,36 @@ def dumps_value(obj: Any) -> bytes:
         return dumps(obj)
 
 
+# Types the stdlib pickler handles alone, whatever the program imported.
+_PLAIN = frozenset((bytes, bytearray, str, int, float, bool, type(None), complex))
+
+
 def loads(data: Any) -> Any:
     """Unpickle bytes made by :func:`dumps`."""
     return pickle.loads(data)
 
 
-def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+class Payload(NamedTuple):
+    """A pickled call, the descriptors that go with it (this process's duplicates), and what
+    must stay alive here while its task runs."""
+
+    body: bytes
+    fds: Tuple[int, ...] = ()
+    keep: Tuple[Any, ...] = ()
+
+    def close(self) -> None:
+        """Close the duplicates: once they were sent, or when the call never starts."""
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Payload:
     """Pickle a call, or raise ``SerializationError`` naming the part that cannot be pickled."""
     try:
-        return dumps((fn, args, kwargs))
+        return _dumps_with_descriptors((fn, args, kwargs))
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         culprit = _find_culprit(fn, args, kwargs)
         raise SerializationError(
@@ -115,9 +236,34 @@ def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
         ) from exc
 
 
+def _dumps_with_descriptors(obj: Any) -> Payload:
+    fds: List[int] = []
+    keep: List[Any] = []
+    _descriptors.outgoing = fds
+    _descriptors.keep = keep
+    try:
+        return Payload(dumps(obj), tuple(fds), tuple(keep))
+    except BaseException:
+        Payload(b"", tuple(fds)).close()
+        raise
+    finally:
+        _descriptors.outgoing = None
+        _descriptors.keep = None
+
+
+def loads_call(body: Any, fds: List[int]) -> Any:
+    """Unpickle a call made by :func:`dumps_call`; descriptors nothing claimed are closed."""
+    _descriptors.incoming = fds
+    try:
+        return pickle.loads(body)
+    finally:
+        _descriptors.incoming = None
+        Payload(b"", tuple(fd for fd in fds if fd >= 0)).close()
+
+
 def _picklable(obj: Any) -> bool:
     try:
-        dumps(obj)
+        _dumps_with_descriptors(obj).close()
     except Exception:
         return False
     return True

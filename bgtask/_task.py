@@ -30,18 +30,30 @@ outside any lock, once.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import time
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
-from typing import Any, Callable, Generator, NoReturn, Optional, TypeVar, final
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Generic,
+    Iterator,
+    NoReturn,
+    Optional,
+    TypeVar,
+    final,
+)
 
-from ._errors import BgTaskError
-from ._task_core import _NOT_READY, TaskCore, _decode_ready, _run_callback
+from ._errors import BgTaskError, SerializationError
+from ._task_core import _NO_ITEM, _NOT_READY, TaskCore, _decode_ready, _run_callback
 
 R = TypeVar("R")
+Y = TypeVar("Y")
 
 
-@final
 class Task(TaskCore[R]):
     """The handle of a task: a process running a function, and that function's future result.
 
@@ -327,3 +339,80 @@ class Task(TaskCore[R]):
             f"a Task handle cannot be sent to another process: it belongs to pid {self._owner}, "
             "which started the task"
         )
+
+
+@final
+class StreamTask(Task[R], Generic[Y, R]):
+    """The task of a generator function: a ``Task`` whose values arrive as they are yielded.
+
+    ``for item in task`` (or ``async for``) yields them in order, then ends as ``result()``
+    does: it returns when the generator returned, and raises what ``result()`` raises otherwise
+    (the task's own exception after the items it yielded first, ``TaskStopped``...).
+    ``result()`` is the generator's return value. Items are read by one consumer: two loops
+    over one task share its items.
+
+    While the program reads more slowly than the task yields, the task waits (it holds about
+    8 MiB unread at most); a program that waits for the end without reading (``result()``,
+    ``join()``, the end of the program) lets it run on and keeps every item for later.
+    """
+
+    __module__ = "bgtask"
+
+    def __init__(self, name: str, *, daemon: bool, graceful: bool, grace: float) -> None:
+        super().__init__(name, daemon=daemon, graceful=graceful, grace=grace)
+        self._items = collections.deque()
+
+    def __iter__(self) -> Iterator[Y]:
+        self._check_owner()
+        while True:
+            with self._condition:
+                if not self._items and self._state == RUNNING:
+                    self._check_not_monitor()
+                    self._condition.wait_for(lambda: bool(self._items) or self._state != RUNNING)
+                body, resume = self._take_item()
+            if resume and self._process is not None:
+                self._process.resume()
+            if body is _NO_ITEM:
+                self._end_of_items()
+                return
+            yield self._decode_item(body)
+
+    def __aiter__(self) -> AsyncIterator[Y]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Y]:
+        import asyncio
+
+        self._check_owner()
+        while True:
+            await self._until(lambda: bool(self._items) or self._state != RUNNING)
+            with self._condition:
+                body, resume = self._take_item()
+            if resume and self._process is not None:
+                self._process.resume()
+            if body is _NO_ITEM:
+                if self.cancelled():
+                    raise asyncio.CancelledError(f"task {self._name!r} was cancelled")
+                self._end_of_items()
+                return
+            yield self._decode_item(body)
+
+    def _end_of_items(self) -> None:
+        """Every item was read and the outcome is known: raise it if it is an error."""
+        error = self._wait_decoded(None)[1]
+        if error is not None:
+            raise error
+
+    def _decode_item(self, body: Any) -> Y:
+        from ._serialization import loads
+
+        try:
+            item: Y = loads(body)
+        except Exception as exc:
+            raise SerializationError(
+                f"a value task {self._name!r} yielded cannot be unpickled here: {type(exc).__name__}: {exc}"
+            ) from exc
+        return item
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("<bgtask.Task ", "<bgtask.StreamTask ", 1)

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple, TypeVar
 
 from . import _lifecycle, _monitor
 from ._errors import BgTaskError, describe_exit
@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from ._process import TaskProcess
 
 R = TypeVar("R")
+
+# A stream's items the program has not read yet: past this many bytes the task waits to send
+# more (its channel is no longer read) until the program has read down to STREAM_LOW.
+STREAM_HIGH = 8 * 1024 * 1024
+STREAM_LOW = 2 * 1024 * 1024
 
 
 class TaskCore(concurrent.futures.Future[R]):
@@ -54,6 +59,10 @@ class TaskCore(concurrent.futures.Future[R]):
         self._started = time.monotonic()
         self._ended_at = 0.0
         self._origin: Optional[str] = None  # where the call was made, when tracked (_lifecycle)
+        self._items: Optional[Deque[Any]] = None  # a stream's items not yet read (StreamTask)
+        self._items_size = 0
+        self._throttled = False  # the channel is not read until the program reads items
+        self._unthrottled = False  # the program waits for the end: never throttle again
 
     # -- checks ----------------------------------------------------------------------
 
@@ -89,6 +98,7 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _wait_exit(self, timeout: Optional[float]) -> bool:
         """Wait for the process to exit."""
+        self._unthrottle()
         with self._condition:
             if not self._exited:
                 self._check_not_monitor()
@@ -96,6 +106,7 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
         self._check_owner()
+        self._unthrottle()
         with self._condition:
             if self._state == RUNNING:
                 self._check_not_monitor()
@@ -122,6 +133,46 @@ class TaskCore(concurrent.futures.Future[R]):
                 self._decoded = decoded
                 self._body = None if outcome == "returned" else body
             return self._decoded
+
+    def _unthrottle(self) -> None:
+        """The program waits for the end: what the stream sends is read, however much."""
+        if self._items is None or self._unthrottled:
+            return
+        with self._condition:
+            self._unthrottled = True
+            throttled, self._throttled = self._throttled, False
+        if throttled and self._process is not None:
+            self._process.resume()
+
+    def _take_item(self) -> Tuple[Any, bool]:
+        """Under the condition: the stream's next item as it came (``_NO_ITEM`` if none), and
+        whether its channel must be read again (call ``_process.resume()`` outside the lock)."""
+        items = self._items
+        if not items:
+            return _NO_ITEM, False
+        body = items.popleft()
+        self._items_size -= len(body)
+        resume = self._throttled and self._items_size <= STREAM_LOW
+        if resume:
+            self._throttled = False
+        return body, resume
+
+    def _item_sent(self, body: Any) -> bool:
+        """In the monitor: a stream's item arrived; ``True`` when the program should read first."""
+        with self._condition:
+            items = self._items
+            if items is None:
+                return False
+            items.append(body)
+            self._items_size += len(body)
+            full = not self._unthrottled and self._items_size >= STREAM_HIGH
+            if full:
+                self._throttled = True
+            self._condition.notify_all()
+            watchers, self._watchers = self._watchers, []
+        for wake in watchers:
+            wake()
+        return full
 
     def _ready_or_done(self) -> bool:
         return self._ready is not _NOT_READY or self._state != RUNNING
@@ -281,6 +332,7 @@ class TaskCore(concurrent.futures.Future[R]):
 
 
 _NOT_READY: Any = object()
+_NO_ITEM: Any = object()
 
 
 def _decode_ready(body: Any, name: str) -> Any:

@@ -48,8 +48,12 @@ EARLY = frozenset((RESULT, ERROR, FAILED))
 READY = 8
 # Task -> main program, before its outcome: a logging record (pickle of its fields, see _logs).
 LOG = 9
-# What a task may send before its outcome, handled as it arrives.
-ASIDES = frozenset((READY, LOG))
+# Task -> main program, with its outcome: what its queues still held to send (see _queue.spill).
+QUEUED = 10
+# Task -> main program, before its outcome: a value a generator task yielded (cloudpickle).
+ITEM = 11
+# What a task may send besides its outcome, handled as it arrives.
+ASIDES = frozenset((READY, LOG, QUEUED, ITEM))
 
 
 # -- control messages, main program <-> zygote ------------------------------------------------
@@ -211,7 +215,9 @@ def send_messages(sock: socket.socket, messages: List[Tuple[int, bytes]], fds: S
         send_message(sock, kind, body)
 
 
-def recv_exact(sock: socket.socket, size: int, fds: Optional[List[int]] = None) -> Optional[bytearray]:
+def recv_exact(
+    sock: socket.socket, size: int, fds: Optional[List[int]] = None, maxfds: int = 8
+) -> Optional[bytearray]:
     """Read exactly ``size`` bytes, or return ``None`` on EOF before that.
 
     With ``fds``, the first byte is read with the descriptors attached to it, into ``fds``.
@@ -220,7 +226,7 @@ def recv_exact(sock: socket.socket, size: int, fds: Optional[List[int]] = None) 
     view = memoryview(buf)
     got = 0
     if fds is not None and size:
-        chunk = _recv_with_fds(sock, size, 0, fds, 8)
+        chunk = _recv_with_fds(sock, size, 0, fds, maxfds)
         if not chunk:
             return None
         got = len(chunk)
@@ -239,7 +245,7 @@ def recv_message(sock: socket.socket, maxfds: int = 0) -> Optional[Tuple[int, by
     Raises ``ProtocolError`` for bytes that are not a message.
     """
     fds: List[int] = []
-    head = recv_exact(sock, HEADER.size, fds if maxfds else None)
+    head = recv_exact(sock, HEADER.size, fds if maxfds else None, maxfds)
     if head is None:
         _close_all(fds)
         return None

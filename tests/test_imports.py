@@ -23,6 +23,8 @@ TASK_SIDE = {
     "_platform",
     "_serialization",
     "_errors",
+    "_queue",  # shared: a task creates queues, and takes them from its call
+    "_green",  # shared: the queue's sockets are real ones in a gevent program too
 }
 MAIN_SIDE = {
     "_decorator",
@@ -34,7 +36,6 @@ MAIN_SIDE = {
     "_launch_mp",
     "_process",
     "_monitor",
-    "_green",
     "pytest_plugin",  # public, but of the main side: a pytest process starts tasks
 }
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Callable, List, Optional
+from typing import Any, AsyncIterator, Callable, Generator, Iterator, List, Optional
 
 from typing_extensions import assert_type
 
 import bgtask
-from bgtask import Background, StopEvent, Task, background, stop_event
+from bgtask import Background, StopEvent, StreamTask, Task, background, stop_event
 
 
 @background
@@ -63,3 +63,55 @@ async def check_async_services() -> None:
     async with add(1) as task:
         assert_type(task, Task[int])
         assert_type(await task.wait_ready_async(1.0), Any)
+
+
+@background
+def numbers(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+@background
+def progress(n: int) -> Generator[float, None, str]:
+    for i in range(n):
+        yield i / n
+    return "done"
+
+
+@background
+async def events(n: int) -> AsyncIterator[str]:
+    for i in range(n):
+        yield str(i)
+
+
+def check_streams() -> None:
+    task = numbers(3)
+    assert_type(task, StreamTask[int, None])
+    for item in task:
+        assert_type(item, int)
+    bar = progress(10)
+    assert_type(bar, StreamTask[float, str])
+    assert_type(bar.result(), str)
+    assert_type(next(iter(bar)), float)
+    assert_type(add(1), Task[int])
+    numbers("3")  # type: ignore[call-overload]
+
+
+async def check_async_streams() -> None:
+    async for event in events(2):
+        assert_type(event, str)
+
+
+def check_queue() -> None:
+    q: bgtask.Queue[int] = bgtask.Queue(maxsize=10)
+    q.put(1)
+    assert_type(q.get(), int)
+    assert_type(q.get_nowait(), int)
+    assert_type(q.qsize(), int)
+    for item in q:
+        assert_type(item, int)
+    q.shutdown(immediate=True)
+    q.put("x")  # type: ignore[arg-type]
+    try:
+        q.get(timeout=1.0)
+    except bgtask.ShutDown:
+        pass

@@ -1,0 +1,800 @@
+"""``bgtask.Queue``: a queue shared by the main program and any number of tasks.
+
+The items travel through the kernel, never through a third process::
+
+    producers --send--> [ datagram socket (SOCK_SEQPACKET on Linux) ] --recv--> consumers
+                 |                                                        |
+                 +-- backlog: what the socket had no room for, in order; a feeder thread
+                     sends it on (one per process, only while a backlog exists)
+
+- One item is one datagram, so any number of processes send and receive on the same socket
+  with no lock: the kernel hands each datagram to exactly one reader, and keeps each sender's
+  datagrams in order. An item larger than ``INLINE_MAX`` travels in a memory file whose
+  descriptor rides on its datagram.
+- ``maxsize`` is a pipe holding one byte per free place: ``put`` takes one, ``get`` gives one back.
+- A shared page (a memory file mapped by every process) holds the state (open, shut down, shut
+  down at once) and one slot per process that used the queue: items it put, items it got, and
+  items it accepted but has not yet handed to the socket (its backlog). ``qsize()`` sums them;
+  after ``shutdown()`` a consumer stops once the socket is empty and no live process still
+  holds a backlog. The state and a producer's count change under a ``lockf`` lock (released by
+  the kernel if its holder dies); everything else is written by the slot's own process only.
+- ``shutdown()`` also writes a byte, never read, to a pipe every waiter polls: it wakes them all.
+- A task polls its own channel too: when its main program dies, a blocked call raises
+  ``ShutDown``.
+
+A queue travels only in a call (an argument, or captured by the function): its descriptors go
+with the call (``_serialization.send_along``). In each process one endpoint per queue exists,
+whatever the number of ``Queue`` objects for it. A task that ends with a backlog hands it to
+its main program with its outcome (``spill``), which sends it on: nothing put is lost because
+its producer returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import mmap
+import os
+import pickle
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import weakref
+from queue import Empty, Full
+from typing import Any, Deque, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
+
+from . import _green, _serialization
+
+lockf, LOCK_EX, LOCK_UN = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
+
+if sys.version_info >= (3, 13):
+    from queue import ShutDown
+else:
+
+    class ShutDown(Exception):
+        """Raised by ``put`` and ``get`` on a queue that was shut down (``queue.ShutDown`` on 3.13+)."""
+
+        __module__ = "bgtask"
+
+
+T = TypeVar("T")
+
+# Items whose pickle is larger than this travel in a memory file rather than in the datagram.
+INLINE_MAX = 32 * 1024
+# The socket's buffer: as much as the system lets an unprivileged process have, up to this.
+SOCKET_BUFFER = 4 * 1024 * 1024
+# Free places of a bounded queue are bytes in a pipe: it holds this many on every system.
+MAXSIZE_LIMIT = 65536
+# How often a consumer looks again while a shut-down queue still has items on their way.
+DRAIN_POLL_S = 0.005
+# How often the feeder looks again when the system said "no buffer" without telling when.
+FEEDER_POLL_S = 0.05
+
+# The states: open; shut down, waiting for items on their way from backlogs; shut down, writes
+# closed; shut down at once.
+_OPEN, _SHUTTING, _SHUT, _IMMEDIATE = 0, 1, 2, 3
+# The shared page: a header, then slots.
+_HEADER = struct.Struct("=qq")  # state, slots in use
+_SLOT = struct.Struct("=qqqqq")  # pid, heir pid, put, got, unsent
+_SLOTS = 1024
+_PAGE = _HEADER.size + _SLOT.size * _SLOTS
+_FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
+_FILE_HEAD = struct.Struct("=cQ")
+_PICKLE_START = 0x80  # every pickle of protocol 2 or later starts with this byte
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever the program imported
+
+_COUNT = struct.Struct("=q")
+_PUT, _GOT, _UNSENT = 16, 24, 32  # where a slot's counts are, from its start
+
+_LINUX = sys.platform.startswith("linux")
+_RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_RIGHTS_SPACE = socket.CMSG_SPACE(4)
+_NO_ROOM = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_NOSIGNAL", 0))
+_EOF: Any = object()  # what _receive() returns at the end of the socket (Linux)
+
+
+class Queue(Generic[T]):
+    """A FIFO queue the main program and its tasks share, to pass items either way.
+
+    Create it in the main program (or in a task) and give it to tasks as an argument, or let
+    their function capture it; tasks may pass it on to tasks of their own. Any process may put
+    and get. Each item is delivered once; the items one producer puts come out in its order.
+    With ``maxsize`` > 0, ``put`` waits while the queue holds that many items (at most 65,536).
+
+    ``shutdown()`` ends the queue: ``put`` raises ``ShutDown`` from then on, ``get`` returns what
+    is left and then raises ``ShutDown`` (at once with ``immediate=True``). Iterating a queue
+    yields its items until it is shut down and empty. In a task whose main program died, a
+    blocked ``put`` or ``get`` raises ``ShutDown``.
+
+    Items are pickled (the stdlib pickler for plain data, cloudpickle otherwise). An item
+    cannot hold a descriptor (a socket, a connection, another queue): those travel as task
+    arguments only.
+    """
+
+    __module__ = "bgtask"
+    __slots__ = ("__weakref__", "_end")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError(f"Queue(): maxsize must be an int, not {type(maxsize).__name__}")
+        if maxsize > MAXSIZE_LIMIT:
+            raise ValueError(f"Queue(): maxsize must be at most {MAXSIZE_LIMIT}, not {maxsize}")
+        self._end = _Endpoint.create(max(maxsize, 0))
+
+    @property
+    def maxsize(self) -> int:
+        """The most items the queue holds; 0 if there is no bound."""
+        return self._end.maxsize
+
+    def put(self, item: T, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Put ``item`` in the queue; with ``maxsize``, wait for a free place as ``queue.Queue`` does.
+
+        Raises ``queue.Full`` when there is none (``block=False``, or after ``timeout``), and
+        ``ShutDown`` once the queue is shut down.
+        """
+        self._end.put(item, block, _check_timeout(timeout))
+
+    def put_nowait(self, item: T) -> None:
+        """``put(item, block=False)``."""
+        self._end.put(item, False, None)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> T:
+        """Remove and return an item, waiting for one as ``queue.Queue`` does.
+
+        Raises ``queue.Empty`` when there is none (``block=False``, or after ``timeout``), and
+        ``ShutDown`` once the queue is shut down and empty.
+        """
+        item: T = self._end.get(block, _check_timeout(timeout))
+        return item
+
+    def get_nowait(self) -> T:
+        """``get(block=False)``."""
+        item: T = self._end.get(False, None)
+        return item
+
+    def qsize(self) -> int:
+        """The number of items in the queue: put and not yet got, by every process."""
+        return self._end.qsize()
+
+    def empty(self) -> bool:
+        """Whether ``qsize()`` is 0 (approximate, as for ``queue.Queue``)."""
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        """Whether ``qsize()`` reached ``maxsize`` (never, without a bound)."""
+        return 0 < self.maxsize <= self.qsize()
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """End the queue for every process: puts raise ``ShutDown``, gets drain then raise it.
+
+        With ``immediate``, the items left are dropped and gets raise at once. Every blocked
+        call wakes up.
+        """
+        self._end.shutdown(immediate)
+
+    def __iter__(self) -> Iterator[T]:
+        """The items, as ``get()`` returns them, until the queue is shut down and empty."""
+        while True:
+            try:
+                item: T = self._end.get(True, None)
+            except ShutDown:
+                return
+            yield item
+
+    def __reduce__(self) -> Any:
+        return self._end.reduce()
+
+    def __repr__(self) -> str:
+        bound = f" maxsize={self.maxsize}" if self.maxsize else ""
+        return f"<bgtask.Queue{bound} qsize={self.qsize()} state={self._end.state_name()}>"
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return timeout
+
+
+def _rebuild(qid: bytes, maxsize: int, indexes: Tuple[int, ...]) -> Queue[Any]:
+    fds = [_serialization.received(i) for i in indexes]
+    end = _endpoints.get(qid)
+    if end is not None and not end.closed:
+        for fd in fds:
+            os.close(fd)
+    else:
+        end = _Endpoint(qid, maxsize, fds)
+        _endpoints[qid] = end
+    end.from_parent = True
+    queue: Queue[Any] = Queue.__new__(Queue)
+    queue._end = end
+    return queue
+
+
+_rebuild.__module__ = "bgtask._queue"
+
+
+class _Endpoint:
+    """This process's side of one queue: its descriptors, its slot, its backlog."""
+
+    def __init__(self, qid: bytes, maxsize: int, fds: List[int]) -> None:
+        self.qid = qid
+        self.maxsize = maxsize
+        self.fds = fds
+        send_fd, recv_fd, page_fd, self.wake_r, self.wake_w = fds[:5]
+        self.tokens_r, self.tokens_w = fds[5:7] if maxsize else (-1, -1)
+        self.send_sock = _green.socket_from_fd(send_fd)
+        self.recv_sock = _green.socket_from_fd(recv_fd)
+        self.page_fd = page_fd
+        self.page = mmap.mmap(page_fd, _PAGE)
+        self.lock = threading.Lock()  # this process's threads; lockf() orders the processes
+        self.slot = -1
+        self.backlog: Deque[bytes] = collections.deque()
+        self.from_parent = False  # received with a call: a backlog left at exit goes back
+        self.closed = False
+        # The sockets close their own descriptors.
+        others = [fd for fd in fds if fd not in (send_fd, recv_fd)]
+        self._finalizer = weakref.finalize(self, _close, self.page, [self.send_sock, self.recv_sock], others)
+
+    @classmethod
+    def create(cls, maxsize: int) -> _Endpoint:
+        fds: List[int] = []
+        try:
+            kind = socket.SOCK_SEQPACKET if _LINUX else socket.SOCK_DGRAM
+            a, b = socket.socketpair(socket.AF_UNIX, kind)
+            for sock in (a, b):
+                for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                    except OSError:
+                        pass
+            fds += [a.detach(), b.detach()]
+            fds.append(_memory_file("bgtask-queue", _PAGE))
+            fds += os.pipe()
+            if maxsize:
+                r, w = os.pipe()
+                fds += [r, w]
+                _fill_places(w, maxsize)
+        except BaseException:
+            _close_fds(None, fds)
+            raise
+        end = cls(os.urandom(16), maxsize, fds)
+        _endpoints[end.qid] = end
+        for fd in (end.wake_r, end.wake_w, end.tokens_r, end.tokens_w):
+            if fd >= 0:
+                os.set_blocking(fd, False)
+        end.send_sock.setblocking(False)
+        end.recv_sock.setblocking(False)
+        return end
+
+    def reduce(self) -> Any:
+        what = "a bgtask.Queue"
+        _serialization.keep_alive(self)  # a backlog the task leaves comes back to it
+        indexes = tuple(_serialization.send_along(fd, what) for fd in self.fds)
+        return _rebuild, (self.qid, self.maxsize, indexes)
+
+    # -- the shared page --------------------------------------------------------------------
+
+    def _locked(self) -> _PageLock:
+        return _PageLock(self.page_fd)
+
+    def _state(self) -> int:
+        state: int = _COUNT.unpack_from(self.page, 0)[0]
+        return state
+
+    def _my_slot(self) -> int:
+        """The offset of this process's slot, claimed on first use (under the page lock)."""
+        if self.slot >= 0:
+            return self.slot
+        pid = os.getpid()
+        with self._locked():
+            state, used = _HEADER.unpack_from(self.page, 0)
+            index = -1
+            if used < _SLOTS:
+                index = used
+                _HEADER.pack_into(self.page, 0, state, used + 1)
+            else:
+                # Reuse the slot of a process that is gone, counts folded into slot 0.
+                for i in range(1, _SLOTS):
+                    spid, heir, put, got, _unsent = _SLOT.unpack_from(self.page, _offset(i))
+                    if not _alive(spid) and not _alive(heir):
+                        zpid, zheir, zput, zgot, zunsent = _SLOT.unpack_from(self.page, _offset(0))
+                        _SLOT.pack_into(self.page, _offset(0), zpid, zheir, zput + put, zgot + got, zunsent)
+                        index = i
+                        break
+            if index >= 0:
+                _SLOT.pack_into(self.page, _offset(index), pid, 0, 0, 0, 0)
+            else:
+                index = 0  # shared by the processes beyond the table: counts stay right
+        self.slot = _offset(index)
+        return self.slot
+
+    def _add(self, field: int, delta: int) -> None:
+        """Add to a count of this process's slot (its own: no other process writes it)."""
+        at = self._my_slot() + field
+        _COUNT.pack_into(self.page, at, _COUNT.unpack_from(self.page, at)[0] + delta)
+
+    # -- put ----------------------------------------------------------------------------------
+
+    def put(self, item: Any, block: bool, timeout: Optional[float]) -> None:
+        message = _encode(item)
+        if self.maxsize:
+            self._take_place(block, None if timeout is None else time.monotonic() + timeout)
+        try:
+            with self.lock:
+                if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
+                    raise ShutDown("the queue was shut down")
+                if self.backlog or not self._send(message):
+                    self._to_backlog(message)  # the socket is full: sent on by the feeder
+                    return
+                self._add(_PUT, 1)
+        except BaseException:
+            if self.maxsize:
+                self._give_place()
+            raise
+
+    def _send(self, message: bytes) -> bool:
+        """Hand one item to the socket; ``False`` if it has no room now.
+
+        Raises ``ShutDown`` once the queue's writes are closed: the kernel decides, for every
+        process at once, whether an item went in before the shutdown or not at all.
+        """
+        try:
+            if message[0] == _PICKLE_START:
+                self.send_sock.send(message, _SEND_FLAGS)
+            else:
+                size = _FILE_HEAD.unpack(message[: _FILE_HEAD.size])[1]
+                fd = _memory_file("bgtask-item", 0)
+                try:
+                    _write_all(fd, memoryview(message)[_FILE_HEAD.size :])
+                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+                    self.send_sock.sendmsg([_FILE_HEAD.pack(_FILE_ITEM, size)], rights, _SEND_FLAGS)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                return False
+            if exc.errno == errno.EPIPE:
+                raise ShutDown("the queue was shut down") from None
+            raise
+        return True
+
+    def _to_backlog(self, message: bytes) -> None:
+        """Under ``lock``: keep an item the socket has no room for, counted as on its way."""
+        with self._locked():
+            # Under the page lock: a shutdown closes the writes only once no live process
+            # holds items on their way, and this one now does, or sees the shutdown.
+            if self._state() != _OPEN:
+                raise ShutDown("the queue was shut down")
+            self._add(_UNSENT, 1)
+            self._add(_PUT, 1)
+        self.backlog.append(message)
+        _feeder.wake(self)
+
+    def _take_place(self, block: bool, deadline: Optional[float]) -> None:
+        while True:
+            try:
+                if os.read(self.tokens_r, 1):
+                    return
+            except BlockingIOError:
+                pass
+            if self._state() != _OPEN:
+                raise ShutDown("the queue was shut down")
+            if not block:
+                raise Full
+            self._wait(self.tokens_r, deadline, Full)
+
+    def _give_place(self) -> None:
+        try:
+            os.write(self.tokens_w, b"\0")
+        except OSError:
+            pass
+
+    def flush(self) -> bool:
+        """Send what the backlog holds while the socket has room; ``True`` once it is empty."""
+        with self.lock:
+            if self.closed:
+                return True
+            try:
+                while self.backlog:
+                    if not self._send(self.backlog[0]):
+                        return False
+                    self.backlog.popleft()
+                    self._add(_UNSENT, -1)
+            except ShutDown:  # shut down at once: what was left is dropped
+                self._add(_UNSENT, -len(self.backlog))
+                self.backlog.clear()
+        if self._state() == _SHUTTING:
+            self._close_writes_if_drained()  # this process held the last items on their way
+        return True
+
+    # -- get ----------------------------------------------------------------------------------
+
+    def get(self, block: bool, timeout: Optional[float]) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self._state()
+            if state == _IMMEDIATE:
+                raise ShutDown("the queue was shut down")
+            data = self._receive()
+            if data is not None:
+                if data is _EOF:
+                    raise ShutDown("the queue was shut down")
+                with self.lock:
+                    self._add(_GOT, 1)
+                if self.maxsize:
+                    self._give_place()
+                return pickle.loads(data)
+            if state == _SHUT:
+                # The writes are closed: what was sent is all in the socket, and it is empty.
+                # (Read once more for one that landed between the read and the state's.)
+                if self._receive() in (None, _EOF):
+                    raise ShutDown("the queue was shut down")
+                continue
+            if state == _SHUTTING and self._close_writes_if_drained():
+                continue
+            if not block:
+                raise Empty
+            if state == _SHUTTING:
+                # Items are on their way from a backlog: wait for them, and look again now and
+                # then in case their process died.
+                self._wait(self.recv_sock.fileno(), deadline, Empty, step=DRAIN_POLL_S)
+            else:
+                self._wait(self.recv_sock.fileno(), deadline, Empty)
+
+    def _receive(self) -> Optional[Any]:
+        """One datagram's item as bytes; ``None`` if the socket is empty, ``_EOF`` at its end."""
+        try:
+            data, ancdata, _flags, _addr = self.recv_sock.recvmsg(INLINE_MAX + 64, _RIGHTS_SPACE, _RECV_FLAGS)
+        except BlockingIOError:
+            return None
+        if not ancdata:
+            return data or _EOF  # no item is empty: an empty read is the end (Linux)
+        fds = [
+            fd
+            for level, kind, cdata in ancdata
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in struct.unpack(f"{len(cdata) // 4}i", cdata[: len(cdata) - len(cdata) % 4])
+        ]
+        if not fds:
+            return data  # not an item of bgtask's
+        try:
+            size = _FILE_HEAD.unpack(data)[1]
+            with mmap.mmap(fds[0], size, prot=mmap.PROT_READ) as mapped:
+                return bytes(mapped)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _close_writes_if_drained(self) -> bool:
+        """While shutting down: close the writes once no live process holds items on their way.
+
+        Returns whether the writes are closed.
+        """
+        with self._locked():
+            state, used = _HEADER.unpack_from(self.page, 0)
+            if state != _SHUTTING:
+                return bool(state != _OPEN)
+            slots = [_SLOT.unpack_from(self.page, _offset(i)) for i in range(used)]
+            if any(unsent > 0 and (_alive(pid) or _alive(heir)) for pid, heir, _p, _g, unsent in slots):
+                return False
+            self._close_writes_locked(_SHUT)
+        return True
+
+    def _close_writes_locked(self, state: int) -> None:
+        """Under the page lock: no send succeeds from now on, in any process; wake every waiter."""
+        try:
+            self.send_sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already closed
+        _COUNT.pack_into(self.page, 0, state)
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full of earlier wake-ups: it is readable anyway
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _wait(
+        self, fd: int, deadline: Optional[float], timed_out: type, step: Optional[float] = None
+    ) -> None:
+        """Wait until ``fd`` is readable, the queue is shut down, or this task's program died."""
+        parent = _parent_channel()
+        readers = [fd] if step is not None else [fd, self.wake_r]
+        if parent is not None:
+            readers.append(parent)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise timed_out
+        if step is not None:
+            left = step if left is None else min(left, step)
+        ready = _wait_for(readers, [], left)
+        if parent is not None and parent in ready:
+            raise ShutDown("the main program of this task ended")
+
+    # -- state --------------------------------------------------------------------------------
+
+    def qsize(self) -> int:
+        with self._locked():
+            used = _HEADER.unpack_from(self.page, 0)[1]
+            slots = [_SLOT.unpack_from(self.page, _offset(i)) for i in range(used)]
+            if self._state() == _IMMEDIATE:
+                return 0
+        size: int = sum(put - got for _pid, _heir, put, got, _unsent in slots)
+        return max(0, size)
+
+    def shutdown(self, immediate: bool) -> None:
+        with self._locked():
+            state, used = _HEADER.unpack_from(self.page, 0)
+            if immediate:
+                if state != _IMMEDIATE:
+                    # What is left is dropped: the counts say so, so that qsize() is 0.
+                    for i in range(used):
+                        pid, heir, put, _got, unsent = _SLOT.unpack_from(self.page, _offset(i))
+                        _SLOT.pack_into(self.page, _offset(i), pid, heir, put, put, unsent)
+                    self._close_writes_locked(_IMMEDIATE)
+            elif state == _OPEN:
+                _COUNT.pack_into(self.page, 0, _SHUTTING)
+                try:
+                    os.write(self.wake_w, b"\0")  # producers waiting for a place raise now
+                except OSError:
+                    pass
+        if immediate:
+            while self._receive() not in (None, _EOF):
+                pass
+        else:
+            self._close_writes_if_drained()
+
+    def state_name(self) -> str:
+        return ("open", "shut down", "shut down", "shut down (immediate)")[self._state()]
+
+    # -- at a task's end ----------------------------------------------------------------------
+
+    def take_backlog(self, heir: int) -> Tuple[int, List[bytes]]:
+        """Hand the backlog over to ``heir``: this process's slot stays counted while it lives."""
+        with self.lock:
+            items = list(self.backlog)
+            self.backlog.clear()
+            if self.slot >= 0:
+                _COUNT.pack_into(self.page, self.slot + 8, heir)
+            return self.slot, items
+
+    def adopt(self, slot: int, items: List[bytes]) -> None:
+        """A task's backlog, handed over at its end: sent from here, after what is here."""
+        with self.lock:
+            self.backlog.extend(items)
+            self._add(_UNSENT, len(items))
+            if slot >= 0:
+                unsent = _COUNT.unpack_from(self.page, slot + _UNSENT)[0]
+                _COUNT.pack_into(self.page, slot + _UNSENT, max(0, unsent - len(items)))
+        _feeder.wake(self)
+
+    def forget_in_child(self) -> None:
+        """In a forked copy of this process: the backlog and the slot are the original's."""
+        self.lock = threading.Lock()
+        self.backlog = collections.deque()
+        self.slot = -1
+
+
+class _PageLock:
+    """``lockf`` on the shared page: excludes other processes (this one's threads hold ``lock``)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        lockf(self.fd, LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        lockf(self.fd, LOCK_UN)
+
+
+def _wait_for(readers: List[int], writers: List[int], timeout: Optional[float]) -> List[int]:
+    """Wait until one of the descriptors is ready or ``timeout`` passes; the ready ones.
+
+    ``poll``, which takes any descriptor number; under gevent, its cooperative ``select``.
+    """
+    if _green.is_gevent_patched() or not hasattr(select, "poll"):
+        ready_r, ready_w, _ = select.select(readers, writers, [], timeout)
+        return [*ready_r, *ready_w]
+    poller = select.poll()
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    for fd in writers:
+        poller.register(fd, select.POLLOUT)
+    return [fd for fd, _ in poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))]
+
+
+def _offset(slot: int) -> int:
+    return _HEADER.size + _SLOT.size * slot
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _encode(item: Any) -> bytes:
+    data = pickle.dumps(item, _PROTOCOL) if type(item) in _PLAIN else _serialization.dumps_value(item)
+    if len(data) <= INLINE_MAX:
+        return data
+    return _FILE_HEAD.pack(_FILE_ITEM, len(data)) + data
+
+
+def _memory_file(name: str, size: int) -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    if size:
+        os.ftruncate(fd, size)
+    return fd
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _fill_places(fd: int, maxsize: int) -> None:
+    """Write one byte per free place; the pipe must hold them all."""
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is not None and maxsize > 4096:
+        try:
+            fcntl.fcntl(fd, setpipe, maxsize)
+        except OSError:
+            pass
+    os.set_blocking(fd, False)
+    written = 0
+    try:
+        while written < maxsize:
+            written += os.write(fd, b"\0" * (maxsize - written))
+    except BlockingIOError:
+        raise ValueError(f"Queue(): maxsize {maxsize} is more than this system allows ({written})") from None
+
+
+def _close(page: mmap.mmap, sockets: List[socket.socket], fds: List[int]) -> None:
+    for sock in sockets:
+        sock.close()
+    _close_fds(page, fds)
+
+
+def _close_fds(page: Optional[mmap.mmap], fds: List[int]) -> None:
+    if page is not None:
+        try:
+            page.close()
+        except (BufferError, ValueError):
+            pass
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _parent_channel() -> Optional[int]:
+    """In a task, its channel to its main program: readable once that program is gone."""
+    child = sys.modules.get("bgtask._child")
+    sock = getattr(child, "_task_sock", None)
+    if sock is None:
+        return None
+    try:
+        fd: int = sock.fileno()
+    except OSError:
+        return None
+    return fd if fd >= 0 else None
+
+
+class _Feeder:
+    """Sends the backlogs on: one thread per process, running only while a backlog exists."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy: Dict[bytes, _Endpoint] = {}
+        self.thread: Optional[threading.Thread] = None
+        self.wake_w = -1
+
+    def wake(self, end: _Endpoint) -> None:
+        with self.lock:
+            self.busy[end.qid] = end
+            if self.thread is None:
+                wake_r, self.wake_w = os.pipe()
+                os.set_blocking(wake_r, False)
+                os.set_blocking(self.wake_w, False)
+                self.thread = threading.Thread(
+                    target=self._run, args=(wake_r, self.wake_w), name="bgtask-queue-feeder", daemon=True
+                )
+                self.thread.start()
+                return
+            try:
+                os.write(self.wake_w, b"\0")
+            except OSError:
+                pass
+
+    def _run(self, wake_r: int, wake_w: int) -> None:
+        try:
+            while self._round(wake_r):
+                pass
+        finally:
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _round(self, wake_r: int) -> bool:
+        """Send what the sockets take; wait until one has room. ``False`` once all is sent."""
+        with self.lock:
+            busy = list(self.busy.values())
+        sent = [end for end in busy if end.flush()]
+        with self.lock:
+            for end in sent:
+                if not end.backlog and self.busy.get(end.qid) is end:
+                    del self.busy[end.qid]
+            if not self.busy:
+                self.thread = None
+                self.wake_w = -1
+                return False
+            waiting = list(self.busy.values())
+        writers = [end.send_sock.fileno() for end in waiting]
+        del waiting, busy, sent
+        _wait_for([wake_r], writers, FEEDER_POLL_S)
+        try:
+            os.read(wake_r, 4096)
+        except BlockingIOError:
+            pass
+        return True
+
+    def forget_in_child(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = {}
+        self.thread = None
+        self.wake_w = -1  # the original's: its copy here closes with the process
+
+
+_feeder = _Feeder()
+_endpoints: weakref.WeakValueDictionary[bytes, _Endpoint] = weakref.WeakValueDictionary()
+
+
+def spill(parent: int) -> Optional[bytes]:
+    """At a task's end: the backlogs of queues its main program gave it, for that program."""
+    spilled = []
+    for end in list(_endpoints.values()):
+        if end.from_parent and end.backlog:
+            slot, items = end.take_backlog(parent)
+            if items:
+                spilled.append((end.qid, slot, items))
+    if not spilled:
+        return None
+    return pickle.dumps(spilled, pickle.HIGHEST_PROTOCOL)
+
+
+def adopt(body: Any) -> None:
+    """In the main program: a task's backlogs (see :func:`spill`), for queues held here."""
+    for qid, slot, items in pickle.loads(body):
+        end = _endpoints.get(qid)
+        if end is not None:
+            end.adopt(slot, items)
+
+
+def _after_fork_in_child() -> None:
+    _feeder.forget_in_child()
+    for end in list(_endpoints.values()):
+        end.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,423 @@
+"""bgtask.Queue with real processes: every start method, producers and consumers on both sides."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import pytest
+
+import bgtask
+from bgtask import Queue, ShutDown, background
+
+from .helpers import Script, pid_alive, run_script, wait_until
+
+RESULT_S = 120.0  # generous: the machines are shared
+
+
+def test_items_go_both_ways_in_order(start_method: Optional[str], daemon: bool) -> None:
+    """Main program to task and back; one producer's items come out in its order."""
+    to_task: Queue[int] = Queue()
+    back: Queue[Tuple[str, int]] = Queue()
+
+    @background(start_method=start_method, daemon=daemon)
+    def echo(inbox: Queue[int], outbox: Queue[Tuple[str, int]]) -> int:
+        n = 0
+        for item in inbox:
+            outbox.put(("echo", item))
+            n += 1
+        return n
+
+    task = echo(to_task, back)
+    for i in range(500):
+        to_task.put(i)
+    to_task.shutdown()
+    assert [back.get(timeout=RESULT_S)[1] for _ in range(500)] == list(range(500))
+    assert task.result(RESULT_S) == 500
+    assert back.qsize() == 0
+    assert back.empty()
+
+
+def test_four_producers_four_consumers_pass_100000_items_exactly_once(start_method: Optional[str]) -> None:
+    """Every item once, none twice; each consumer sees each producer's items in its order."""
+    jobs: Queue[Tuple[int, int]] = Queue(maxsize=1000)
+    per_producer = 25_000
+
+    @background(start_method=start_method)
+    def produce(q: Queue[Tuple[int, int]], who: int, n: int) -> int:
+        for i in range(n):
+            q.put((who, i))
+        return n
+
+    @background(start_method=start_method)
+    def consume(q: Queue[Tuple[int, int]]) -> List[Tuple[int, int]]:
+        return list(q)
+
+    consumers = [consume(jobs) for _ in range(4)]
+    producers = [produce(jobs, who, per_producer) for who in range(4)]
+    assert [p.result(RESULT_S) for p in producers] == [per_producer] * 4
+    jobs.shutdown()
+    received = [c.result(RESULT_S) for c in consumers]
+    everything = sorted(item for got in received for item in got)
+    assert everything == sorted((who, i) for who in range(4) for i in range(per_producer))
+    for got in received:
+        for who in range(4):
+            mine = [i for w, i in got if w == who]
+            assert mine == sorted(mine), "a consumer saw a producer's items out of order"
+
+
+def test_a_queue_reaches_nested_tasks_and_closures(start_method: Optional[str]) -> None:
+    """Captured by a closure, passed on by a task to its own task: the same queue everywhere."""
+    results: Queue[str] = Queue()
+
+    @background(start_method=start_method)
+    def outer() -> str:
+        results.put("outer")
+
+        @background(start_method=start_method)
+        def inner(q: Queue[str]) -> None:
+            q.put("inner")
+
+        inner(results).result(RESULT_S)
+        return "done"
+
+    assert outer().result(RESULT_S) == "done"
+    assert sorted([results.get(timeout=RESULT_S), results.get(timeout=RESULT_S)]) == ["inner", "outer"]
+
+
+def test_items_a_task_left_unsent_arrive_after_it_returned(start_method: Optional[str]) -> None:
+    """More than the kernel holds, put by a task that returns before anyone reads: all arrive."""
+    q: Queue[bytes] = Queue()
+    n = 20_000  # 1 KiB each: 20 MiB, more than the socket's buffer
+
+    @background(start_method=start_method)
+    def flood(q: Queue[bytes]) -> int:
+        for i in range(n):
+            q.put(i.to_bytes(4, "big") * 256)
+        return n
+
+    assert flood(q).result(RESULT_S) == n
+    assert q.qsize() == n
+    got = [int.from_bytes(q.get(timeout=RESULT_S)[:4], "big") for _ in range(n)]
+    assert got == list(range(n))
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+
+
+def test_maxsize_holds_back_a_producer(start_method: Optional[str]) -> None:
+    """A task putting into a full queue waits; it never holds more than maxsize."""
+    q: Queue[int] = Queue(maxsize=3)
+    seen: Queue[int] = Queue()
+
+    @background(start_method=start_method)
+    def produce(q: Queue[int], progress: Queue[int]) -> str:
+        for i in range(10):
+            q.put(i)
+            progress.put(i)
+        try:
+            q.put(99, timeout=0.05)
+        except queue.Full:
+            return "full"
+        return "not full"
+
+    task = produce(q, seen)
+    assert [seen.get(timeout=RESULT_S) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(queue.Empty):
+        seen.get(timeout=0.3)  # the fourth put waits for a free place
+    assert q.qsize() == 3
+    assert q.full()
+    assert [q.get(timeout=RESULT_S) for _ in range(7)] == list(range(7))
+    assert task.result(RESULT_S) == "full"
+    assert [q.get(timeout=RESULT_S) for _ in range(3)] == [7, 8, 9]
+    for _ in range(3):
+        q.put_nowait(0)
+    with pytest.raises(queue.Full):
+        q.put_nowait(0)
+
+
+def test_shutdown_drains_then_raises(start_method: Optional[str]) -> None:
+    """After shutdown(): puts raise, gets return what is left, then raise; a blocked get wakes."""
+    q: Queue[int] = Queue()
+
+    @background(start_method=start_method)
+    def consume(q: Queue[int]) -> Tuple[List[int], str]:
+        got = [q.get()]
+        bgtask.ready()
+        try:
+            while True:
+                got.append(q.get())
+        except ShutDown:
+            return got, "shut down"
+
+    task = consume(q)
+    q.put(1)
+    task.wait_ready(RESULT_S)
+    q.put(2)
+    q.put(3)
+    q.shutdown()
+    with pytest.raises(ShutDown):
+        q.put(4)
+    assert task.result(RESULT_S) == ([1, 2, 3], "shut down")
+    with pytest.raises(ShutDown):
+        q.get(timeout=1)
+
+
+def test_immediate_shutdown_drops_what_is_left(start_method: Optional[str]) -> None:
+    """shutdown(immediate=True): gets raise at once, qsize() is 0, a blocked put wakes and raises."""
+    q: Queue[int] = Queue(maxsize=2)
+
+    @background(start_method=start_method)
+    def produce(q: Queue[int]) -> str:
+        q.put(1)
+        q.put(2)
+        bgtask.ready()
+        try:
+            q.put(3)  # full: waits
+        except ShutDown:
+            return "woken"
+        return "put"
+
+    task = produce(q)
+    task.wait_ready(RESULT_S)
+    q.shutdown(immediate=True)
+    assert task.result(RESULT_S) == "woken"
+    assert q.qsize() == 0
+    with pytest.raises(ShutDown):
+        q.get_nowait()
+
+
+def test_large_items_and_plain_objects(start_method: Optional[str]) -> None:
+    """Items larger than a datagram travel in a memory file; lambdas go with cloudpickle."""
+    q: Queue[Any] = Queue()
+
+    @background(start_method=start_method)
+    def produce(q: Queue[Any]) -> None:
+        q.put(b"x" * 5_000_000)
+        q.put({"nested": [1, 2, 3]})
+        q.put(lambda x: x + 1)
+
+    produce(q).result(RESULT_S)
+    assert len(q.get(timeout=RESULT_S)) == 5_000_000
+    assert q.get(timeout=RESULT_S) == {"nested": [1, 2, 3]}
+    assert q.get(timeout=RESULT_S)(1) == 2
+
+
+def test_threads_of_the_main_program_share_a_queue_with_tasks() -> None:
+    """Eight threads put, two tasks consume: nothing lost, nothing twice."""
+    q: Queue[int] = Queue(maxsize=100)
+
+    @background
+    def consume(q: Queue[int]) -> List[int]:
+        return list(q)
+
+    consumers = [consume(q) for _ in range(2)]
+
+    def produce(base: int) -> None:
+        for i in range(1000):
+            q.put(base + i)
+
+    threads = [threading.Thread(target=produce, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(RESULT_S)
+    q.shutdown()
+    got = sorted(i for c in consumers for i in c.result(RESULT_S))
+    assert got == list(range(8000))
+
+
+def test_a_queue_is_refused_where_it_cannot_go() -> None:
+    """Not a result, not an item, not pickled by hand: TypeError naming it."""
+    q: Queue[Any] = Queue()
+    with pytest.raises(TypeError, match=r"bgtask\.Queue stands for a descriptor"):
+        pickle.dumps(q)
+    other: Queue[Any] = Queue()
+    with pytest.raises(TypeError, match=r"bgtask\.Queue stands for a descriptor"):
+        q.put(other)
+
+    @background
+    def make() -> Queue[int]:
+        return Queue()
+
+    with pytest.raises(bgtask.SerializationError, match=r"bgtask\.Queue"):
+        make().result(RESULT_S)
+    with pytest.raises(ValueError, match="maxsize"):
+        Queue(maxsize=10**7)
+    with pytest.raises(TypeError):
+        Queue(maxsize="3")  # type: ignore[arg-type]
+    del q, other
+    gc.collect()  # the tracebacks above hold the queues in reference cycles
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+def test_a_consumer_blocked_when_its_main_program_is_killed_ends(
+    tmp_path: Path, start_method: Optional[str], graceful: bool
+) -> None:
+    """SIGKILL the main program while a non-daemon task waits in get(): it gets ShutDown, ends."""
+    script = Script(
+        tmp_path,
+        f"""
+import os, sys, pathlib
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background(start_method={start_method!r}, graceful={graceful})
+def consume(q):
+    bgtask.ready(os.getpid())
+    try:
+        q.get()
+        outcome = "got"
+    except bgtask.ShutDown as exc:
+        outcome = "ShutDown: " + str(exc)
+    (HERE / "outcome").write_text(outcome)
+
+if __name__ == "__main__":
+    q = bgtask.Queue()
+    task = consume(q)
+    print("PID", task.wait_ready(60), flush=True)
+    import time
+    time.sleep(600)
+""",
+    )
+    try:
+        pid = int(script.expect("PID"))
+        os.kill(script.proc.pid, signal.SIGKILL)  # the main program only
+        outcome = tmp_path / "outcome"
+        assert wait_until(outcome.exists, timeout=30), "the consumer never left get()"
+        assert wait_until(lambda: outcome.read_text() != "", timeout=10)
+        assert outcome.read_text() == "ShutDown: the main program of this task ended"
+        assert wait_until(lambda: not pid_alive(pid), timeout=30)
+    finally:
+        script.close()
+
+
+def test_qsize_counts_across_processes() -> None:
+    """qsize() sums what every process put and got."""
+    q: Queue[int] = Queue()
+
+    @background
+    def put_some(q: Queue[int], n: int) -> None:
+        for i in range(n):
+            q.put(i)
+
+    put_some(q, 7).result(RESULT_S)
+    q.put(1)
+    assert q.qsize() == 8
+    q.get()
+    q.get()
+    assert q.qsize() == 6
+    assert "qsize=6" in repr(q)
+
+
+def test_a_task_reads_the_size(start_method: Optional[str]) -> None:
+    """A task reads the size too (its slot and the others' are on one shared page)."""
+    q: Queue[int] = Queue()
+    for i in range(5):
+        q.put(i)
+
+    @background(start_method=start_method)
+    def size(q: Queue[int]) -> int:
+        q.get()
+        return q.qsize()
+
+    assert size(q).result(RESULT_S) == 4
+
+
+def test_a_blocked_get_waits_without_spinning() -> None:
+    """A get() that waits sleeps in poll(): it burns no CPU while the queue is empty."""
+    q: Queue[int] = Queue()
+    cpu = time.process_time()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)
+    assert time.process_time() - cpu < 0.25
+
+
+def test_a_gevent_program_waits_cooperatively(tmp_path: Path) -> None:
+    """Under gevent, a get() that waits lets the other greenlets run."""
+    pytest.importorskip("gevent")
+    result = run_script(
+        tmp_path,
+        """
+from gevent import monkey
+
+monkey.patch_all()
+import gevent
+import bgtask
+
+ticks = []
+
+def ticker():
+    while True:
+        ticks.append(1)
+        gevent.sleep(0.01)
+
+@bgtask.background
+def produce(q, back):
+    q.get()  # the go-ahead
+    for i in range(1000):
+        back.put(i)
+
+if __name__ == "__main__":
+    gevent.spawn(ticker)
+    to_task, back = bgtask.Queue(), bgtask.Queue()
+    task = produce(to_task, back)
+    gevent.sleep(0.05)
+    before = len(ticks)
+    gevent.spawn_later(0.3, to_task.put, "go")
+    # The main program waits here (the task waits for the go-ahead) while the ticker ticks.
+    first = back.get(timeout=60)
+    print("TICKED", len(ticks) - before >= 10)
+    print("ITEMS", [first] + [back.get(timeout=60) for _ in range(999)] == list(range(1000)))
+    task.result(60)
+""",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TICKED True" in result.stdout, result.stdout
+    assert "ITEMS True" in result.stdout, result.stdout
+
+
+def test_shutdown_lets_items_still_on_their_way_arrive(start_method: Optional[str]) -> None:
+    """shutdown() right after more puts than the socket holds: the consumer still gets them all."""
+    q: Queue[bytes] = Queue()
+    n = 20_000
+    for i in range(n):
+        q.put(i.to_bytes(4, "big") * 256)  # 20 MiB: most of it waits in this process
+    q.shutdown()
+    with pytest.raises(ShutDown):
+        q.put(b"late")
+
+    @background(start_method=start_method)
+    def consume(q: Queue[bytes]) -> List[int]:
+        return [int.from_bytes(item[:4], "big") for item in q]
+
+    assert consume(q).result(RESULT_S) == list(range(n))
+
+
+def test_a_killed_producer_with_items_on_their_way_holds_no_consumer(
+    start_method: Optional[str],
+) -> None:
+    """Its items that never reached the socket are lost; the consumers' loops still end."""
+    q: Queue[bytes] = Queue()
+
+    @background(start_method=start_method)
+    def produce(q: Queue[bytes]) -> None:
+        for _ in range(20_000):
+            q.put(b"x" * 1024)  # more than the socket holds: the rest waits in this process
+        bgtask.ready()
+        bgtask.stop_event().wait()
+
+    task = produce(q)
+    task.wait_ready(RESULT_S)
+    q.shutdown()
+    task.kill()
+    task.join(RESULT_S)
+    got = sum(1 for _ in q)  # ends: the only process with items on their way is gone
+    assert 0 < got <= 20_000

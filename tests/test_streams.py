@@ -1,0 +1,189 @@
+"""Generator tasks: values streamed as they are yielded, with backpressure, on every start method."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, AsyncIterator, Dict, Generator, Iterator, List, Optional
+
+import pytest
+
+import bgtask
+from bgtask import StreamTask, TaskStopped, background
+
+from .helpers import run_script
+
+RESULT_S = 120.0
+
+
+def _read_into(task: StreamTask[Any, Any], items: List[object], stop_at: Optional[int] = None) -> None:
+    """Read a stream to its end into ``items``; ``stop()`` the task after item ``stop_at``."""
+    for item in task:
+        items.append(item)
+        if item == stop_at:
+            task.stop()
+
+
+def test_items_in_order_then_the_return_value(start_method: Optional[str], kind: Dict[str, bool]) -> None:
+    """``for item in task`` yields each value in order; ``result()`` is what the generator returned."""
+
+    @background(start_method=start_method, **kind)
+    def count(n: int) -> Generator[int, None, str]:
+        yield from range(n)
+        return f"counted {n}"
+
+    task = count(1000)
+    assert isinstance(task, StreamTask)
+    assert list(task) == list(range(1000))
+    assert task.result(RESULT_S) == "counted 1000"
+    assert list(task) == []  # read once: a second loop finds nothing left
+
+
+def test_an_error_comes_after_the_items_before_it(start_method: Optional[str]) -> None:
+    """The items yielded before the exception arrive first; then the iteration raises it."""
+
+    @background(start_method=start_method)
+    def fail_after(n: int) -> Iterator[int]:
+        yield from range(n)
+        raise ValueError("no more")
+
+    got: List[object] = []
+    with pytest.raises(ValueError, match="no more"):
+        _read_into(fail_after(3), got)
+    assert got == [0, 1, 2]
+
+
+def test_a_stream_stopped_midway_ends_with_task_stopped(
+    start_method: Optional[str], kind: Dict[str, bool]
+) -> None:
+    """stop() while iterating: the items so far, then TaskStopped out of the loop."""
+
+    @background(start_method=start_method, **kind)
+    def forever() -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    task = forever()
+    seen: List[object] = []
+    with pytest.raises(TaskStopped):
+        _read_into(task, seen, stop_at=50)
+    assert seen[:51] == list(range(51))
+    assert seen == list(range(len(seen)))
+
+
+def test_async_iteration(start_method: Optional[str]) -> None:
+    """``async for`` over the task of an async generator function."""
+
+    @background(start_method=start_method)
+    async def ticks(n: int) -> AsyncIterator[str]:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield f"tick {i}"
+
+    async def main() -> List[str]:
+        return [tick async for tick in ticks(5)]
+
+    assert asyncio.run(main()) == [f"tick {i}" for i in range(5)]
+
+
+def test_async_iteration_of_a_plain_generator_task() -> None:
+    """A sync generator's task is read with ``async for`` too, without blocking the loop."""
+
+    @background
+    def letters() -> Iterator[str]:
+        yield from "abc"
+
+    async def main() -> List[str]:
+        return [letter async for letter in letters()]
+
+    assert asyncio.run(main()) == ["a", "b", "c"]
+
+
+def test_result_without_reading_does_not_wait_forever() -> None:
+    """A program that waits for the end without reading: the task runs on; items stay readable."""
+
+    @background
+    def chunks() -> Generator[bytes, None, int]:
+        for _ in range(40):
+            yield b"x" * (1 << 20)  # 40 MiB: far past what is read ahead
+        return 40
+
+    task = chunks()
+    assert task.result(RESULT_S) == 40
+    assert sum(len(chunk) for chunk in task) == 40 << 20
+
+
+def test_an_item_that_cannot_be_pickled_is_named() -> None:
+    """The task fails at that item, saying which one; the items before it arrive."""
+
+    @background
+    def bad() -> Iterator[object]:
+        yield 1
+        yield lambda: None  # cloudpickle takes it
+        yield threading_lock()
+
+    got: List[object] = []
+    with pytest.raises(TypeError, match=r"item 2 the task yielded \(a _thread\.lock\) cannot be pickled"):
+        _read_into(bad(), got)
+    assert len(got) == 2
+
+
+def threading_lock() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+@pytest.mark.parametrize("method", [None, "spawn"], ids=["zygote", "spawn"])
+def test_a_slow_reader_holds_the_producer_back(tmp_path: Path, method: Optional[str]) -> None:
+    """1 GiB yielded in 1 MiB pieces to a slow reader: the main program grows by less than 64 MiB."""
+    result = run_script(
+        tmp_path,
+        f"""
+import time
+import bgtask
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+@bgtask.background(start_method={method!r})
+def produce():
+    piece = b"x" * (1 << 20)
+    for _ in range(1024):
+        yield piece
+
+if __name__ == "__main__":
+    before = rss_mib()
+    peak = before
+    total = 0
+    for i, piece in enumerate(produce()):
+        total += len(piece)
+        if i % 16 == 0:
+            time.sleep(0.005)  # a slow reader
+            peak = max(peak, rss_mib())
+    print("TOTAL", total)
+    print("GROWTH", peak - before)
+""",
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert int(lines["TOTAL"]) == 1 << 30
+    assert float(lines["GROWTH"]) < 64, result.stdout
+
+
+def test_a_plain_task_is_not_iterable() -> None:
+    """Only generator functions stream: a plain task is a Task, not a StreamTask."""
+
+    @background
+    def plain() -> int:
+        return 1
+
+    task = plain()
+    assert type(task) is bgtask.Task
+    with pytest.raises(TypeError):
+        iter(task)  # type: ignore[call-overload]
+    assert task.result(RESULT_S) == 1
