@@ -196,18 +196,21 @@ def send_message(sock: socket.socket, kind: int, body: bytes) -> None:
 def send_messages(sock: socket.socket, messages: List[Tuple[int, bytes]], fds: Sequence[int] = ()) -> None:
     """Send several messages, small ones together in one system call.
 
-    ``fds`` ride on the first byte of the first message, which must be small (``SCM_RIGHTS``);
-    the receiver takes them with :func:`recv_message` and ``maxfds``.
+    ``fds`` ride on the first byte of the first message (``SCM_RIGHTS``); the receiver takes
+    them with :func:`recv_message` and ``maxfds``.
     """
     if fds:
-        first = pack(*messages[0])
-        assert len(first) <= _SMALL + HEADER.size
         import socket as _socket
 
+        kind, body = messages[0]
+        head = HEADER.pack(MAGIC, kind, len(body))
         rights = struct.pack(f"{len(fds)}i", *fds)
-        sent = sock.sendmsg([first], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
-        sock.sendall(first[sent:])
+        sent = sock.sendmsg([head], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+        sock.sendall(head[sent:])
+        sock.sendall(body)
         messages = messages[1:]
+        if not messages:
+            return
     if all(len(body) <= _SMALL for _kind, body in messages):
         sock.sendall(b"".join(pack(kind, body) for kind, body in messages))
         return

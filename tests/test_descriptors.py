@@ -126,3 +126,19 @@ def test_manager_proxies_work_as_arguments(start_method: Optional[str], manager:
     assert list(items) == [task.pid]
     assert counter.value == 1
     assert list(numbers) == [0, 7, 0]
+
+
+def test_descriptors_go_with_a_large_call(start_method: Optional[str]) -> None:
+    """A socket and 5 MB of arguments in one call: the descriptor rides on the call's first byte."""
+    ours, theirs = socket.socketpair()
+    blob = b"b" * 5_000_000
+
+    @background(start_method=start_method)
+    def echo_size(sock: socket.socket, blob: bytes) -> None:
+        sock.sendall(str(len(blob)).encode())
+
+    with ours:
+        task = echo_size(theirs, blob)
+        theirs.close()
+        assert ours.recv(100) == b"5000000"
+        task.result(RESULT_S)
