@@ -28,12 +28,13 @@ latency): only the wire format, the stop event and pickling.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, List, NoReturn, Optional, Set
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, Set
 
 from . import _logs, _platform, _ready, _stop, _wire
 from ._serialization import MAX_DESCRIPTORS, dumps_value, loads_call, pack_exception
@@ -72,9 +73,10 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     state = _TaskState(settings["graceful"])
     _stop._state = state
     _task_sock = sock
-    global _parent_pid
+    global _parent_pid, _send_queued
     _parent_pid = settings.get("parent", 0)
     send = _atomic_sender(sock, state)  # ready() and log records
+    _send_queued = lambda body: send(_wire.QUEUED, body)  # noqa: E731 (the queues' items)
     _ready._install(send)
     try:
         try:
@@ -87,7 +89,6 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
             _report_stopped(sock, stop)
             code = -signal.SIGTERM
         _finish(settings)
-        _send_queued(sock)  # what its own tasks handed over meanwhile
     except _StopRequest:  # a second stop during cleanup: the outcome is already reported
         code = -signal.SIGTERM
     except BaseException:  # never let an error in bgtask's own code escape with a traceback
@@ -278,6 +279,8 @@ def _run_and_report(
     except BaseException as exc:
         packet = pack_exception(exc)
         what = f"the return value (a {type(value).__module__}.{type(value).__qualname__})"
+        if type(value).__name__ in ("generator", "async_generator"):
+            what += " (decorate the generator function itself to stream its values)"
         _send(sock, _wire.FAILED, _data(("result", what, *packet[1:])))
         return 0
     del value
@@ -300,7 +303,11 @@ def _call(fn: Any, args: Any, kwargs: Any, stream: Optional[Callable[[int, bytes
 
 
 def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
-    """Send what a generator yields, each as it comes; return what it returns."""
+    """Send what a generator yields, each as it comes; return what it returns.
+
+    Whatever ends it early (a stop, an item that cannot be pickled) closes the generator first,
+    so that its ``finally`` and ``with`` blocks run.
+    """
     count = 0
 
     def data(item: Any) -> bytes:
@@ -310,24 +317,33 @@ def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
             what = f"{type(item).__module__}.{type(item).__qualname__}"
             raise TypeError(f"item {count} the task yielded (a {what}) cannot be pickled: {exc}") from exc
 
+    if not hasattr(values, "__next__") and not hasattr(values, "__anext__"):
+        # A wrapper of a generator function that returned something else: a plain result.
+        return _call(lambda: values, (), {}, None)
     if hasattr(values, "__anext__"):
         import asyncio
 
         async def pump() -> None:
             nonlocal count
-            async for item in values:
-                send(_wire.ITEM, data(item))
-                count += 1
+            try:
+                async for item in values:
+                    send(_wire.ITEM, data(item))
+                    count += 1
+            finally:
+                await values.aclose()
 
         asyncio.run(pump())
         return None
-    while True:
-        try:
-            item = next(values)
-        except StopIteration as stop:
-            return stop.value
-        send(_wire.ITEM, data(item))
-        count += 1
+    try:
+        while True:
+            try:
+                item = next(values)
+            except StopIteration as stop:
+                return stop.value
+            send(_wire.ITEM, data(item))
+            count += 1
+    finally:
+        values.close()  # nothing if it returned or raised
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -390,8 +406,6 @@ def _system_exit_code(exc: SystemExit) -> int:
 
 
 def _send(sock: socket.socket, kind: int, body: bytes) -> None:
-    if kind in _wire.OUTCOMES:
-        _send_queued(sock)  # ahead of the outcome: result() returns once they are handed over
     try:
         with _send_lock:  # ready() may send from another thread
             _wire.send_message(sock, kind, body)
@@ -403,41 +417,35 @@ _send_lock = threading.Lock()
 _parent_pid = 0
 
 
-def _send_queued(sock: socket.socket) -> None:
-    """Hand what this task's queues could not send yet to its main program, which sends it on."""
-    queues = sys.modules.get("bgtask._queue")
-    if queues is None:
-        return
-    try:
-        body = queues.spill(_parent_pid)
-    except Exception:
-        return
-    if body is not None:
-        try:
-            with _send_lock:
-                _wire.send_message(sock, _wire.QUEUED, body)
-        except OSError:
-            pass
+# How a bgtask.Queue in this task hands items it cannot send to the main program (_queue).
+_send_queued: Optional[Callable[[bytes], None]] = None
 
 
 def _atomic_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:
-    """How ``ready()`` and log records go out: whole, never torn by a stop raised meanwhile."""
+    """How ``ready()``, log records and queue items go out: whole, never torn by a stop."""
 
     def send(kind: int, body: bytes) -> None:
-        # A stop is raised in the main thread only: there, it waits until the frame is out.
-        main = threading.current_thread() is threading.main_thread()
-        if main:
-            state.atomic = True
-        try:
+        with deferred_stop():
             _send(sock, kind, body)
-        finally:
-            if main:
-                state.atomic = False
-        if main and state.pending:
-            state.pending = False
-            raise _StopRequest()
 
     return send
+
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[None]:
+    """A stop raised in the main thread meanwhile is raised at the end of the block instead."""
+    state = _stop._state
+    if state is None or threading.current_thread() is not threading.main_thread() or state.atomic:
+        yield  # another thread (a stop is raised in the main thread only), or nested
+        return
+    state.atomic = True
+    try:
+        yield
+    finally:
+        state.atomic = False
+    if state.pending:
+        state.pending = False
+        raise _StopRequest()
 
 
 def _data(obj: Any) -> bytes:
@@ -546,8 +554,9 @@ def _redirect_stdin() -> None:
 def _close_in_fork() -> None:
     # A process the task forks must not hold the task's socket: the main program would not see
     # EOF when the task ends. It is not the task: ready() there is an error.
-    global _send_lock
+    global _send_lock, _send_queued
     _ready._install(None)
+    _send_queued = None
     _send_lock = threading.Lock()  # another thread may have held it at the fork
     if _task_sock is not None:
         try:

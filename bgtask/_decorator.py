@@ -148,13 +148,21 @@ class Background(Generic[P, R]):
 
 def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
     # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
-    from . import _launch
     from ._serialization import dumps_call
-    from ._task import StreamTask, Task
 
     _refuse_during_bootstrap()
     _green.check(options["start_method"])
     payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
+    try:
+        return _start_with(fn, payload, options)
+    finally:
+        payload.close()  # the duplicates of what went with the call, sent or not
+
+
+def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -> Task[Any]:
+    from . import _launch
+    from ._task import StreamTask, Task
+
     name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
     stream = _is_generator_function(fn)
     kind = StreamTask if stream else Task
@@ -185,10 +193,7 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     _lifecycle.register(task)
     process = None
     try:
-        try:
-            process = _launch.get(options["start_method"]).start(settings, payload)
-        finally:
-            payload.close()
+        process = _launch.get(options["start_method"]).start(settings, payload)
         process.keep = payload.keep
         task._attach(process)
     except BaseException as exc:
@@ -216,6 +221,8 @@ def _is_generator_function(fn: Any) -> bool:
             fn = fn.func
         elif hasattr(fn, "__func__"):
             fn = fn.__func__
+        elif hasattr(fn, "__wrapped__"):  # functools.wraps: the function it wraps
+            fn = fn.__wrapped__
         else:
             break
     code = getattr(fn, "__code__", None)

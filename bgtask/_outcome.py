@@ -31,6 +31,7 @@ STOP_REASONS = {
     "exit": "at the end of the program",
     "shutdown": "by bgtask.shutdown()",
     "cancel": "by cancel()",
+    "abandoned": "when the loop over its items was left",
 }
 
 

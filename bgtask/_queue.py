@@ -4,34 +4,37 @@ The items travel through the kernel, never through a third process::
 
     producers --send--> [ datagram socket (SOCK_SEQPACKET on Linux) ] --recv--> consumers
                  |                                                        |
-                 +-- backlog: what the socket had no room for, in order; a feeder thread
-                     sends it on (one per process, only while a backlog exists)
+                 +-- what the socket has no room for: in the main program, a backlog that a
+                     feeder thread sends on (one per process, only while a backlog exists);
+                     in a task, a message to its main program, which sends it on
 
 - One item is one datagram, so any number of processes send and receive on the same socket
   with no lock: the kernel hands each datagram to exactly one reader, and keeps each sender's
   datagrams in order. An item larger than ``INLINE_MAX`` travels in a memory file whose
   descriptor rides on its datagram.
 - ``maxsize`` is a pipe holding one byte per free place: ``put`` takes one, ``get`` gives one back.
-- A shared page (a memory file mapped by every process) holds the state (open, shut down, shut
-  down at once) and one slot per process that used the queue: items it put, items it got, and
-  items it accepted but has not yet handed to the socket (its backlog). ``qsize()`` sums them;
-  after ``shutdown()`` a consumer stops once the socket is empty and no live process still
-  holds a backlog. The state and a producer's count change under a ``lockf`` lock (released by
-  the kernel if its holder dies); everything else is written by the slot's own process only.
-- ``shutdown()`` also writes a byte, never read, to a pipe every waiter polls: it wakes them all.
+- A shared page (a memory file every process maps) holds the state and one slot per process
+  that used the queue: items it put, items it got, and items it accepted but that are not yet
+  in the socket (with the pid of the process that took them on, its *heir*). ``qsize()`` sums
+  the slots. Counts change under ``lockf`` where other processes must agree (released by the
+  kernel if its holder dies); a process writes its own slot's counts otherwise.
+- ``shutdown()`` moves the state to SHUTTING; once no live process (or heir) holds items on
+  their way, whoever notices closes the socket's writes with ``shutdown(SHUT_WR)``: from then
+  on every send fails in every process, and consumers read what is left, then the end. The
+  kernel, not a lock on the fast path, decides whether a put came before the shutdown.
 - A task polls its own channel too: when its main program dies, a blocked call raises
   ``ShutDown``.
 
 A queue travels only in a call (an argument, or captured by the function): its descriptors go
 with the call (``_serialization.send_along``). In each process one endpoint per queue exists,
-whatever the number of ``Queue`` objects for it. A task that ends with a backlog hands it to
-its main program with its outcome (``spill``), which sends it on: nothing put is lost because
-its producer returned.
+whatever the number of ``Queue`` objects for it. Items a task hands to its main program are
+safe from the task's crash; the main program's own backlog lives as long as it does.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -45,7 +48,7 @@ import threading
 import time
 import weakref
 from queue import Empty, Full
-from typing import Any, Deque, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Deque, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _green, _serialization
 
@@ -78,8 +81,11 @@ FEEDER_POLL_S = 0.05
 # closed; shut down at once.
 _OPEN, _SHUTTING, _SHUT, _IMMEDIATE = 0, 1, 2, 3
 # The shared page: a header, then slots.
-_HEADER = struct.Struct("=qq")  # state, slots in use
-_SLOT = struct.Struct("=qqqqq")  # pid, heir pid, put, got, unsent
+# state, slots in use; the counts of processes that are gone or beyond the table: put, got,
+# not yet sent
+_HEADER = struct.Struct("=qqqqq")
+_RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT = 16, 24, 32
+_SLOT = struct.Struct("=qqqqq")  # pid, heir pid (who took its items on), put, got, not yet sent
 _SLOTS = 1024
 _PAGE = _HEADER.size + _SLOT.size * _SLOTS
 _FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
@@ -89,7 +95,9 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever the program imported
 
 _COUNT = struct.Struct("=q")
-_PUT, _GOT, _UNSENT = 16, 24, 32  # where a slot's counts are, from its start
+_HEIR, _PUT, _GOT, _UNSENT = 8, 16, 24, 32  # where a slot's fields are, from its start
+_SHARED_FIELD = {_PUT: _RETIRED_PUT, _GOT: _RETIRED_GOT, _UNSENT: _SHARED_UNSENT}
+_NO_SLOT, _SHARED = -1, -2
 
 _LINUX = sys.platform.startswith("linux")
 _RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -170,6 +178,11 @@ class Queue(Generic[T]):
         """Whether ``qsize()`` reached ``maxsize`` (never, without a bound)."""
         return 0 < self.maxsize <= self.qsize()
 
+    @property
+    def is_shutdown(self) -> bool:
+        """Whether ``shutdown()`` was called, in any process."""
+        return self._end.is_shutdown
+
     def shutdown(self, immediate: bool = False) -> None:
         """End the queue for every process: puts raise ``ShutDown``, gets drain then raise it.
 
@@ -204,7 +217,7 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
 def _rebuild(qid: bytes, maxsize: int, indexes: Tuple[int, ...]) -> Queue[Any]:
     fds = [_serialization.received(i) for i in indexes]
     end = _endpoints.get(qid)
-    if end is not None and not end.closed:
+    if end is not None:
         for fd in fds:
             os.close(fd)
     else:
@@ -220,7 +233,12 @@ _rebuild.__module__ = "bgtask._queue"
 
 
 class _Endpoint:
-    """This process's side of one queue: its descriptors, its slot, its backlog."""
+    """This process's side of one queue: its descriptors, its slot, its backlog.
+
+    Locks, always taken in this order: ``lock`` (this process's threads: its slot's counts,
+    its backlog), then the page lock (``_locked()``: ``page_lock`` for this process's threads,
+    ``lockf`` for the other processes).
+    """
 
     def __init__(self, qid: bytes, maxsize: int, fds: List[int]) -> None:
         self.qid = qid
@@ -232,14 +250,18 @@ class _Endpoint:
         self.recv_sock = _green.socket_from_fd(recv_fd)
         self.page_fd = page_fd
         self.page = mmap.mmap(page_fd, _PAGE)
-        self.lock = threading.Lock()  # this process's threads; lockf() orders the processes
-        self.slot = -1
+        self.lock = threading.Lock()
+        self.page_lock = threading.Lock()
+        self.slot = _NO_SLOT  # the offset of this process's slot once claimed, or _SHARED
         self.backlog: Deque[bytes] = collections.deque()
-        self.from_parent = False  # received with a call: a backlog left at exit goes back
-        self.closed = False
-        # The sockets close their own descriptors.
+        self.from_parent = False  # received with a call: what the socket cannot take goes up
+        self.via_parent = False  # ... and from then on, all of it, to keep this process's order
+        self.no_buffer = False  # the last send failed with ENOBUFS (macOS), not EAGAIN
+        # The sockets close their own descriptors. Not at the interpreter's exit: bgtask's
+        # exit procedure, which may still need the queue, runs after this would.
         others = [fd for fd in fds if fd not in (send_fd, recv_fd)]
         self._finalizer = weakref.finalize(self, _close, self.page, [self.send_sock, self.recv_sock], others)
+        self._finalizer.atexit = False
 
     @classmethod
     def create(cls, maxsize: int) -> _Endpoint:
@@ -253,6 +275,8 @@ class _Endpoint:
                         sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
                     except OSError:
                         pass
+                if hasattr(socket, "SO_NOSIGPIPE"):  # macOS: no MSG_NOSIGNAL
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
             fds += [a.detach(), b.detach()]
             fds.append(_memory_file("bgtask-queue", _PAGE))
             fds += os.pipe()
@@ -274,65 +298,73 @@ class _Endpoint:
 
     def reduce(self) -> Any:
         what = "a bgtask.Queue"
-        _serialization.keep_alive(self)  # a backlog the task leaves comes back to it
+        _serialization.keep_alive(self)  # what the task cannot send comes back through here
         indexes = tuple(_serialization.send_along(fd, what) for fd in self.fds)
         return _rebuild, (self.qid, self.maxsize, indexes)
 
     # -- the shared page --------------------------------------------------------------------
 
     def _locked(self) -> _PageLock:
-        return _PageLock(self.page_fd)
+        return _PageLock(self)
 
     def _state(self) -> int:
         state: int = _COUNT.unpack_from(self.page, 0)[0]
         return state
 
-    def _my_slot(self) -> int:
-        """The offset of this process's slot, claimed on first use (under the page lock)."""
-        if self.slot >= 0:
-            return self.slot
-        pid = os.getpid()
-        with self._locked():
-            state, used = _HEADER.unpack_from(self.page, 0)
-            index = -1
-            if used < _SLOTS:
-                index = used
-                _HEADER.pack_into(self.page, 0, state, used + 1)
-            else:
-                # Reuse the slot of a process that is gone, counts folded into slot 0.
-                for i in range(1, _SLOTS):
-                    spid, heir, put, got, _unsent = _SLOT.unpack_from(self.page, _offset(i))
-                    if not _alive(spid) and not _alive(heir):
-                        zpid, zheir, zput, zgot, zunsent = _SLOT.unpack_from(self.page, _offset(0))
-                        _SLOT.pack_into(self.page, _offset(0), zpid, zheir, zput + put, zgot + got, zunsent)
-                        index = i
-                        break
-            if index >= 0:
-                _SLOT.pack_into(self.page, _offset(index), pid, 0, 0, 0, 0)
-            else:
-                index = 0  # shared by the processes beyond the table: counts stay right
-        self.slot = _offset(index)
-        return self.slot
+    def _ensure_slot(self) -> None:
+        """Claim this process's slot on first use. Never with the page lock held."""
+        if self.slot == _NO_SLOT:
+            with self._locked():
+                self.slot = self._claim_slot()
 
-    def _add(self, field: int, delta: int) -> None:
-        """Add to a count of this process's slot (its own: no other process writes it)."""
-        at = self._my_slot() + field
+    def _claim_slot(self) -> int:
+        """Under the page lock: a free slot, one of a process that is gone, or ``_SHARED``."""
+        used = _COUNT.unpack_from(self.page, 8)[0]
+        index = -1
+        if used < _SLOTS:
+            index = used
+            _COUNT.pack_into(self.page, 8, used + 1)
+        else:
+            for i in range(_SLOTS):
+                pid, heir, put, got, unsent = _SLOT.unpack_from(self.page, _offset(i))
+                if not _alive(pid) and not _alive(heir):
+                    # Its counts go to the header's; what it never sent was lost with it.
+                    self._add_locked(_RETIRED_PUT, put - unsent)
+                    self._add_locked(_RETIRED_GOT, got)
+                    index = i
+                    break
+        if index < 0:
+            return _SHARED  # beyond the table: this process counts in the header, locked
+        _SLOT.pack_into(self.page, _offset(index), os.getpid(), 0, 0, 0, 0)
+        return _offset(index)
+
+    def _add_locked(self, at: int, delta: int) -> None:
         _COUNT.pack_into(self.page, at, _COUNT.unpack_from(self.page, at)[0] + delta)
+
+    def _count(self, field: int, delta: int) -> None:
+        """Add to one of this process's counts. Under ``lock``: no other process writes them."""
+        slot = self.slot
+        if slot >= 0:
+            self._add_locked(slot + field, delta)
+        else:
+            with self._locked():
+                self._add_locked(_SHARED_FIELD[field], delta)
 
     # -- put ----------------------------------------------------------------------------------
 
     def put(self, item: Any, block: bool, timeout: Optional[float]) -> None:
         message = _encode(item)
+        self._ensure_slot()
         if self.maxsize:
             self._take_place(block, None if timeout is None else time.monotonic() + timeout)
         try:
             with self.lock:
                 if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
                     raise ShutDown("the queue was shut down")
-                if self.backlog or not self._send(message):
-                    self._to_backlog(message)  # the socket is full: sent on by the feeder
+                if self.backlog or self.via_parent or not self._send(message):
+                    self._overflow([message])  # the socket is full
                     return
-                self._add(_PUT, 1)
+                self._count(_PUT, 1)
         except BaseException:
             if self.maxsize:
                 self._give_place()
@@ -358,23 +390,63 @@ class _Endpoint:
                     os.close(fd)
         except OSError as exc:
             if exc.errno in _NO_ROOM:
+                self.no_buffer = exc.errno == errno.ENOBUFS
                 return False
             if exc.errno == errno.EPIPE:
                 raise ShutDown("the queue was shut down") from None
             raise
         return True
 
-    def _to_backlog(self, message: bytes) -> None:
-        """Under ``lock``: keep an item the socket has no room for, counted as on its way."""
-        with self._locked():
-            # Under the page lock: a shutdown closes the writes only once no live process
-            # holds items on their way, and this one now does, or sees the shutdown.
-            if self._state() != _OPEN:
-                raise ShutDown("the queue was shut down")
-            self._add(_UNSENT, 1)
-            self._add(_PUT, 1)
-        self.backlog.append(message)
-        _feeder.wake(self)
+    def _overflow(self, messages: List[bytes], put: bool = True, child: int = -1) -> None:
+        """Under ``lock``: items the socket has no room for, counted as on their way.
+
+        In a task, they go to its main program at once, which sends them on (so they survive
+        this process's crash), and so does every item this task puts from then on (so its
+        items keep their order). Elsewhere they wait in the backlog for the feeder. ``put``:
+        they are new (else adopted from a task); ``child``: that task's slot, which counted them
+        until now.
+        """
+        forward = _forwarder() if self.from_parent else None
+        with _deferred_stop():  # counted and handed on in one step
+            with self._locked():
+                # Under the page lock: a shutdown closes the writes only once no live process
+                # holds items on their way; these are counted before that, or see the shutdown.
+                if put and self._state() != _OPEN:
+                    raise ShutDown("the queue was shut down")
+                if forward is not None:
+                    self._set_heir_locked(forward[0])
+                self._add_here_locked(_UNSENT, len(messages))
+                if put:
+                    self._add_here_locked(_PUT, len(messages))
+                if child >= 0:
+                    unsent = _COUNT.unpack_from(self.page, child + _UNSENT)[0]
+                    _COUNT.pack_into(self.page, child + _UNSENT, max(0, unsent - len(messages)))
+            if forward is None:
+                self.backlog.extend(messages)
+                _feeder.wake(self)
+                return
+            self.via_parent = True
+            try:
+                forward[1](pickle.dumps([(self.qid, self.slot, messages)], _PROTOCOL))
+            except OSError:
+                with self._locked():
+                    self._add_here_locked(_UNSENT, -len(messages))
+                raise ShutDown("the main program of this task ended") from None
+
+    def _add_here_locked(self, field: int, delta: int) -> None:
+        self._add_locked(self.slot + field if self.slot >= 0 else _SHARED_FIELD[field], delta)
+
+    def _set_heir_locked(self, heir: int) -> None:
+        if self.slot >= 0:
+            _COUNT.pack_into(self.page, self.slot + _HEIR, heir)
+
+    def adopt(self, slot: int, messages: List[bytes]) -> None:
+        """What a task of this process could not send (see ``_overflow``): sent on from here."""
+        if not 0 <= slot < _PAGE or (slot - _HEADER.size) % _SLOT.size:
+            return
+        self._ensure_slot()
+        with self.lock:
+            self._overflow(messages, put=False, child=slot)
 
     def _take_place(self, block: bool, deadline: Optional[float]) -> None:
         while True:
@@ -396,19 +468,23 @@ class _Endpoint:
             pass
 
     def flush(self) -> bool:
-        """Send what the backlog holds while the socket has room; ``True`` once it is empty."""
+        """Send what the backlog holds while the socket has room; ``True`` once it is empty.
+
+        Raises ``OSError`` when the items cannot be sent at all; they are dropped.
+        """
         with self.lock:
-            if self.closed:
-                return True
             try:
                 while self.backlog:
                     if not self._send(self.backlog[0]):
                         return False
                     self.backlog.popleft()
-                    self._add(_UNSENT, -1)
-            except ShutDown:  # shut down at once: what was left is dropped
-                self._add(_UNSENT, -len(self.backlog))
+                    self._count(_UNSENT, -1)
+            except BaseException as exc:
+                # Shut down at once (what was left is dropped), or an error nothing can repair.
+                self._count(_UNSENT, -len(self.backlog))
                 self.backlog.clear()
+                if not isinstance(exc, ShutDown):
+                    raise
         if self._state() == _SHUTTING:
             self._close_writes_if_drained()  # this process held the last items on their way
         return True
@@ -417,6 +493,7 @@ class _Endpoint:
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._ensure_slot()
         while True:
             state = self._state()
             if state == _IMMEDIATE:
@@ -425,17 +502,14 @@ class _Endpoint:
             if data is not None:
                 if data is _EOF:
                     raise ShutDown("the queue was shut down")
-                with self.lock:
-                    self._add(_GOT, 1)
-                if self.maxsize:
-                    self._give_place()
-                return pickle.loads(data)
+                return self._got(data)
             if state == _SHUT:
                 # The writes are closed: what was sent is all in the socket, and it is empty.
                 # (Read once more for one that landed between the read and the state's.)
-                if self._receive() in (None, _EOF):
+                data = self._receive()
+                if data is None or data is _EOF:
                     raise ShutDown("the queue was shut down")
-                continue
+                return self._got(data)
             if state == _SHUTTING and self._close_writes_if_drained():
                 continue
             if not block:
@@ -446,6 +520,13 @@ class _Endpoint:
                 self._wait(self.recv_sock.fileno(), deadline, Empty, step=DRAIN_POLL_S)
             else:
                 self._wait(self.recv_sock.fileno(), deadline, Empty)
+
+    def _got(self, data: Any) -> Any:
+        with self.lock:
+            self._count(_GOT, 1)
+        if self.maxsize:
+            self._give_place()
+        return pickle.loads(data)
 
     def _receive(self) -> Optional[Any]:
         """One datagram's item as bytes; ``None`` if the socket is empty, ``_EOF`` at its end."""
@@ -471,17 +552,23 @@ class _Endpoint:
             for fd in fds:
                 os.close(fd)
 
+    def _slots_locked(self) -> List[Tuple[int, int, int, int, int]]:
+        used = _COUNT.unpack_from(self.page, 8)[0]
+        return [_SLOT.unpack_from(self.page, _offset(i)) for i in range(min(used, _SLOTS))]
+
     def _close_writes_if_drained(self) -> bool:
         """While shutting down: close the writes once no live process holds items on their way.
 
         Returns whether the writes are closed.
         """
         with self._locked():
-            state, used = _HEADER.unpack_from(self.page, 0)
+            state = self._state()
             if state != _SHUTTING:
                 return bool(state != _OPEN)
-            slots = [_SLOT.unpack_from(self.page, _offset(i)) for i in range(used)]
-            if any(unsent > 0 and (_alive(pid) or _alive(heir)) for pid, heir, _p, _g, unsent in slots):
+            slots = self._slots_locked()
+            if _COUNT.unpack_from(self.page, _SHARED_UNSENT)[0] > 0 or any(
+                unsent > 0 and (_alive(pid) or _alive(heir)) for pid, heir, _p, _g, unsent in slots
+            ):
                 return False
             self._close_writes_locked(_SHUT)
         return True
@@ -520,24 +607,27 @@ class _Endpoint:
     # -- state --------------------------------------------------------------------------------
 
     def qsize(self) -> int:
+        """Put minus got, over every process; what a process that died never sent is not counted."""
         with self._locked():
-            used = _HEADER.unpack_from(self.page, 0)[1]
-            slots = [_SLOT.unpack_from(self.page, _offset(i)) for i in range(used)]
             if self._state() == _IMMEDIATE:
                 return 0
-        size: int = sum(put - got for _pid, _heir, put, got, _unsent in slots)
+            slots = self._slots_locked()
+            size: int = (
+                _COUNT.unpack_from(self.page, _RETIRED_PUT)[0]
+                - _COUNT.unpack_from(self.page, _RETIRED_GOT)[0]
+            )
+        for pid, heir, put, got, unsent in slots:
+            size += put - got
+            if unsent > 0 and not _alive(pid) and not _alive(heir):
+                size -= unsent  # lost with its process
         return max(0, size)
 
     def shutdown(self, immediate: bool) -> None:
         with self._locked():
-            state, used = _HEADER.unpack_from(self.page, 0)
+            state = self._state()
             if immediate:
                 if state != _IMMEDIATE:
-                    # What is left is dropped: the counts say so, so that qsize() is 0.
-                    for i in range(used):
-                        pid, heir, put, _got, unsent = _SLOT.unpack_from(self.page, _offset(i))
-                        _SLOT.pack_into(self.page, _offset(i), pid, heir, put, put, unsent)
-                    self._close_writes_locked(_IMMEDIATE)
+                    self._close_writes_locked(_IMMEDIATE)  # qsize() is 0 from now on
             elif state == _OPEN:
                 _COUNT.pack_into(self.page, 0, _SHUTTING)
                 try:
@@ -545,55 +635,70 @@ class _Endpoint:
                 except OSError:
                     pass
         if immediate:
-            while self._receive() not in (None, _EOF):
-                pass
+            while True:
+                data = self._receive()
+                if data is None or data is _EOF:
+                    break
         else:
             self._close_writes_if_drained()
+
+    @property
+    def is_shutdown(self) -> bool:
+        return self._state() != _OPEN
 
     def state_name(self) -> str:
         return ("open", "shut down", "shut down", "shut down (immediate)")[self._state()]
 
-    # -- at a task's end ----------------------------------------------------------------------
-
-    def take_backlog(self, heir: int) -> Tuple[int, List[bytes]]:
-        """Hand the backlog over to ``heir``: this process's slot stays counted while it lives."""
-        with self.lock:
-            items = list(self.backlog)
-            self.backlog.clear()
-            if self.slot >= 0:
-                _COUNT.pack_into(self.page, self.slot + 8, heir)
-            return self.slot, items
-
-    def adopt(self, slot: int, items: List[bytes]) -> None:
-        """A task's backlog, handed over at its end: sent from here, after what is here."""
-        with self.lock:
-            self.backlog.extend(items)
-            self._add(_UNSENT, len(items))
-            if slot >= 0:
-                unsent = _COUNT.unpack_from(self.page, slot + _UNSENT)[0]
-                _COUNT.pack_into(self.page, slot + _UNSENT, max(0, unsent - len(items)))
-        _feeder.wake(self)
-
     def forget_in_child(self) -> None:
         """In a forked copy of this process: the backlog and the slot are the original's."""
         self.lock = threading.Lock()
+        self.page_lock = threading.Lock()
         self.backlog = collections.deque()
-        self.slot = -1
+        self.slot = _NO_SLOT
+        self.via_parent = False
 
 
 class _PageLock:
-    """``lockf`` on the shared page: excludes other processes (this one's threads hold ``lock``)."""
+    """The shared page's lock: ``page_lock`` for this process's threads, ``lockf`` for the others.
 
-    __slots__ = ("fd",)
+    ``lockf`` locks belong to a process: alone, they would not keep two of its threads apart.
+    """
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    __slots__ = ("end",)
+
+    def __init__(self, end: _Endpoint) -> None:
+        self.end = end
 
     def __enter__(self) -> None:
-        lockf(self.fd, LOCK_EX)
+        self.end.page_lock.acquire()
+        try:
+            lockf(self.end.page_fd, LOCK_EX)
+        except BaseException:
+            self.end.page_lock.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        lockf(self.fd, LOCK_UN)
+        try:
+            lockf(self.end.page_fd, LOCK_UN)
+        finally:
+            self.end.page_lock.release()
+
+
+def _deferred_stop() -> Any:
+    """In a task, a stop that arrives meanwhile is raised at the end of the block."""
+    child = sys.modules.get("bgtask._child")
+    if child is None or getattr(child, "_task_sock", None) is None:
+        return contextlib.nullcontext()
+    return child.deferred_stop()
+
+
+def _forwarder() -> Optional[Tuple[int, Callable[[bytes], None]]]:
+    """In a task: its main program's pid, and how to send it items (a QUEUED message)."""
+    child = sys.modules.get("bgtask._child")
+    send = getattr(child, "_send_queued", None)
+    if child is None or send is None or getattr(child, "_task_sock", None) is None:
+        return None
+    return child._parent_pid, send
 
 
 def _wait_for(readers: List[int], writers: List[int], timeout: Optional[float]) -> List[int]:
@@ -617,6 +722,7 @@ def _offset(slot: int) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     if pid <= 0:
         return False
     try:
@@ -625,6 +731,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    if _LINUX:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+        except (OSError, ValueError):
+            return False
     return True
 
 
@@ -733,6 +846,11 @@ class _Feeder:
             while self._round(wake_r):
                 pass
         finally:
+            with self.lock:
+                if self.thread is threading.current_thread():  # ended by an error: let go
+                    self.thread = None
+                    self.wake_w = -1
+                    self.busy.clear()
             os.close(wake_r)
             os.close(wake_w)
 
@@ -740,7 +858,18 @@ class _Feeder:
         """Send what the sockets take; wait until one has room. ``False`` once all is sent."""
         with self.lock:
             busy = list(self.busy.values())
-        sent = [end for end in busy if end.flush()]
+        sent = []
+        for end in busy:
+            try:
+                if end.flush():
+                    sent.append(end)
+            except Exception as exc:  # noqa: BLE001 (the items are dropped; say so, go on)
+                import logging
+
+                logging.getLogger("bgtask").error(
+                    "bgtask: a queue's items could not be sent and were dropped: %s", exc
+                )
+                sent.append(end)
         with self.lock:
             for end in sent:
                 if not end.backlog and self.busy.get(end.qid) is end:
@@ -750,7 +879,9 @@ class _Feeder:
                 self.wake_w = -1
                 return False
             waiting = list(self.busy.values())
-        writers = [end.send_sock.fileno() for end in waiting]
+        # A datagram socket on macOS says it has room while its peer's buffer is full (ENOBUFS):
+        # there, look again after a while instead.
+        writers = [] if any(end.no_buffer for end in waiting) else [end.send_sock.fileno() for end in waiting]
         del waiting, busy, sent
         _wait_for([wake_r], writers, FEEDER_POLL_S)
         try:
@@ -770,21 +901,8 @@ _feeder = _Feeder()
 _endpoints: weakref.WeakValueDictionary[bytes, _Endpoint] = weakref.WeakValueDictionary()
 
 
-def spill(parent: int) -> Optional[bytes]:
-    """At a task's end: the backlogs of queues its main program gave it, for that program."""
-    spilled = []
-    for end in list(_endpoints.values()):
-        if end.from_parent and end.backlog:
-            slot, items = end.take_backlog(parent)
-            if items:
-                spilled.append((end.qid, slot, items))
-    if not spilled:
-        return None
-    return pickle.dumps(spilled, pickle.HIGHEST_PROTOCOL)
-
-
 def adopt(body: Any) -> None:
-    """In the main program: a task's backlogs (see :func:`spill`), for queues held here."""
+    """Items a task of this process could not send (a QUEUED message), for queues held here."""
     for qid, slot, items in pickle.loads(body):
         end = _endpoints.get(qid)
         if end is not None:

@@ -108,13 +108,15 @@ def _describe_type(obj: Any) -> str:
 
 def _reduce_socket(sock: Any) -> Any:
     index = send_along(sock.fileno(), _describe_type(sock))
-    return _rebuild_socket, (index, int(sock.family), int(sock.type), sock.proto)
+    return _rebuild_socket, (index, int(sock.family), int(sock.type), sock.proto, sock.gettimeout())
 
 
-def _rebuild_socket(index: int, family: int, kind: int, proto: int) -> Any:
+def _rebuild_socket(index: int, family: int, kind: int, proto: int, timeout: Optional[float]) -> Any:
     import socket
 
-    return socket.socket(family, kind, proto, fileno=received(index))
+    sock = socket.socket(family, kind, proto, fileno=received(index))
+    sock.settimeout(timeout)  # as the caller's: blocking or not is the descriptor's, shared anyway
+    return sock
 
 
 def _reduce_connection(conn: Any) -> Any:

@@ -318,6 +318,7 @@ class Task(TaskCore[R]):
         import asyncio
 
         self._check_owner()
+        self._unthrottle()
         try:
             await self._until(lambda: self._state != RUNNING)
         except asyncio.CancelledError:
@@ -351,9 +352,11 @@ class StreamTask(Task[R], Generic[Y, R]):
     ``result()`` is the generator's return value. Items are read by one consumer: two loops
     over one task share its items.
 
-    While the program reads more slowly than the task yields, the task waits (it holds about
-    8 MiB unread at most); a program that waits for the end without reading (``result()``,
-    ``join()``, the end of the program) lets it run on and keeps every item for later.
+    A loop that is left before the end (``break``, an exception, a cancelled ``async for``)
+    stops the task, as leaving a loop over a generator closes it. While a loop reads more
+    slowly than the task yields, the task waits (about 8 MiB unread at most). Without a loop
+    in progress, or while the program waits for the end (``result()``, ``join()``, ``await``),
+    the task runs on and its items are kept for a later loop.
     """
 
     __module__ = "bgtask"
@@ -364,18 +367,24 @@ class StreamTask(Task[R], Generic[Y, R]):
 
     def __iter__(self) -> Iterator[Y]:
         self._check_owner()
-        while True:
-            with self._condition:
-                if not self._items and self._state == RUNNING:
-                    self._check_not_monitor()
-                    self._condition.wait_for(lambda: bool(self._items) or self._state != RUNNING)
-                body, resume = self._take_item()
-            if resume and self._process is not None:
-                self._process.resume()
-            if body is _NO_ITEM:
-                self._end_of_items()
-                return
-            yield self._decode_item(body)
+        self._reading(1)
+        finished = False
+        try:
+            while True:
+                with self._condition:
+                    if not self._items and self._state == RUNNING:
+                        self._check_not_monitor()
+                        self._condition.wait_for(lambda: bool(self._items) or self._state != RUNNING)
+                    body, resume = self._take_item()
+                if resume:
+                    self._resume_reading()
+                if body is _NO_ITEM:
+                    finished = True
+                    self._end_of_items()
+                    return
+                yield self._decode_item(body)
+        finally:
+            self._loop_left(finished)
 
     def __aiter__(self) -> AsyncIterator[Y]:
         return self._aiter()
@@ -384,18 +393,36 @@ class StreamTask(Task[R], Generic[Y, R]):
         import asyncio
 
         self._check_owner()
-        while True:
-            await self._until(lambda: bool(self._items) or self._state != RUNNING)
-            with self._condition:
-                body, resume = self._take_item()
-            if resume and self._process is not None:
-                self._process.resume()
-            if body is _NO_ITEM:
-                if self.cancelled():
-                    raise asyncio.CancelledError(f"task {self._name!r} was cancelled")
-                self._end_of_items()
-                return
-            yield self._decode_item(body)
+        self._reading(1)
+        finished = False
+        try:
+            while True:
+                await self._until(lambda: bool(self._items) or self._state != RUNNING)
+                with self._condition:
+                    body, resume = self._take_item()
+                if resume:
+                    self._resume_reading()
+                if body is _NO_ITEM:
+                    finished = True
+                    if self.cancelled():
+                        raise asyncio.CancelledError(f"task {self._name!r} was cancelled")
+                    self._end_of_items()
+                    return
+                yield self._decode_item(body)
+        finally:
+            self._loop_left(finished)
+
+    def _resume_reading(self) -> None:
+        if self._process is not None:
+            self._process.resume()
+
+    def _loop_left(self, finished: bool) -> None:
+        """A loop over the items ended. Left early (``break``, an error, a cancellation), it
+        stops the task, as leaving a loop over a generator closes the generator."""
+        if self._reading(-1):
+            self._resume_reading()
+        if not finished:
+            self._request_stop("abandoned")
 
     def _end_of_items(self) -> None:
         """Every item was read and the outcome is known: raise it if it is an error."""

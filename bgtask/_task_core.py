@@ -61,6 +61,7 @@ class TaskCore(concurrent.futures.Future[R]):
         self._origin: Optional[str] = None  # where the call was made, when tracked (_lifecycle)
         self._items: Optional[Deque[Any]] = None  # a stream's items not yet read (StreamTask)
         self._items_size = 0
+        self._readers = 0  # loops over the stream in progress: only they hold the task back
         self._throttled = False  # the channel is not read until the program reads items
         self._unthrottled = False  # the program waits for the end: never throttle again
 
@@ -157,6 +158,15 @@ class TaskCore(concurrent.futures.Future[R]):
             self._throttled = False
         return body, resume
 
+    def _reading(self, delta: int) -> bool:
+        """A loop over the stream starts (1) or ends (-1); whether its channel must be read again."""
+        with self._condition:
+            self._readers += delta
+            resume = self._readers == 0 and self._throttled
+            if resume:
+                self._throttled = False
+        return resume
+
     def _item_sent(self, body: Any) -> bool:
         """In the monitor: a stream's item arrived; ``True`` when the program should read first."""
         with self._condition:
@@ -165,7 +175,7 @@ class TaskCore(concurrent.futures.Future[R]):
                 return False
             items.append(body)
             self._items_size += len(body)
-            full = not self._unthrottled and self._items_size >= STREAM_HIGH
+            full = self._readers > 0 and not self._unthrottled and self._items_size >= STREAM_HIGH
             if full:
                 self._throttled = True
             self._condition.notify_all()

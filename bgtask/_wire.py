@@ -48,7 +48,7 @@ EARLY = frozenset((RESULT, ERROR, FAILED))
 READY = 8
 # Task -> main program, before its outcome: a logging record (pickle of its fields, see _logs).
 LOG = 9
-# Task -> main program, with its outcome: what its queues still held to send (see _queue.spill).
+# Task -> main program, before its outcome: items its queues had no room for (see _queue).
 QUEUED = 10
 # Task -> main program, before its outcome: a value a generator task yielded (cloudpickle).
 ITEM = 11

@@ -33,6 +33,7 @@ def sink(records: "bgtask.Queue[logging.LogRecord]", path: str) -> int:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(processName)s[%(process)d] %(message)s"))
     stop = stop_event()
+    bgtask.ready()  # from here on, a stop sets `stop` and the loop below drains the queue
     written = 0
     try:
         while True:
@@ -72,6 +73,7 @@ def main() -> None:
     root.addHandler(to_sink)
 
     writer = sink(records, str(path))
+    writer.wait_ready()
     print(f"log sink started: pid={writer.pid} daemon={writer.is_daemon}")
     logging.getLogger("app").info("main program starting its workers")
     workers = [worker(RECORDS_PER_WORKER) for _ in range(3)]
@@ -84,10 +86,11 @@ def main() -> None:
         logging.getLogger("app").warning("a worker crashed: %s", exc)
     logging.getLogger("app").info("main program done: %d records from the workers", sum(done))
 
-    # What the end of the program does anyway, done here to check the file afterwards: the
-    # daemon sink is stopped gracefully and writes what the queue still holds.
+    # The end of the program would stop the daemon sink, which then writes what the queue still
+    # holds. Done here, to check the file afterwards: no more records, the sink drains the queue
+    # and returns.
     root.removeHandler(to_sink)
-    bgtask.shutdown()
+    records.shutdown()
     written = writer.result()
 
     lines = path.read_text().splitlines()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 import pytest
 
@@ -142,3 +142,19 @@ def test_descriptors_go_with_a_large_call(start_method: Optional[str]) -> None:
         theirs.close()
         assert ours.recv(100) == b"5000000"
         task.result(RESULT_S)
+
+
+def test_a_socket_keeps_its_timeout(start_method: Optional[str]) -> None:
+    """A socket with a timeout here has the same timeout in the task."""
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(30.0)
+
+    @background(start_method=start_method)
+    def wait_for_data(sock: socket.socket) -> Tuple[Optional[float], bytes]:
+        return sock.gettimeout(), sock.recv(10)
+
+    with ours:
+        task = wait_for_data(theirs)
+        theirs.close()
+        ours.sendall(b"late")
+        assert task.result(RESULT_S) == (30.0, b"late")

@@ -421,3 +421,85 @@ def test_a_killed_producer_with_items_on_their_way_holds_no_consumer(
     task.join(RESULT_S)
     got = sum(1 for _ in q)  # ends: the only process with items on their way is gone
     assert 0 < got <= 20_000
+
+
+def test_items_a_crashed_producer_put_still_arrive(start_method: Optional[str]) -> None:
+    """A task puts more than the socket holds, then dies by os._exit: every item it put arrives.
+
+    What the socket had no room for went to the main program as it was put.
+    """
+    q: Queue[int] = Queue()
+    n = 30_000
+
+    @background(start_method=start_method)
+    def produce_then_crash(q: Queue[int]) -> None:
+        for i in range(n):
+            q.put(i)
+        os._exit(1)
+
+    with pytest.raises(bgtask.TaskCrashed):
+        produce_then_crash(q).result(RESULT_S)
+    assert q.qsize() == n
+    q.shutdown()
+    assert list(q) == list(range(n))
+    del q
+    gc.collect()  # the task's error holds this frame, and the queue, in a reference cycle
+
+
+def test_the_end_of_the_program_delivers_what_the_main_program_holds(tmp_path: Path) -> None:
+    """A queue made after the first task, a backlog, shutdown(), then the script ends: no hang,
+    every item reaches the non-daemon consumer, nothing on standard error."""
+    result = run_script(
+        tmp_path,
+        """
+import pathlib
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background
+def noop():
+    return None
+
+@bgtask.background
+def consume(q):
+    import time
+    n = 0
+    for _ in q:
+        n += 1
+        if n % 1000 == 0:
+            time.sleep(0.01)  # slower than the producer: a backlog builds up
+    (HERE / "count").write_text(str(n))
+
+if __name__ == "__main__":
+    noop().result()  # bgtask's exit hook is registered before the queue exists
+    q = bgtask.Queue()
+    consume(q)
+    for i in range(30000):
+        q.put(b"x" * 1000)
+    q.shutdown()
+""",
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert (tmp_path / "count").read_text() == "30000"
+
+
+def test_a_program_that_exits_with_items_unread_is_quiet(tmp_path: Path) -> None:
+    """Items nobody read, some still waiting for room in the socket: the program exits at once,
+    with nothing on standard error."""
+    result = run_script(
+        tmp_path,
+        """
+import bgtask
+q = bgtask.Queue()
+for i in range(30000):
+    q.put(i)
+print("DONE")
+""",
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.strip() == "DONE"

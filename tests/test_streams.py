@@ -187,3 +187,113 @@ def test_a_plain_task_is_not_iterable() -> None:
     with pytest.raises(TypeError):
         iter(task)  # type: ignore[call-overload]
     assert task.result(RESULT_S) == 1
+
+
+def test_leaving_the_loop_stops_the_task(start_method: Optional[str], tmp_path: Path) -> None:
+    """``break`` out of the loop: the task is stopped (its generator's ``finally`` runs)."""
+    marker = tmp_path / "closed"
+
+    @background(start_method=start_method, graceful=True)
+    def forever() -> Iterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            marker.write_text("closed")
+
+    task = forever()
+    for item in task:
+        if item == 10:
+            break
+    with pytest.raises(TaskStopped, match="when the loop over its items was left"):
+        task.result(RESULT_S)
+    assert marker.read_text() == "closed"
+
+
+def test_a_cancelled_async_loop_stops_the_task() -> None:
+    """Cancelling the coroutine in an ``async for`` stops the task, as cancelling ``await`` does."""
+
+    @background
+    def slow() -> Iterator[int]:
+        import time
+
+        while True:
+            yield 1
+            time.sleep(0.05)
+
+    async def main() -> bgtask.StreamTask[int, None]:
+        task = slow()
+
+        async def read() -> None:
+            async for _ in task:
+                pass
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.3)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        return task
+
+    task = asyncio.run(main())
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+
+
+def test_waiting_without_a_loop_never_blocks_the_task() -> None:
+    """``await``, ``concurrent.futures.wait`` and ``result()``: no loop reads, the task runs on."""
+    import concurrent.futures
+
+    @background
+    def chunks() -> Generator[bytes, None, str]:
+        for _ in range(30):
+            yield b"x" * (1 << 20)
+        return "all sent"
+
+    async def awaited() -> str:
+        return await chunks()
+
+    assert asyncio.run(awaited()) == "all sent"
+    task = chunks()
+    done, _ = concurrent.futures.wait([task], timeout=RESULT_S)
+    assert done == {task}
+    assert sum(len(c) for c in task) == 30 << 20
+
+
+def test_a_stop_while_the_task_waits_to_send_runs_its_finally(tmp_path: Path) -> None:
+    """Stopped while held back by a slow reader: the generator is closed, its ``finally`` runs."""
+    marker = tmp_path / "cleaned"
+
+    @background(graceful=True)
+    def produce() -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"x" * (1 << 20)
+        finally:
+            marker.write_text("cleaned")
+
+    task = produce()
+    iterator = iter(task)
+    next(iterator)  # a loop in progress: the task is held back once 8 MiB wait unread
+    task.stop()
+    assert marker.read_text() == "cleaned"
+    with pytest.raises(TaskStopped):
+        list(iterator)
+
+
+def test_an_unpicklable_item_still_runs_the_generators_finally(tmp_path: Path) -> None:
+    """The item that cannot be pickled ends the task; the generator is closed first."""
+    marker = tmp_path / "cleaned"
+
+    @background
+    def bad() -> Iterator[object]:
+        try:
+            yield threading_lock()
+        finally:
+            marker.write_text("cleaned")
+
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        list(bad())
+    assert marker.read_text() == "cleaned"
