@@ -74,6 +74,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 MAXSIZE_LIMIT = 65536
 # How often a consumer looks again while a shut-down queue still has items on their way.
 DRAIN_POLL_S = 0.005
+# How long a task's put waits for room in the socket before it hands the item to the main
+# program instead.
+ROOM_WAIT_S = 0.02
 # How often the feeder looks again when the system said "no buffer" without telling when.
 FEEDER_POLL_S = 0.05
 
@@ -361,7 +364,7 @@ class _Endpoint:
             with self.lock:
                 if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
                     raise ShutDown("the queue was shut down")
-                if self.backlog or self.via_parent or not self._send(message):
+                if self.backlog or self.via_parent or not (self._send(message) or self._send_soon(message)):
                     self._overflow([message])  # the socket is full
                     return
                 self._count(_PUT, 1)
@@ -396,6 +399,27 @@ class _Endpoint:
                 raise ShutDown("the queue was shut down") from None
             raise
         return True
+
+    def _send_soon(self, message: bytes) -> bool:
+        """In a task: wait a little for room, rather than hand the item to the main program.
+
+        Consumers that keep up make room within ``ROOM_WAIT_S``: items then keep going straight
+        into the socket, at the consumers' pace. Only a queue nobody reads sends this task's
+        items through its main program (and from then on, all of them).
+        """
+        if not self.from_parent or _forwarder() is None:
+            return False
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.no_buffer:  # macOS: the socket says it has room when its peer has none
+                time.sleep(min(left, 0.001))
+            else:
+                _wait_for([], [self.send_sock.fileno()], left)
+            if self._send(message):
+                return True
 
     def _overflow(self, messages: List[bytes], put: bool = True, child: int = -1) -> None:
         """Under ``lock``: items the socket has no room for, counted as on their way.
