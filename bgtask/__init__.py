@@ -12,6 +12,8 @@ nothing of the main side, so a task starts without paying for it)::
       _task          Task: a Future and a process handle; decodes the outcome in the caller
       _task_core     what is under a Task: its state, the waits, the transitions of its end
       _lifecycle     the live tasks, active(); the exit procedure (atexit, shutdown())
+      _limits        Limiter: bounded concurrency; pending tasks and the thread that starts them
+      _map           Background.map and amap: a window of calls over a lazy input
       _launch        the launcher seam: get(method).start(settings, payload) -> TaskProcess
       _launch_zygote the zygote's client: spares, activation, reports (the default method)
       _launch_mp     multiprocessing's "fork", "spawn", "forkserver"
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any, List
 from ._decorator import Background, background, preload
 from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
 from ._lifecycle import shutdown
+from ._limits import Limiter
 from ._ready import ready
 from ._stop import StopEvent, stop_event
 
@@ -51,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Background",
     "BgTaskError",
+    "Limiter",
     "Queue",
     "SerializationError",
     "ShutDown",

@@ -76,7 +76,7 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     global _parent_pid, _send_queued
     _parent_pid = settings.get("parent", 0)
     send = _atomic_sender(sock, state)  # ready() and log records
-    _send_queued = lambda body: send(_wire.QUEUED, body)  # noqa: E731 (the queues' items)
+    _send_queued = _queued_sender(sock)
     _ready._install(send)
     try:
         try:
@@ -330,7 +330,9 @@ def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
                     send(_wire.ITEM, data(item))
                     count += 1
             finally:
-                await values.aclose()
+                close = getattr(values, "aclose", None)  # an async generator's; not every iterator's
+                if close is not None:
+                    await close()
 
         asyncio.run(pump())
         return None
@@ -343,7 +345,9 @@ def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
             send(_wire.ITEM, data(item))
             count += 1
     finally:
-        values.close()  # nothing if it returned or raised
+        close = getattr(values, "close", None)  # a generator's: nothing if it returned or raised
+        if close is not None:
+            close()
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -419,6 +423,17 @@ _parent_pid = 0
 
 # How a bgtask.Queue in this task hands items it cannot send to the main program (_queue).
 _send_queued: Optional[Callable[[bytes], None]] = None
+
+
+def _queued_sender(sock: socket.socket) -> Callable[[bytes], None]:
+    """Send a QUEUED message whole; ``OSError`` when the main program is gone (the queue says
+    ``ShutDown``). The queue defers stops around it."""
+
+    def send(body: bytes) -> None:
+        with _send_lock:
+            _wire.send_message(sock, _wire.QUEUED, body)
+
+    return send
 
 
 def _atomic_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:

@@ -24,6 +24,7 @@ from typing import (
     Dict,
     Generator,
     Generic,
+    Iterable,
     Iterator,
     Optional,
     TypeVar,
@@ -33,6 +34,7 @@ from typing import (
 
 from . import _green, _lifecycle
 from ._errors import BgTaskError
+from ._limits import Limiter
 from ._platform import check_supported
 
 if TYPE_CHECKING:
@@ -114,6 +116,57 @@ class Background(Generic[P, R]):
             self._started.add(task)
         return task
 
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        limit: Optional[int] = None,
+        ordered: bool = True,
+        timeout: Optional[float] = None,
+    ) -> Iterator[R]:
+        """Call the function on each item of ``iterables`` (zipped), a task per call; yield results.
+
+        At most ``limit`` tasks run at once (default: the number of CPUs; a function with a
+        ``limit`` of its own counts them there) and about twice that many calls are made ahead:
+        the input is read lazily, as results are taken. With ``ordered=False`` results come
+        as their tasks finish. The first error is raised when its item is reached; leaving the
+        loop (``break``, an exception, closing the iterator) and the end of the program stop
+        the tasks still running. ``timeout`` counts from this call: ``TimeoutError`` when a
+        result is not there by then.
+        """
+        from ._map import map_calls
+
+        calls = zip(*iterables)
+        return map_calls(
+            _start, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
+        )
+
+    def amap(
+        self,
+        *iterables: Iterable[Any],
+        limit: Optional[int] = None,
+        ordered: bool = True,
+        timeout: Optional[float] = None,
+    ) -> AsyncIterator[R]:
+        """``map()`` for asyncio: ``async for result in fn.amap(items)``.
+
+        Tasks are started off the event loop (see ``astart``); waiting for results does not
+        block it. Cancelling the loop stops the tasks still running.
+        """
+        from ._map import amap_calls
+
+        calls = zip(*iterables)
+        return amap_calls(
+            _start, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
+        )
+
+    async def astart(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
+        """Start a task from a coroutine: pickling and the hand-over run in a thread, not in the
+        event loop. ``task = await fn.astart(x)`` is ``task = fn(x)`` without blocking the loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.__call__, *args, **kwargs))
+
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until every task this function started has finished, or ``timeout`` passes."""
         import time
@@ -155,8 +208,9 @@ def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, An
     payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
     try:
         return _start_with(fn, payload, options)
-    finally:
-        payload.close()  # the duplicates of what went with the call, sent or not
+    except BaseException:
+        payload.close()
+        raise
 
 
 def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -> Task[Any]:
@@ -166,9 +220,11 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
     name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
     stream = _is_generator_function(fn)
     kind = StreamTask if stream else Task
+    limiter = options["limit"]
     task: Task[Any] = kind(
-        name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"]
+        name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"], limiter=limiter
     )
+    task._scoped = options.get("scoped", False)
     if _lifecycle.track_origins:
         task._origin = _call_site()
     try:
@@ -191,22 +247,38 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
 
         settings["logging"] = _logs.snapshot()
     _lifecycle.register(task)
-    process = None
-    try:
-        process = _launch.get(options["start_method"]).start(settings, payload)
-        process.keep = payload.keep
-        task._attach(process)
-    except BaseException as exc:
-        _lifecycle.unregister(task)
-        if process is not None and task._process is None:
-            process.abandon()  # interrupted between the start and the hand-over
-        if isinstance(exc, OSError):
-            raise BgTaskError(f"could not start task {name!r}: {_why_not_started(exc)}") from exc
-        raise
-    if options["start_method"] is not None:
-        _lifecycle.run_before_multiprocessing()
-    if options["timeout"] is not None:
-        task._arm_timeout(options["timeout"])
+
+    def start() -> None:
+        process = None
+        try:
+            process = _launch.get(options["start_method"]).start(settings, payload)
+            process.keep = payload.keep
+            task._attach(process)
+        except BaseException as exc:
+            if limiter is None:
+                _lifecycle.unregister(task)
+            if process is not None and task._process is None:
+                process.abandon()  # interrupted between the start and the hand-over
+            if isinstance(exc, OSError):
+                raise BgTaskError(f"could not start task {name!r}: {_launch.why_not_started(exc)}") from exc
+            raise
+        finally:
+            payload.close()  # the duplicates of what went with the call, sent or not
+        if options["start_method"] is not None:
+            _lifecycle.run_before_multiprocessing()
+        if options["timeout"] is not None:
+            task._arm_timeout(options["timeout"])
+
+    if limiter is None:
+        start()
+    else:
+        from ._limits import Call
+
+        try:
+            limiter._submit(task, Call(start, payload.close))  # at once if there is a place, else pending
+        except BaseException:
+            _lifecycle.unregister(task)
+            raise
     return task
 
 
@@ -249,20 +321,6 @@ def _call_site() -> str:
     if frame is None:
         return "an unknown place"
     return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-
-
-def _why_not_started(exc: OSError) -> str:
-    import errno
-
-    from ._launch_zygote import ZygoteGone
-
-    if isinstance(exc, ZygoteGone):
-        return f"{exc}: bgtask's zygote process exited at its start (see its standard error)"
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        return f"{exc} (no file descriptor left: see `ulimit -n`)"
-    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
-        return f"{exc} (no process left: see `ulimit -u`, or the memory and pids limits)"
-    return str(exc)
 
 
 def preload(*modules: str) -> None:
@@ -318,6 +376,15 @@ def _check_options(options: Dict[str, Any]) -> None:
             bound = ">= 0" if zero_ok else "> 0"
             raise ValueError(f"background(): {key} must be a finite number of seconds {bound}, not {value!r}")
         options[key] = float(value)
+    limit = options["limit"]
+    if limit is not None and not isinstance(limit, Limiter):
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(
+                f"background(): limit must be an int or a bgtask.Limiter, not {type(limit).__name__}"
+            )
+        if limit < 1:
+            raise ValueError(f"background(): limit must be at least 1, not {limit!r}")
+        options["limit"] = Limiter(limit)  # this function's own places
     if options["name"] is not None and not isinstance(options["name"], str):
         raise TypeError(f"background(): name must be a str or None, not {type(options['name']).__name__}")
     if options["start_method"] not in START_METHODS:
@@ -346,6 +413,7 @@ def background(
     start_method: Optional[str] = None,
     timeout: Optional[float] = None,
     relay_logging: bool = True,
+    limit: Union[int, Limiter, None] = None,
 ) -> Callable[[Callable[P, R]], Background[P, R]]: ...
 
 
@@ -360,6 +428,7 @@ def background(
     start_method: Optional[str] = None,
     timeout: Optional[float] = None,
     relay_logging: bool = True,
+    limit: Union[int, Limiter, None] = None,
 ) -> Union[Background[P, R], Callable[[Callable[P, R]], Background[P, R]]]:
     """Make a function start a new process each time it is called.
 
@@ -383,6 +452,9 @@ def background(
         relay_logging: the task's ``logging`` records go to this program's handlers, at this
             program's levels, and its warnings follow this program's filters. ``False`` for a
             task that configures logging itself.
+        limit: at most this many of the function's tasks run at once (an int), or of every
+            function given the same ``bgtask.Limiter``. A call beyond it returns its task at
+            once, pending (``pid`` is ``None``) until a place frees; calls never wait.
 
     Raises:
         BgTaskError: on Windows, which bgtask does not support yet.
@@ -395,6 +467,7 @@ def background(
         "start_method": start_method,
         "timeout": timeout,
         "relay_logging": relay_logging,
+        "limit": limit,
     }
     _check_options(options)
     check_supported()

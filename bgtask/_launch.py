@@ -77,3 +77,18 @@ def forget_in_child() -> None:
     _launchers_lock = threading.Lock()  # another thread may have held it at the fork
     for launcher in _launchers.values():
         launcher.forget_in_child()
+
+
+def why_not_started(exc: OSError) -> str:
+    """What a user reads when a task could not start: the error, and what to look at."""
+    import errno
+
+    from ._launch_zygote import ZygoteGone
+
+    if isinstance(exc, ZygoteGone):
+        return f"{exc}: bgtask's zygote process exited at its start (see its standard error)"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return f"{exc} (no file descriptor left: see `ulimit -n`)"
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        return f"{exc} (no process left: see `ulimit -u`, or the memory and pids limits)"
+    return str(exc)

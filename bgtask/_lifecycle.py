@@ -142,6 +142,10 @@ def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
     interrupted = False
     error: Optional[BaseException] = None
     try:
+        # Tasks waiting for a place that the end of the program stops anyway never start.
+        for task in live_tasks():
+            if task._pid is None and (not wait or task.is_daemon or task._scoped):
+                task._request_stop(reason)
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             interrupted = _wait_for_non_daemons(reason, deadline)
@@ -167,7 +171,7 @@ def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:
     """
     interrupts = 0
     while True:
-        pending = [t for t in live_tasks() if not t.is_daemon and not t._exited]
+        pending = [t for t in live_tasks() if not t.is_daemon and not t._scoped and not t._exited]
         if not pending:
             return interrupts > 0
         try:
@@ -212,7 +216,7 @@ def _stop_all(reason: str) -> bool:
 # The modules whose state a forked copy of the program must let go of, in this order. The fork
 # hooks look them up instead of importing them: a module another thread was importing at the
 # fork is locked for good in the copy, and one never imported holds nothing to let go of.
-_FORK_AWARE = ("bgtask._decorator", "bgtask._process", "bgtask._launch", "bgtask._monitor")
+_FORK_AWARE = ("bgtask._decorator", "bgtask._limits", "bgtask._process", "bgtask._launch", "bgtask._monitor")
 
 
 def _before_fork() -> None:

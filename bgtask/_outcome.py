@@ -115,7 +115,9 @@ def _decode(
         reason = stop_reason or "stop"
         error = TaskStopped(
             f"task {name!r} (pid {pid}) was stopped {STOP_REASONS.get(reason, '')} "
-            f"before it finished (exit code {exitcode})",
+            f"before it finished (exit code {exitcode})"
+            if pid is not None
+            else f"task {name!r} was stopped {STOP_REASONS.get(reason, '')} before it started",
             reason=reason,
             exitcode=exitcode,
             pid=pid,

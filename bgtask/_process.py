@@ -273,6 +273,13 @@ class TaskProcess:
         if self._on_end is not None:
             self._on_end()
             self._on_end = None
+        for kept in self.keep:
+            release = getattr(kept, "release_task", None)
+            if release is not None:  # a queue: what this task died before it sent is not coming
+                try:
+                    release(self.pid)
+                except Exception:  # noqa: BLE001 (the monitor goes on whatever happens)
+                    pass
         self.keep = ()
         self._monitor.release()
 

@@ -222,7 +222,8 @@ def _rebuild(qid: bytes, maxsize: int, indexes: Tuple[int, ...]) -> Queue[Any]:
     end = _endpoints.get(qid)
     if end is not None:
         for fd in fds:
-            os.close(fd)
+            # Closing a descriptor of the page drops this process's lockf locks on it.
+            _serialization.close_guarded(fd, end.page_lock)
     else:
         end = _Endpoint(qid, maxsize, fds)
         _endpoints[qid] = end
@@ -302,7 +303,10 @@ class _Endpoint:
     def reduce(self) -> Any:
         what = "a bgtask.Queue"
         _serialization.keep_alive(self)  # what the task cannot send comes back through here
-        indexes = tuple(_serialization.send_along(fd, what) for fd in self.fds)
+        # Closing a duplicate of the page's descriptor drops this process's lockf locks: it is
+        # closed holding the page lock, as no thread of this process then holds those locks.
+        guards = [self.page_lock if fd == self.page_fd else None for fd in self.fds]
+        indexes = tuple(_serialization.send_along(fd, what, guard) for fd, guard in zip(self.fds, guards))
         return _rebuild, (self.qid, self.maxsize, indexes)
 
     # -- the shared page --------------------------------------------------------------------
@@ -358,20 +362,38 @@ class _Endpoint:
     def put(self, item: Any, block: bool, timeout: Optional[float]) -> None:
         message = _encode(item)
         self._ensure_slot()
-        if self.maxsize:
-            self._take_place(block, None if timeout is None else time.monotonic() + timeout)
-        try:
-            with self.lock:
-                if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
-                    raise ShutDown("the queue was shut down")
-                if self.backlog or self.via_parent or not (self._send(message) or self._send_soon(message)):
-                    self._overflow([message])  # the socket is full
+        if not self.maxsize:
+            with _deferred_stop():  # in a task, a stop meanwhile is raised once the item is in
+                self._put_now(message)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with _deferred_stop():  # the place taken and the item put in one step
+                try:
+                    taken = bool(os.read(self.tokens_r, 1))
+                except BlockingIOError:
+                    taken = False
+                if taken:
+                    try:
+                        self._put_now(message)
+                    except BaseException:
+                        self._give_place()
+                        raise
                     return
-                self._count(_PUT, 1)
-        except BaseException:
-            if self.maxsize:
-                self._give_place()
-            raise
+            if self._state() != _OPEN:
+                raise ShutDown("the queue was shut down")
+            if not block:
+                raise Full
+            self._wait(self.tokens_r, deadline, Full)  # a stop may end this wait
+
+    def _put_now(self, message: bytes) -> None:
+        with self.lock:
+            if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
+                raise ShutDown("the queue was shut down")
+            if self.backlog or self.via_parent or not (self._send(message) or self._send_soon(message)):
+                self._overflow([message])  # the socket is full
+                return
+            self._count(_PUT, 1)
 
     def _send(self, message: bytes) -> bool:
         """Hand one item to the socket; ``False`` if it has no room now.
@@ -431,7 +453,7 @@ class _Endpoint:
         until now.
         """
         forward = _forwarder() if self.from_parent else None
-        with _deferred_stop():  # counted and handed on in one step
+        with _deferred_stop():  # counted and handed on in one step (adopt() has no other guard)
             with self._locked():
                 # Under the page lock: a shutdown closes the writes only once no live process
                 # holds items on their way; these are counted before that, or see the shutdown.
@@ -442,7 +464,7 @@ class _Endpoint:
                 self._add_here_locked(_UNSENT, len(messages))
                 if put:
                     self._add_here_locked(_PUT, len(messages))
-                if child >= 0:
+                if child != _NO_SLOT:
                     unsent = _COUNT.unpack_from(self.page, child + _UNSENT)[0]
                     _COUNT.pack_into(self.page, child + _UNSENT, max(0, unsent - len(messages)))
             if forward is None:
@@ -464,26 +486,25 @@ class _Endpoint:
         if self.slot >= 0:
             _COUNT.pack_into(self.page, self.slot + _HEIR, heir)
 
+    def release_task(self, pid: int) -> None:
+        """A task of this process ended, its messages all read: what it still counted as on its
+        way through this process will not come (it died before it sent it). Stop waiting."""
+        with self._locked():
+            for i, (spid, heir, _put, _got, unsent) in enumerate(self._slots_locked()):
+                if spid == pid and heir == os.getpid() and unsent > 0:
+                    _COUNT.pack_into(self.page, _offset(i) + _UNSENT, 0)
+        if self._state() == _SHUTTING:
+            self._close_writes_if_drained()
+
     def adopt(self, slot: int, messages: List[bytes]) -> None:
         """What a task of this process could not send (see ``_overflow``): sent on from here."""
-        if not 0 <= slot < _PAGE or (slot - _HEADER.size) % _SLOT.size:
+        if slot == _SHARED:
+            slot = _SHARED_UNSENT - _UNSENT  # that task counted them in the header
+        elif not _HEADER.size <= slot < _PAGE or (slot - _HEADER.size) % _SLOT.size:
             return
         self._ensure_slot()
         with self.lock:
             self._overflow(messages, put=False, child=slot)
-
-    def _take_place(self, block: bool, deadline: Optional[float]) -> None:
-        while True:
-            try:
-                if os.read(self.tokens_r, 1):
-                    return
-            except BlockingIOError:
-                pass
-            if self._state() != _OPEN:
-                raise ShutDown("the queue was shut down")
-            if not block:
-                raise Full
-            self._wait(self.tokens_r, deadline, Full)
 
     def _give_place(self) -> None:
         try:
@@ -698,7 +719,10 @@ class _PageLock:
         try:
             lockf(self.end.page_fd, LOCK_EX)
         except BaseException:
-            self.end.page_lock.release()
+            try:  # interrupted, maybe once it held the lock
+                lockf(self.end.page_fd, LOCK_UN)
+            finally:
+                self.end.page_lock.release()
             raise
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,7 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import cloudpickle
 
@@ -61,6 +61,7 @@ MAX_DESCRIPTORS = 250
 
 class _Descriptors(threading.local):
     outgoing: Optional[List[int]] = None  # while a call is pickled: duplicates to send with it
+    guards: Optional[Dict[int, Any]] = None  # ... the lock to hold while closing one of them
     keep: Optional[List[Any]] = None  # while a call is pickled: what must live as long as its task
     incoming: Optional[List[int]] = None  # while a call is unpickled: what arrived with it
 
@@ -68,11 +69,13 @@ class _Descriptors(threading.local):
 _descriptors = _Descriptors()
 
 
-def send_along(fd: int, what: str) -> int:
+def send_along(fd: int, what: str, guard: Any = None) -> int:
     """While a call is pickled: send a duplicate of ``fd`` with it; its index for :func:`received`.
 
     Elsewhere (a result, a queue item, ``pickle.dumps`` by hand) raise ``TypeError`` naming
-    ``what``: a descriptor number means nothing in another process.
+    ``what``: a descriptor number means nothing in another process. ``guard``: a lock to hold
+    while the duplicate is closed (closing any descriptor of a file drops this process's
+    ``lockf`` locks on it).
     """
     outgoing = _descriptors.outgoing
     if outgoing is None:
@@ -83,6 +86,8 @@ def send_along(fd: int, what: str) -> int:
     if len(outgoing) >= MAX_DESCRIPTORS:
         raise TypeError(f"more than {MAX_DESCRIPTORS} descriptors in one call")
     outgoing.append(os.dup(fd))
+    if guard is not None and _descriptors.guards is not None:
+        _descriptors.guards[outgoing[-1]] = guard
     return len(outgoing) - 1
 
 
@@ -210,21 +215,41 @@ def loads(data: Any) -> Any:
     return pickle.loads(data)
 
 
-class Payload(NamedTuple):
+class Payload:
     """A pickled call, the descriptors that go with it (this process's duplicates), and what
     must stay alive here while its task runs."""
 
-    body: bytes
-    fds: Tuple[int, ...] = ()
-    keep: Tuple[Any, ...] = ()
+    __slots__ = ("body", "fds", "guards", "keep")
+
+    def __init__(
+        self,
+        body: bytes,
+        fds: Tuple[int, ...] = (),
+        keep: Tuple[Any, ...] = (),
+        guards: Optional[Dict[int, Any]] = None,
+    ) -> None:
+        self.body = body
+        self.fds = fds
+        self.keep = keep
+        self.guards = guards or {}
 
     def close(self) -> None:
-        """Close the duplicates: once they were sent, or when the call never starts."""
-        for fd in self.fds:
-            try:
+        """Close the duplicates, once: after they were sent, or when the call never starts."""
+        fds, self.fds = self.fds, ()
+        for fd in fds:
+            close_guarded(fd, self.guards.get(fd))
+
+
+def close_guarded(fd: int, guard: Any = None) -> None:
+    """Close ``fd``, holding ``guard`` (a lock) if given."""
+    try:
+        if guard is None:
+            os.close(fd)
+        else:
+            with guard:
                 os.close(fd)
-            except OSError:
-                pass
+    except OSError:
+        pass
 
 
 def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Payload:
@@ -241,16 +266,19 @@ def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
 def _dumps_with_descriptors(obj: Any) -> Payload:
     fds: List[int] = []
     keep: List[Any] = []
+    guards: Dict[int, Any] = {}
     _descriptors.outgoing = fds
     _descriptors.keep = keep
+    _descriptors.guards = guards
     try:
-        return Payload(dumps(obj), tuple(fds), tuple(keep))
+        return Payload(dumps(obj), tuple(fds), tuple(keep), guards)
     except BaseException:
-        Payload(b"", tuple(fds)).close()
+        Payload(b"", tuple(fds), (), guards).close()
         raise
     finally:
         _descriptors.outgoing = None
         _descriptors.keep = None
+        _descriptors.guards = None
 
 
 def loads_call(body: Any, fds: List[int]) -> Any:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
 from typing import (
     Any,
     AsyncIterator,
@@ -48,7 +48,8 @@ from typing import (
 )
 
 from ._errors import BgTaskError, SerializationError
-from ._task_core import _NO_ITEM, _NOT_READY, TaskCore, _decode_ready, _run_callback
+from ._limits import Limiter
+from ._task_core import _NO_ITEM, _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
 
 R = TypeVar("R")
 Y = TypeVar("Y")
@@ -85,7 +86,7 @@ class Task(TaskCore[R]):
 
     @property
     def pid(self) -> Optional[int]:
-        """The task process's id."""
+        """The task process's id; ``None`` while the task waits for a place in its ``Limiter``."""
         return self._pid
 
     @property
@@ -103,9 +104,9 @@ class Task(TaskCore[R]):
         return (self._ended_at or time.monotonic()) - self._started
 
     def is_alive(self) -> bool:
-        """Return whether the task's process is still running."""
+        """Return whether the task's process is running (``False`` while the task is pending)."""
         self._check_owner()
-        return not self._exited
+        return self._pid is not None and not self._exited
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until the task's process has ended, or ``timeout`` seconds have passed.
@@ -193,7 +194,7 @@ class Task(TaskCore[R]):
         """
         self._check_owner()
         with self._condition:
-            if self._ready is _NOT_READY and self._state == RUNNING:
+            if self._ready is _NOT_READY and self._state in UNFINISHED:
                 self._check_not_monitor()
                 if not self._condition.wait_for(self._ready_or_done, timeout):
                     raise TimeoutError(f"task {self._name!r} was not ready within {timeout} s")
@@ -318,9 +319,9 @@ class Task(TaskCore[R]):
         import asyncio
 
         self._check_owner()
-        self._unthrottle()
         try:
-            await self._until(lambda: self._state != RUNNING)
+            with self._unthrottled():
+                await self._until(lambda: self._state not in UNFINISHED)
         except asyncio.CancelledError:
             self.cancel()
             raise
@@ -361,8 +362,10 @@ class StreamTask(Task[R], Generic[Y, R]):
 
     __module__ = "bgtask"
 
-    def __init__(self, name: str, *, daemon: bool, graceful: bool, grace: float) -> None:
-        super().__init__(name, daemon=daemon, graceful=graceful, grace=grace)
+    def __init__(
+        self, name: str, *, daemon: bool, graceful: bool, grace: float, limiter: Optional[Limiter] = None
+    ) -> None:
+        super().__init__(name, daemon=daemon, graceful=graceful, grace=grace, limiter=limiter)
         self._items = collections.deque()
 
     def __iter__(self) -> Iterator[Y]:
@@ -372,9 +375,9 @@ class StreamTask(Task[R], Generic[Y, R]):
         try:
             while True:
                 with self._condition:
-                    if not self._items and self._state == RUNNING:
+                    if not self._items and self._state in UNFINISHED:
                         self._check_not_monitor()
-                        self._condition.wait_for(lambda: bool(self._items) or self._state != RUNNING)
+                        self._condition.wait_for(lambda: bool(self._items) or self._state not in UNFINISHED)
                     body, resume = self._take_item()
                 if resume:
                     self._resume_reading()
@@ -397,7 +400,7 @@ class StreamTask(Task[R], Generic[Y, R]):
         finished = False
         try:
             while True:
-                await self._until(lambda: bool(self._items) or self._state != RUNNING)
+                await self._until(lambda: bool(self._items) or self._state not in UNFINISHED)
                 with self._condition:
                     body, resume = self._take_item()
                 if resume:
@@ -421,7 +424,7 @@ class StreamTask(Task[R], Generic[Y, R]):
         stops the task, as leaving a loop over a generator closes the generator."""
         if self._reading(-1):
             self._resume_reading()
-        if not finished:
+        if not finished and self._state in UNFINISHED:  # a finished task is left to its exit
             self._request_stop("abandoned")
 
     def _end_of_items(self) -> None:

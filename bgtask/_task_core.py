@@ -10,20 +10,25 @@ the public methods are built on. The states and transitions are drawn in ``_task
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import time
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
-from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple, TypeVar
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _lifecycle, _monitor
 from ._errors import BgTaskError, describe_exit
 from ._outcome import STOP_REASONS, classify, decode
 
 if TYPE_CHECKING:
+    from ._limits import Limiter
     from ._process import TaskProcess
 
 R = TypeVar("R")
+
+# The states before the outcome: waiting for a place in its Limiter, and started.
+UNFINISHED = (PENDING, RUNNING)
 
 # A stream's items the program has not read yet: past this many bytes the task waits to send
 # more (its channel is no longer read) until the program has read down to STREAM_LOW.
@@ -34,10 +39,16 @@ STREAM_LOW = 2 * 1024 * 1024
 class TaskCore(concurrent.futures.Future[R]):
     """The fields and internal workings of a ``Task``; see the module docstring."""
 
-    def __init__(self, name: str, *, daemon: bool, graceful: bool, grace: float) -> None:
+    def __init__(
+        self, name: str, *, daemon: bool, graceful: bool, grace: float, limiter: Optional[Limiter] = None
+    ) -> None:
         super().__init__()
         self._done_callbacks: List[Callable[[Any], object]]  # each gets the Task
-        self._state = RUNNING  # the process starts at the call
+        # The process starts at the call, or once its limiter has a place (PENDING until then).
+        self._state = RUNNING if limiter is None else PENDING
+        self._limiter = limiter
+        self._scoped = False  # a task of map(): the end of the program stops it, as a daemon
+        self._early_stop: Optional[Tuple[str, bool]] = None  # asked while it was being started
         self._name = name
         self._daemon = daemon
         self._graceful = graceful
@@ -63,7 +74,7 @@ class TaskCore(concurrent.futures.Future[R]):
         self._items_size = 0
         self._readers = 0  # loops over the stream in progress: only they hold the task back
         self._throttled = False  # the channel is not read until the program reads items
-        self._unthrottled = False  # the program waits for the end: never throttle again
+        self._end_waiters = 0  # threads waiting for the end (result(), join()...): no throttle
 
     # -- checks ----------------------------------------------------------------------
 
@@ -82,6 +93,8 @@ class TaskCore(concurrent.futures.Future[R]):
             )
 
     def _describe_state(self) -> str:
+        if self._state == PENDING:
+            return "stopping" if self._early_stop else "pending"
         if self._state == RUNNING:
             return "stopping" if self._stop_sent else "running"
         exiting = "" if self._exited else ", exiting"
@@ -99,19 +112,17 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _wait_exit(self, timeout: Optional[float]) -> bool:
         """Wait for the process to exit."""
-        self._unthrottle()
-        with self._condition:
+        with self._unthrottled(), self._condition:
             if not self._exited:
                 self._check_not_monitor()
             return self._condition.wait_for(lambda: self._exited, timeout)
 
     def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
         self._check_owner()
-        self._unthrottle()
-        with self._condition:
-            if self._state == RUNNING:
+        with self._unthrottled(), self._condition:
+            if self._state in UNFINISHED:
                 self._check_not_monitor()
-                if not self._condition.wait_for(lambda: self._state != RUNNING, timeout):
+                if not self._condition.wait_for(lambda: self._state not in UNFINISHED, timeout):
                     raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
             if self._state == CANCELLED_AND_NOTIFIED:
                 raise concurrent.futures.CancelledError(f"task {self._name!r} was cancelled")
@@ -135,15 +146,22 @@ class TaskCore(concurrent.futures.Future[R]):
                 self._body = None if outcome == "returned" else body
             return self._decoded
 
-    def _unthrottle(self) -> None:
-        """The program waits for the end: what the stream sends is read, however much."""
-        if self._items is None or self._unthrottled:
+    @contextlib.contextmanager
+    def _unthrottled(self) -> Iterator[None]:
+        """While the program waits for the end: what the stream sends is read, however much."""
+        if self._items is None:
+            yield
             return
         with self._condition:
-            self._unthrottled = True
+            self._end_waiters += 1
             throttled, self._throttled = self._throttled, False
         if throttled and self._process is not None:
             self._process.resume()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._end_waiters -= 1
 
     def _take_item(self) -> Tuple[Any, bool]:
         """Under the condition: the stream's next item as it came (``_NO_ITEM`` if none), and
@@ -175,7 +193,7 @@ class TaskCore(concurrent.futures.Future[R]):
                 return False
             items.append(body)
             self._items_size += len(body)
-            full = self._readers > 0 and not self._unthrottled and self._items_size >= STREAM_HIGH
+            full = self._readers > 0 and not self._end_waiters and self._items_size >= STREAM_HIGH
             if full:
                 self._throttled = True
             self._condition.notify_all()
@@ -185,7 +203,7 @@ class TaskCore(concurrent.futures.Future[R]):
         return full
 
     def _ready_or_done(self) -> bool:
-        return self._ready is not _NOT_READY or self._state != RUNNING
+        return self._ready is not _NOT_READY or self._state not in UNFINISHED
 
     async def _until(self, predicate: Callable[[], bool]) -> None:
         """Wait in the running event loop until ``predicate()``, checked at each change."""
@@ -220,9 +238,49 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _attach(self, process: TaskProcess) -> None:
         """Right after the launcher started the process: follow it."""
-        self._pid = process.pid
-        self._process = process
+        with self._condition:
+            self._pid = process.pid
+            self._process = process
+            if self._state == PENDING:
+                self._state = RUNNING
+            early, self._early_stop = self._early_stop, None
         process.watch(self)
+        if early is not None:  # stopped while it was being started
+            self._request_stop(*early)
+
+    def _pending_stopped(self, reason: str) -> None:
+        """Stopped (or cancelled) while it waited for a place: it ends without a process."""
+        with self._condition:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+            self._set_outcome_locked("stopped", None)
+            self._exited = True
+            self._ended_at = time.monotonic()
+            self._condition.notify_all()
+        _lifecycle.unregister(self)
+        self._invoke_callbacks()
+
+    def _failed_to_start(self, exc: BaseException) -> None:
+        """A pending task's process could not start (no descriptor or process left...)."""
+        if isinstance(exc, OSError):
+            from ._launch import why_not_started
+
+            error: BaseException = BgTaskError(f"could not start task {self._name!r}: {why_not_started(exc)}")
+            error.__cause__ = exc
+        else:
+            error = exc
+        with self._condition:
+            if self._state in UNFINISHED:
+                self._outcome = "failed"
+                self._decoded = (None, error)
+                self._state = FINISHED
+                for waiter in self._waiters:
+                    waiter.add_exception(self)
+            self._exited = True
+            self._ended_at = time.monotonic()
+            self._condition.notify_all()
+        _lifecycle.unregister(self)
+        self._invoke_callbacks()
 
     def _arm_timeout(self, seconds: float) -> None:
         import time
@@ -246,8 +304,19 @@ class TaskCore(concurrent.futures.Future[R]):
         """
         with self._condition:
             process = self._process
-            if self._exited or process is None:  # gone, or never started
+            if self._exited:
                 return
+            if process is None:
+                limiter = self._limiter
+                if limiter is None:
+                    return  # interrupted before its start: nothing runs
+                if not limiter._discard(self):
+                    self._early_stop = (reason, hard)  # being started: stopped once it is
+                    return
+        if process is None:
+            self._pending_stopped(reason)
+            return
+        with self._condition:
             if self._state == FINISHED and not hard:
                 if self._stop_sent is None:
                     self._stop_sent = "soft"
@@ -256,7 +325,7 @@ class TaskCore(concurrent.futures.Future[R]):
             hard = hard or not self._graceful
             if self._stop_sent == "hard" or (self._stop_sent == "soft" and not hard):
                 return
-            if self._stop_reason is None and self._state == RUNNING:
+            if self._stop_reason is None and self._state in UNFINISHED:
                 self._stop_reason = reason
             self._stop_sent = "hard" if hard else "soft"
         if hard:
@@ -275,6 +344,8 @@ class TaskCore(concurrent.futures.Future[R]):
         """In the monitor: the process is gone; fix the outcome if not yet, run callbacks."""
         if self._timeout is not None:
             self._timeout.cancel()
+        if self._limiter is not None:
+            self._limiter._release()  # its place goes to the next pending task
         outcome, body = classify(messages, self._stop_reason, partial, corrupt)
         if outcome == "crashed" and body is None and exitcode is None:
             body = "bgtask's zygote died before it could report the exit status"
@@ -305,7 +376,7 @@ class TaskCore(concurrent.futures.Future[R]):
         self._invoke_callbacks()
 
     def _set_outcome_locked(self, outcome: str, body: Any) -> None:
-        if self._state != RUNNING:
+        if self._state not in UNFINISHED:
             return
         self._outcome = outcome
         self._body = body

@@ -36,6 +36,8 @@ MAIN_SIDE = {
     "_launch_mp",
     "_process",
     "_monitor",
+    "_limits",
+    "_map",
     "pytest_plugin",  # public, but of the main side: a pytest process starts tasks
 }
 

@@ -503,3 +503,94 @@ print("DONE")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.strip() == "DONE"
+
+
+def test_graceful_stops_during_puts_keep_the_places_right() -> None:
+    """Stopped while putting into a full bounded queue, ten times: the bound still holds after."""
+    q: Queue[int] = Queue(maxsize=5)
+
+    @background(graceful=True)
+    def produce(q: Queue[int]) -> None:
+        bgtask.ready()
+        i = 0
+        while True:
+            q.put(i)
+            i += 1
+
+    for _ in range(10):
+        task = produce(q)
+        task.wait_ready(RESULT_S)
+        for _ in range(20):  # it is held back by the bound, and moves when it gets places
+            q.get(timeout=RESULT_S)
+        task.stop(RESULT_S)
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            break
+    for i in range(5):
+        q.put_nowait(i)
+    with pytest.raises(queue.Full):
+        q.put_nowait(5)
+    assert q.qsize() == 5
+
+
+def test_a_task_putting_while_it_ends_does_not_hold_the_shutdown(start_method: Optional[str]) -> None:
+    """A thread of the task still puts (through the main program) as the task returns: whatever
+    it was sending when the process ended, the consumers' loops end after shutdown()."""
+    q: Queue[int] = Queue()
+
+    @background(start_method=start_method)
+    def produce(q: Queue[int]) -> None:
+        def flood() -> None:
+            for i in range(10**7):
+                q.put(i)
+
+        threading.Thread(target=flood, daemon=True).start()
+        time.sleep(0.5)  # the socket fills, later items go through the main program
+
+    produce(q).join(RESULT_S)
+    q.shutdown()
+    got = sum(1 for _ in q)  # must end: nothing is on its way from a process that is gone
+    assert got > 0
+
+
+def test_a_forwarding_task_gets_shutdown_when_its_main_program_dies(tmp_path: Path) -> None:
+    """Items a task can only hand to its main program: once that program is gone, put() raises
+    ShutDown instead of succeeding into nowhere."""
+    script = Script(
+        tmp_path,
+        """
+import pathlib, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background
+def produce(q):
+    n = 0
+    try:
+        while True:
+            q.put(n)
+            n += 1
+            if n == 50000:
+                bgtask.ready()
+    except bgtask.ShutDown as exc:
+        (HERE / "outcome").write_text("ShutDown: " + str(exc))
+
+if __name__ == "__main__":
+    q = bgtask.Queue()
+    task = produce(q)
+    task.wait_ready(60)
+    print("READY", flush=True)
+    time.sleep(600)
+""",
+    )
+    try:
+        script.expect("READY")
+        os.kill(script.proc.pid, signal.SIGKILL)
+        outcome = tmp_path / "outcome"
+        assert wait_until(lambda: outcome.exists() and outcome.read_text() != "", timeout=30)
+        assert outcome.read_text() == "ShutDown: the main program of this task ended"
+    finally:
+        script.close()

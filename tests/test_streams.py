@@ -297,3 +297,59 @@ def test_an_unpicklable_item_still_runs_the_generators_finally(tmp_path: Path) -
     with pytest.raises(TypeError, match="cannot be pickled"):
         list(bad())
     assert marker.read_text() == "cleaned"
+
+
+def test_a_wrapped_generator_function_that_returns_a_plain_iterator() -> None:
+    """functools.wraps around a generator function: whatever it returns is streamed."""
+    import functools
+
+    def numbers(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @functools.wraps(numbers)
+    def listed(n: int) -> Iterator[int]:
+        return iter(list(numbers(n)))
+
+    task = background(listed)(4)
+    assert list(task) == [0, 1, 2, 3]
+    assert task.result(RESULT_S) is None
+
+
+def test_leaving_the_loop_of_a_finished_task_lets_it_exit(tmp_path: Path) -> None:
+    """Its outcome is known: leaving the loop early does not stop it; its atexit handlers run."""
+    marker = tmp_path / "atexit"
+
+    @background
+    def three() -> Iterator[int]:
+        import atexit
+
+        atexit.register(marker.write_text, "ran")
+        yield from range(3)
+
+    task = three()
+    items = iter(task)
+    next(items)
+    assert task.exception(RESULT_S) is None  # finished
+    items.close()  # type: ignore[attr-defined]
+    task.join(RESULT_S)
+    assert task.exitcode == 0
+    assert marker.read_text() == "ran"
+
+
+def test_a_wait_that_timed_out_leaves_the_stream_held_back() -> None:
+    """result(timeout) lifts the backpressure only while it waits."""
+
+    @background
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"x" * 1024
+
+    task = endless()
+    items = iter(task)
+    next(items)
+    with pytest.raises(TimeoutError):
+        task.result(0.05)
+    assert task._end_waiters == 0
+    items.close()  # type: ignore[attr-defined]
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)

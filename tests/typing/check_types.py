@@ -115,3 +115,23 @@ def check_queue() -> None:
         q.get(timeout=1.0)
     except bgtask.ShutDown:
         pass
+
+
+@background(limit=bgtask.Limiter(2))
+def double(x: int) -> int:
+    return 2 * x
+
+
+def check_many() -> None:
+    for result in double.map([1, 2, 3], limit=2, ordered=False, timeout=5.0):
+        assert_type(result, int)
+    limiter = bgtask.Limiter(3)
+    assert_type(limiter.pending, int)
+
+
+async def check_many_async() -> None:
+    async for result in double.amap(range(3)):
+        assert_type(result, int)
+    task = await double.astart(1)
+    assert_type(task, Task[int])
+    await double.astart("x")  # type: ignore[arg-type]

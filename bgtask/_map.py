@@ -1,0 +1,176 @@
+"""``Background.map`` and ``amap``: a task per item, a bounded window of calls, lazy input.
+
+::
+
+    input ──next()──> window of at most 2 x limit calls ──Limiter(limit)──> running tasks
+                          │ ordered: results in input order (the oldest call first)
+                          └ unordered: results as their tasks finish
+    leaving the loop, an error, the timeout, the end of the program ──> the rest are stopped
+
+The window is twice the limit so that the places stay busy while the oldest call, slower than
+the others, holds back the results behind it. The tasks are ``scoped``: the end of the program
+stops them (as a daemon's), rather than waiting for work nobody will read.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Dict, Iterator, Optional, Set, Tuple
+
+from ._limits import Limiter
+
+if TYPE_CHECKING:
+    from ._task import Task
+
+# How a task is started: _decorator._start(fn, args, kwargs, options).
+Start = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Dict[str, Any]], "Task[Any]"]
+
+
+def _prepare(
+    fn: Callable[..., Any], options: Dict[str, Any], limit: Optional[int], timeout: Optional[float]
+) -> Tuple[Dict[str, Any], int, Optional[float]]:
+    if limit is None:
+        limit = os.cpu_count() or 1
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"map(): limit must be an int of at least 1, not {limit!r}")
+    if timeout is not None and timeout < 0:
+        raise ValueError("map(): timeout must be a non-negative number")
+    limiter = options["limit"] or Limiter(limit)  # the function's own places come first
+    options = dict(options, limit=limiter, scoped=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return options, 2 * limit, deadline
+
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def map_calls(
+    start: Start,
+    fn: Callable[..., Any],
+    options: Dict[str, Any],
+    calls: Iterator[Tuple[Any, ...]],
+    *,
+    limit: Optional[int],
+    ordered: bool,
+    timeout: Optional[float],
+) -> Iterator[Any]:
+    """The results of ``fn(*args)`` for each ``args`` of ``calls`` (see ``Background.map``).
+
+    ``start(fn, args, kwargs, options)`` starts one task (``_decorator._start``).
+    """
+    options, window, deadline = _prepare(fn, options, limit, timeout)
+
+    def generate() -> Iterator[Any]:
+        inflight: Deque[Task[Any]] = collections.deque()
+        finished: queue.SimpleQueue[Task[Any]] = queue.SimpleQueue()
+        exhausted = False
+
+        def fill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(inflight) < window:
+                args = next(calls, None)
+                if args is None:
+                    exhausted = True
+                    return
+                task = start(fn, args, {}, options)
+                if not ordered:
+                    task.add_done_callback(finished.put)
+                inflight.append(task)
+
+        try:
+            fill()
+            while inflight:
+                if ordered:
+                    task = inflight[0]
+                    task.exception(_left(deadline))  # TimeoutError; its own error is raised below
+                    inflight.popleft()
+                else:
+                    try:
+                        task = finished.get(timeout=_left(deadline))
+                    except queue.Empty:
+                        raise _timed_out(fn, timeout) from None
+                    inflight.remove(task)
+                fill()
+                yield task.result(0)
+        finally:
+            for task in inflight:
+                task._request_stop("abandoned")
+
+    return generate()
+
+
+async def _astart(
+    start: Start, fn: Callable[..., Any], args: Tuple[Any, ...], options: Dict[str, Any]
+) -> Task[Any]:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, start, fn, args, {}, options)
+
+
+def amap_calls(
+    start: Start,
+    fn: Callable[..., Any],
+    options: Dict[str, Any],
+    calls: Iterator[Tuple[Any, ...]],
+    *,
+    limit: Optional[int],
+    ordered: bool,
+    timeout: Optional[float],
+) -> AsyncIterator[Any]:
+    """``map_calls`` for asyncio: tasks started off the event loop, results awaited."""
+    import asyncio
+
+    options, window, deadline = _prepare(fn, options, limit, timeout)
+
+    async def generate() -> AsyncIterator[Any]:
+        inflight: Deque[Task[Any]] = collections.deque()
+        exhausted = False
+
+        async def fill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(inflight) < window:
+                args = next(calls, None)
+                if args is None:
+                    exhausted = True
+                    return
+                inflight.append(await _astart(start, fn, args, options))
+
+        try:
+            await fill()
+            while inflight:
+                if ordered:
+                    task = inflight[0]
+                    waiting: Set[Any] = {asyncio.ensure_future(task._until(task.done))}
+                else:
+                    waiting = {asyncio.ensure_future(t._until(t.done)) for t in inflight}
+                try:
+                    done, waiting = await asyncio.wait(
+                        waiting, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for future in waiting:
+                        future.cancel()
+                if not done:
+                    raise _timed_out(fn, timeout)
+                if ordered:
+                    inflight.popleft()
+                else:
+                    task = next(t for t in inflight if t.done())
+                    inflight.remove(task)
+                await fill()
+                yield task.result(0)
+        finally:
+            for task in inflight:
+                task._request_stop("abandoned")
+
+    return generate()
+
+
+def _timed_out(fn: Callable[..., Any], timeout: Optional[float]) -> TimeoutError:
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    return TimeoutError(f"map() of {name!r} did not finish within {timeout} s")

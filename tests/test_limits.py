@@ -1,0 +1,315 @@
+"""Bounded concurrency (``limit=``, ``Limiter``), pending tasks, ``map`` and ``amap``."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+import bgtask
+from bgtask import Limiter, Queue, TaskStopped, background
+
+from .helpers import run_script
+
+RESULT_S = 120.0
+
+
+def _max_overlap(events: List[Tuple[str, int]]) -> int:
+    running = peak = 0
+    for kind, _pid in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    return peak
+
+
+def test_limit_2_never_runs_more_than_2_processes(start_method: Optional[str], kind: Dict[str, bool]) -> None:
+    """Ten calls, at most two processes at any time (their own start and end events say so)."""
+    events: Queue[Tuple[str, int]] = Queue()
+
+    @background(start_method=start_method, limit=2, **kind)
+    def work(events: Queue[Tuple[str, int]]) -> int:
+        events.put(("start", os.getpid()))
+        time.sleep(0.05)
+        events.put(("end", os.getpid()))
+        return os.getpid()
+
+    tasks = [work(events) for _ in range(10)]
+    assert sum(t.pid is None for t in tasks) >= 8  # pending: no process yet
+    seen_alive = 0
+    while not all(t.done() for t in tasks):
+        seen_alive = max(seen_alive, sum(t.is_alive() for t in tasks))
+        time.sleep(0.005)
+    pids = [t.result(RESULT_S) for t in tasks]
+    assert len(set(pids)) == 10  # a fresh process per call
+    log = [events.get(timeout=RESULT_S) for _ in range(20)]
+    assert _max_overlap(log) <= 2
+    assert seen_alive <= 2
+
+
+def test_a_limiter_shared_by_two_functions() -> None:
+    """Limiter(1) given to two functions: their tasks never overlap."""
+    shared = Limiter(1)
+    events: Queue[Tuple[str, int]] = Queue()
+    gate: Queue[str] = Queue()
+
+    @background(limit=shared)
+    def first(events: Queue[Tuple[str, int]], gate: Queue[str]) -> None:
+        events.put(("start", os.getpid()))
+        gate.get()
+        events.put(("end", os.getpid()))
+
+    @background(limit=shared)
+    def second(events: Queue[Tuple[str, int]], gate: Queue[str]) -> None:
+        events.put(("start", os.getpid()))
+        gate.get()
+        events.put(("end", os.getpid()))
+
+    tasks = [f(events, gate) for f in (first, second) * 3]
+    assert shared.running == 1
+    assert shared.pending == 5
+    for _ in tasks:
+        gate.put("go")
+    for task in tasks:
+        task.result(RESULT_S)
+        task.join(RESULT_S)  # its place is free once its process is gone
+    assert _max_overlap([events.get(timeout=RESULT_S) for _ in range(12)]) == 1
+    assert (shared.running, shared.pending) == (0, 0)
+
+
+def test_stopping_a_pending_task_starts_no_process(start_method: Optional[str]) -> None:
+    """stop() on a pending task: TaskStopped at once, pid None, and it never runs."""
+
+    @background(start_method=start_method, limit=1)
+    def hold(marker: Optional[str]) -> None:
+        if marker is not None:
+            Path(marker).write_text("ran")
+        else:
+            bgtask.stop_event().wait(60)
+
+    first = hold(None)
+    marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"bgtask-pending-{os.getpid()}-{id(first)}"
+    second = hold(str(marker))
+    assert second.pid is None
+    assert not second.is_alive()
+    assert "pending" in repr(second)
+    second.stop()
+    with pytest.raises(TaskStopped, match="before it started"):
+        second.result(0)
+    assert second.pid is None
+    first.stop()
+    first.join(RESULT_S)
+    assert not marker.exists()
+
+
+def test_a_pending_task_is_a_pending_future() -> None:
+    """Not running, not done; callbacks, await, result(timeout) and cancel() work as usual."""
+    gate: Queue[str] = Queue()
+
+    @background(limit=1)
+    def step(gate: Queue[str], value: int) -> int:
+        gate.get()
+        return value
+
+    first, second, third = step(gate, 1), step(gate, 2), step(gate, 3)
+    assert not second.running()
+    assert not second.done()
+    called: List[int] = []
+    second.add_done_callback(lambda t: called.append(t.result()))
+    with pytest.raises(TimeoutError):
+        second.result(0.1)
+    assert third.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        third.result(0)
+    gate.put("go")
+    gate.put("go")
+
+    async def wait() -> int:
+        return await second
+
+    assert asyncio.run(wait()) == 2
+    assert first.result(RESULT_S) == 1
+    assert called == [2]
+
+
+def test_pending_non_daemon_tasks_run_before_the_program_ends(tmp_path: Path) -> None:
+    """The script ends right after its calls: every pending non-daemon task still runs."""
+    result = run_script(
+        tmp_path,
+        """
+import pathlib, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background(limit=1)
+def work(i):
+    time.sleep(0.05)
+    (HERE / f"done-{i}").write_text("done")
+
+if __name__ == "__main__":
+    for i in range(4):
+        work(i)
+""",
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("done-*")) == [f"done-{i}" for i in range(4)]
+
+
+def test_pending_daemons_are_dropped_at_exit(tmp_path: Path) -> None:
+    """A daemon that waits for a place at the end of the program never starts."""
+    result = run_script(
+        tmp_path,
+        """
+import pathlib
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background(daemon=True, limit=1)
+def daemon(i):
+    (HERE / f"started-{i}").write_text("started")
+    bgtask.stop_event().wait(60)
+
+if __name__ == "__main__":
+    first = daemon(0)
+    daemon(1)
+    daemon(2)
+    while not (HERE / "started-0").exists():
+        pass
+""",
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert sorted(p.name for p in tmp_path.glob("started-*")) == ["started-0"]
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_map_keeps_the_order(start_method: Optional[str], kind: Dict[str, bool]) -> None:
+    """Results in input order; several iterables are zipped, as for the builtin map()."""
+
+    @background(start_method=start_method, **kind)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert list(add.map(range(20), range(100, 120), limit=3)) == [
+        a + b for a, b in zip(range(20), range(100, 120))
+    ]
+
+
+def test_map_unordered_yields_every_result() -> None:
+    """ordered=False: every result, as tasks finish (a slow first item does not hold the rest)."""
+
+    @background
+    def wait_then_return(x: int) -> int:
+        time.sleep(0.5 if x == 0 else 0)
+        return x
+
+    results = list(wait_then_return.map(range(8), limit=4, ordered=False))
+    assert sorted(results) == list(range(8))
+    assert results[-1] == 0
+
+
+def test_map_reads_its_input_lazily() -> None:
+    """A huge lazy input: at most about twice the limit drawn ahead of the results read."""
+    drawn = itertools.count()
+
+    def numbers() -> Iterator[int]:
+        for i in itertools.count():
+            next(drawn)
+            yield i
+
+    square = background(_square)
+    results = square.map(numbers(), limit=2)
+    assert [next(results) for _ in range(10)] == [i * i for i in range(10)]
+    assert next(drawn) <= 10 + 2 * 2 + 1
+    results.close()  # type: ignore[attr-defined]
+
+
+def test_map_raises_the_first_error_and_stops_the_rest() -> None:
+    """The error of item 3 is raised when item 3 is reached; the tasks after it are stopped."""
+
+    @background
+    def fail_at_3(x: int) -> int:
+        if x == 3:
+            raise ValueError("item 3")
+        if x > 3:
+            time.sleep(60)
+        return x
+
+    got: List[int] = []
+    with pytest.raises(ValueError, match="item 3"):
+        got.extend(fail_at_3.map(range(8), limit=4))
+    assert got == [0, 1, 2]  # the results before the error
+    assert _all_end(timeout=20)  # well before their 60 s: stopped
+
+
+def _all_end(timeout: float = RESULT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not bgtask.active():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_leaving_a_map_loop_stops_its_tasks(start_method: Optional[str], daemon: bool) -> None:
+    """``break`` after a few results: the tasks still running are stopped at once."""
+
+    @background(start_method=start_method, daemon=daemon)
+    def slow(x: int) -> int:
+        if x >= 2:
+            time.sleep(60)
+        return x
+
+    for x in slow.map(range(100), limit=2):
+        if x == 1:
+            break
+    assert _all_end(timeout=20)
+
+
+def test_map_timeout() -> None:
+    """TimeoutError when a result is not there in time; the tasks are stopped."""
+
+    @background
+    def sleepy(x: int) -> int:
+        time.sleep(60)
+        return x
+
+    with pytest.raises(TimeoutError):
+        list(sleepy.map(range(3), timeout=0.3))
+    assert _all_end(timeout=20)
+
+
+def test_amap_and_astart() -> None:
+    """The asyncio variants: ``async for`` over ``amap``, ``await fn.astart(x)``."""
+    square = background(_square)
+
+    async def main() -> Tuple[List[int], int]:
+        results = [x async for x in square.amap(range(12), limit=3)]
+        task = await square.astart(7)
+        return results, await task
+
+    results, single = asyncio.run(main())
+    assert results == [x * x for x in range(12)]
+    assert single == 49
+
+
+def test_limit_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        background(limit=0)
+    with pytest.raises(TypeError, match="limit"):
+        background(limit="2")  # type: ignore[call-overload]
+    with pytest.raises(ValueError):
+        Limiter(0)
+    assert repr(Limiter(3)) == "<bgtask.Limiter limit=3 running=0 pending=0>"
