@@ -250,15 +250,13 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _pending_stopped(self, reason: str) -> None:
         """Stopped (or cancelled) while it waited for a place: it ends without a process."""
-        with self._condition:
+
+        def stopped() -> None:
             if self._stop_reason is None:
                 self._stop_reason = reason
             self._set_outcome_locked("stopped", None)
-            self._exited = True
-            self._ended_at = time.monotonic()
-            self._condition.notify_all()
-        _lifecycle.unregister(self)
-        self._invoke_callbacks()
+
+        self._end_without_process(stopped)
 
     def _failed_to_start(self, exc: BaseException) -> None:
         """A pending task's process could not start (no descriptor or process left...)."""
@@ -269,13 +267,21 @@ class TaskCore(concurrent.futures.Future[R]):
             error.__cause__ = exc
         else:
             error = exc
-        with self._condition:
+
+        def failed() -> None:
             if self._state in UNFINISHED:
                 self._outcome = "failed"
                 self._decoded = (None, error)
                 self._state = FINISHED
                 for waiter in self._waiters:
                     waiter.add_exception(self)
+
+        self._end_without_process(failed)
+
+    def _end_without_process(self, set_outcome: Callable[[], None]) -> None:
+        """The end of a task that never had a process: its outcome, then as ``_ended`` does."""
+        with self._condition:
+            set_outcome()
             self._exited = True
             self._ended_at = time.monotonic()
             self._condition.notify_all()
