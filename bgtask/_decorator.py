@@ -161,11 +161,12 @@ class Background(Generic[P, R]):
 
     async def astart(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
         """Start a task from a coroutine: pickling and the hand-over run in a thread, not in the
-        event loop. ``task = await fn.astart(x)`` is ``task = fn(x)`` without blocking the loop."""
-        import asyncio
+        event loop. ``task = await fn.astart(x)`` is ``task = fn(x)`` without blocking the loop.
+        Cancelled meanwhile, the task it started is stopped."""
+        from ._map import start_off_loop
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(self.__call__, *args, **kwargs))
+        task: Task[R] = await start_off_loop(functools.partial(self.__call__, *args, **kwargs))
+        return task
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until every task this function started has finished, or ``timeout`` passes."""
@@ -175,7 +176,7 @@ class Background(Generic[P, R]):
         while True:
             with _started_lock:
                 started = list(self._started)
-            pending = [t for t in started if t.is_alive()]
+            pending = [t for t in started if not t._exited]  # pending ones too
             if not pending:
                 return
             for task in pending:
@@ -277,7 +278,8 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
         try:
             limiter._submit(task, Call(start, payload.close))  # at once if there is a place, else pending
         except BaseException:
-            _lifecycle.unregister(task)
+            if task._process is None:  # it never started (else the monitor follows it as usual)
+                _lifecycle.unregister(task)
             raise
     return task
 

@@ -142,10 +142,7 @@ def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
     interrupted = False
     error: Optional[BaseException] = None
     try:
-        # Tasks waiting for a place that the end of the program stops anyway never start.
-        for task in live_tasks():
-            if task._pid is None and (not wait or task.is_daemon or task._scoped):
-                task._request_stop(reason)
+        _stop_what_is_not_waited_for(reason, wait)
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             interrupted = _wait_for_non_daemons(reason, deadline)
@@ -162,6 +159,24 @@ def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
     if error is not None:
         raise error
     return interrupted
+
+
+def _stop_what_is_not_waited_for(reason: str, wait: bool) -> None:
+    """Before the wait: tasks waiting for a place (in a ``Limiter``) that the end of the program
+    stops anyway never start; ``map()``'s tasks, which nobody will read, stop now; and daemon
+    tasks that hold every place a waited-for task waits for stop too, or the wait never ends."""
+    tasks = live_tasks()
+    for task in tasks:
+        if task._scoped or (task._pid is None and (not wait or task.is_daemon)):
+            task._request_stop(reason)
+    if not wait:
+        return
+    starved = {t._limiter for t in tasks if t._pid is None and t._limiter is not None and not t._exited}
+    for limiter in starved:
+        holders = [t for t in tasks if t._limiter is limiter and t._pid is not None and not t._exited]
+        if all(t.is_daemon or t._scoped for t in holders):
+            for holder in holders:
+                holder._request_stop(reason)
 
 
 def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:

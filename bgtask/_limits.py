@@ -51,8 +51,10 @@ class Limiter:
             raise ValueError(f"Limiter(): limit must be at least 1, not {limit}")
         self._limit = limit
         self._running = 0
-        self._pending: Deque[Tuple[Any, Call]] = collections.deque()
-        self._lock = threading.Lock()
+        # Pending tasks in call order (a dict: one leaves the queue in constant time).
+        self._pending: collections.OrderedDict[Any, Call] = collections.OrderedDict()
+        # Reentrant: a collection of a map left unfinished may stop its tasks from anywhere.
+        self._lock = threading.RLock()
         _limiters.add(self)
 
     @property
@@ -84,12 +86,13 @@ class Limiter:
             if now:
                 self._running += 1
             else:
-                self._pending.append((task, call))
+                self._pending[task] = call
         if now:
             try:
                 call.start()
             except BaseException:
-                self._release()
+                if task._process is None:  # it never started: its place is free again
+                    self._release()
                 raise
 
     def _release(self) -> None:
@@ -99,21 +102,20 @@ class Limiter:
             if not self._pending or self._running >= self._limit:
                 return
             self._running += 1
-            entry = self._pending.popleft()
+            entry = self._pending.popitem(last=False)
         _starter.start(self, entry)
 
     def _discard(self, task: Any) -> bool:
         """Take ``task`` out of the queue; ``False`` if it is no longer there (being started)."""
         with self._lock:
-            found = [entry for entry in self._pending if entry[0] is task]
-            if not found:
-                return False
-            self._pending.remove(found[0])
-        found[0][1].abandon()
+            call = self._pending.pop(task, None)
+        if call is None:
+            return False
+        call.abandon()
         return True
 
     def _forget_in_child(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._running = 0
         self._pending.clear()
 
@@ -129,9 +131,22 @@ class _Starter:
     def start(self, limiter: Limiter, entry: Tuple[Any, Call]) -> None:
         with self.lock:
             self.queue.append((limiter, entry))
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="bgtask-starter", daemon=True)
-                self.thread.start()
+            if self.thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name="bgtask-starter", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread left, or the interpreter is shutting down
+                error: BaseException = exc
+                failed = list(self.queue)
+                self.queue.clear()
+            else:
+                self.thread = thread
+                return
+        for owner, (task, call) in failed:
+            call.abandon()
+            task._failed_to_start(error)
+            owner._release()
 
     def _run(self) -> None:
         while True:
@@ -140,11 +155,18 @@ class _Starter:
                     self.thread = None
                     return
                 limiter, (task, call) = self.queue.popleft()
+            early = task._early_stop
+            if early is not None:  # stopped after it left the queue: it never starts
+                call.abandon()
+                task._pending_stopped(early[0])
+                limiter._release()
+                continue
             try:
                 call.start()
             except BaseException as exc:  # noqa: BLE001 (the task reports it; the others go on)
-                task._failed_to_start(exc)
-                limiter._release()
+                if task._process is None:
+                    task._failed_to_start(exc)
+                    limiter._release()
 
     def forget_in_child(self) -> None:
         self.lock = threading.Lock()

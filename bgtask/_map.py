@@ -86,7 +86,10 @@ def map_calls(
             while inflight:
                 if ordered:
                     task = inflight[0]
-                    task.exception(_left(deadline))  # TimeoutError; its own error is raised below
+                    try:
+                        task.exception(_left(deadline))  # its own error is raised below
+                    except TimeoutError:
+                        raise _timed_out(fn, timeout) from None
                     inflight.popleft()
                 else:
                     try:
@@ -103,13 +106,28 @@ def map_calls(
     return generate()
 
 
+async def start_off_loop(call: Callable[[], Task[Any]]) -> Task[Any]:
+    """Run ``call`` (which starts a task) in a thread; cancelled meanwhile, stop what it started."""
+    import asyncio
+
+    future = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        # The thread cannot be interrupted: the task it starts is stopped once it exists.
+        future.add_done_callback(_stop_started)
+        raise
+
+
+def _stop_started(future: Any) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result()._request_stop("cancel")
+
+
 async def _astart(
     start: Start, fn: Callable[..., Any], args: Tuple[Any, ...], options: Dict[str, Any]
 ) -> Task[Any]:
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, start, fn, args, {}, options)
+    return await start_off_loop(lambda: start(fn, args, {}, options))
 
 
 def amap_calls(

@@ -260,13 +260,15 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _failed_to_start(self, exc: BaseException) -> None:
         """A pending task's process could not start (no descriptor or process left...)."""
+        error: BaseException = exc
         if isinstance(exc, OSError):
             from ._launch import why_not_started
 
-            error: BaseException = BgTaskError(f"could not start task {self._name!r}: {why_not_started(exc)}")
+            error = BgTaskError(f"could not start task {self._name!r}: {why_not_started(exc)}")
             error.__cause__ = exc
-        else:
-            error = exc
+        elif isinstance(exc, Exception) and not isinstance(exc, BgTaskError):
+            error = BgTaskError(f"could not start task {self._name!r}: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
 
         def failed() -> None:
             if self._state in UNFINISHED:
@@ -317,7 +319,9 @@ class TaskCore(concurrent.futures.Future[R]):
                 if limiter is None:
                     return  # interrupted before its start: nothing runs
                 if not limiter._discard(self):
-                    self._early_stop = (reason, hard)  # being started: stopped once it is
+                    # Being started: stopped once it is (by the strongest stop asked for).
+                    earlier = self._early_stop
+                    self._early_stop = (reason, hard or (earlier is not None and earlier[1]))
                     return
         if process is None:
             self._pending_stopped(reason)
@@ -351,7 +355,12 @@ class TaskCore(concurrent.futures.Future[R]):
         if self._timeout is not None:
             self._timeout.cancel()
         if self._limiter is not None:
-            self._limiter._release()  # its place goes to the next pending task
+            try:
+                self._limiter._release()  # its place goes to the next pending task
+            except Exception:  # the monitor must finish this task whatever happens
+                import logging
+
+                logging.getLogger("bgtask").exception("bgtask: the next pending task could not be started")
         outcome, body = classify(messages, self._stop_reason, partial, corrupt)
         if outcome == "crashed" and body is None and exitcode is None:
             body = "bgtask's zygote died before it could report the exit status"

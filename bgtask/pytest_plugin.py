@@ -182,7 +182,7 @@ def _leaked(before: Set[Any]) -> List[Any]:
     for task in candidates:
         if task.done():
             task._wait_exit(max(0.0, deadline - time.monotonic()))
-    return [task for task in candidates if task.is_alive()]
+    return [task for task in candidates if not task._exited]  # running or pending
 
 
 def _describe(leaked: List[Any]) -> str:

@@ -313,3 +313,73 @@ def test_limit_options_are_checked() -> None:
     with pytest.raises(ValueError):
         Limiter(0)
     assert repr(Limiter(3)) == "<bgtask.Limiter limit=3 running=0 pending=0>"
+
+
+def test_the_end_of_the_program_frees_places_held_by_daemons(tmp_path: Path) -> None:
+    """A non-daemon task pending behind a daemon that holds the only place still runs at exit,
+    and a map left open does not hold the exit."""
+    result = run_script(
+        tmp_path,
+        """
+import pathlib, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+shared = bgtask.Limiter(1)
+
+@bgtask.background(daemon=True, limit=shared)
+def logger():
+    bgtask.ready()
+    bgtask.stop_event().wait(600)
+
+@bgtask.background(limit=shared)
+def work():
+    (HERE / "worked").write_text("worked")
+
+@bgtask.background
+def slow(x):
+    if x:
+        time.sleep(600)
+    return x
+
+if __name__ == "__main__":
+    logger().wait_ready(60)
+    work()
+    results = slow.map([0, 1, 2], limit=2)
+    assert next(results) == 0  # the tasks of 1 and 2 run, and nothing will read them
+""",
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "worked").read_text() == "worked"
+
+
+def test_join_of_a_function_waits_for_its_pending_tasks() -> None:
+    """fn.join() returns once every task it started ended, the pending ones included."""
+
+    @background(limit=1)
+    def nap() -> None:
+        time.sleep(0.05)
+
+    tasks = [nap() for _ in range(3)]
+    nap.join(RESULT_S)
+    assert all(t.done() for t in tasks)
+
+
+def test_a_cancelled_astart_stops_the_task_it_started() -> None:
+    """Cancelling the coroutine awaiting astart(): the task that was being started is stopped."""
+
+    @background
+    def forever() -> None:
+        time.sleep(600)
+
+    async def main() -> None:
+        starting = asyncio.ensure_future(forever.astart())
+        await asyncio.sleep(0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await asyncio.sleep(0.5)  # the thread finishes the start; the task is then stopped
+
+    asyncio.run(main())
+    assert _all_end(timeout=20)
