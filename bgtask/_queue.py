@@ -86,9 +86,10 @@ _OPEN, _SHUTTING, _SHUT, _IMMEDIATE = 0, 1, 2, 3
 # The shared page: a header, then slots.
 # state, slots in use; the counts of processes that are gone or beyond the table: put, got,
 # not yet sent
-_HEADER = struct.Struct("=qqqqq")
-_RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT = 16, 24, 32
-_SLOT = struct.Struct("=qqqqq")  # pid, heir pid (who took its items on), put, got, not yet sent
+_HEADER = struct.Struct("=qqqqqq")
+_RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT, _RETIRED_DONE = 16, 24, 32, 40
+# pid, heir pid (who took its items on), put, got, not yet sent, task_done() calls
+_SLOT = struct.Struct("=qqqqqq")
 _SLOTS = 1024
 _PAGE = _HEADER.size + _SLOT.size * _SLOTS
 _FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
@@ -98,8 +99,10 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever the program imported
 
 _COUNT = struct.Struct("=q")
-_HEIR, _PUT, _GOT, _UNSENT = 8, 16, 24, 32  # where a slot's fields are, from its start
-_SHARED_FIELD = {_PUT: _RETIRED_PUT, _GOT: _RETIRED_GOT, _UNSENT: _SHARED_UNSENT}
+_HEIR, _PUT, _GOT, _UNSENT, _DONE = 8, 16, 24, 32, 40  # where a slot's fields are, from its start
+_SHARED_FIELD = {_PUT: _RETIRED_PUT, _GOT: _RETIRED_GOT, _UNSENT: _SHARED_UNSENT, _DONE: _RETIRED_DONE}
+# How often join() looks at the counts again.
+JOIN_POLL_S = 0.005
 _NO_SLOT, _SHARED = -1, -2
 
 _LINUX = sys.platform.startswith("linux")
@@ -185,6 +188,26 @@ class Queue(Generic[T]):
     def is_shutdown(self) -> bool:
         """Whether ``shutdown()`` was called, in any process."""
         return self._end.is_shutdown
+
+    def task_done(self) -> None:
+        """Say that an item got from the queue was dealt with (for ``join()``), in any process.
+
+        Raises ``ValueError`` if called more times than there were items put.
+        """
+        self._end.task_done()
+
+    def join(self) -> None:
+        """Wait until every item put, by every process, was got and marked ``task_done()``.
+
+        ``shutdown(immediate=True)`` counts the items it dropped as done. In a task whose main
+        program died, raises ``ShutDown``.
+        """
+        self._end.join()
+
+    @property
+    def unfinished_tasks(self) -> int:
+        """Items put and not yet marked ``task_done()``, over every process."""
+        return self._end.unfinished()
 
     def shutdown(self, immediate: bool = False) -> None:
         """End the queue for every process: puts raise ``ShutDown``, gets drain then raise it.
@@ -333,16 +356,17 @@ class _Endpoint:
             _COUNT.pack_into(self.page, 8, used + 1)
         else:
             for i in range(_SLOTS):
-                pid, heir, put, got, unsent = _SLOT.unpack_from(self.page, _offset(i))
+                pid, heir, put, got, unsent, done = _SLOT.unpack_from(self.page, _offset(i))
                 if not _alive(pid) and not _alive(heir):
                     # Its counts go to the header's; what it never sent was lost with it.
                     self._add_locked(_RETIRED_PUT, put - unsent)
                     self._add_locked(_RETIRED_GOT, got)
+                    self._add_locked(_RETIRED_DONE, done)
                     index = i
                     break
         if index < 0:
             return _SHARED  # beyond the table: this process counts in the header, locked
-        _SLOT.pack_into(self.page, _offset(index), os.getpid(), 0, 0, 0, 0)
+        _SLOT.pack_into(self.page, _offset(index), os.getpid(), 0, 0, 0, 0, 0)
         return _offset(index)
 
     def _add_locked(self, at: int, delta: int) -> None:
@@ -490,7 +514,7 @@ class _Endpoint:
         """A task of this process ended, its messages all read: what it still counted as on its
         way through this process will not come (it died before it sent it). Stop waiting."""
         with self._locked():
-            for i, (spid, heir, _put, _got, unsent) in enumerate(self._slots_locked()):
+            for i, (spid, heir, _put, _got, unsent, _done) in enumerate(self._slots_locked()):
                 if spid == pid and heir == os.getpid() and unsent > 0:
                     _COUNT.pack_into(self.page, _offset(i) + _UNSENT, 0)
         if self._state() == _SHUTTING:
@@ -597,7 +621,7 @@ class _Endpoint:
             for fd in fds:
                 os.close(fd)
 
-    def _slots_locked(self) -> List[Tuple[int, int, int, int, int]]:
+    def _slots_locked(self) -> List[Tuple[int, int, int, int, int, int]]:
         used = _COUNT.unpack_from(self.page, 8)[0]
         return [_SLOT.unpack_from(self.page, _offset(i)) for i in range(min(used, _SLOTS))]
 
@@ -612,7 +636,7 @@ class _Endpoint:
                 return bool(state != _OPEN)
             slots = self._slots_locked()
             if _COUNT.unpack_from(self.page, _SHARED_UNSENT)[0] > 0 or any(
-                unsent > 0 and (_alive(pid) or _alive(heir)) for pid, heir, _p, _g, unsent in slots
+                unsent > 0 and (_alive(pid) or _alive(heir)) for pid, heir, _p, _g, unsent, _d in slots
             ):
                 return False
             self._close_writes_locked(_SHUT)
@@ -651,21 +675,47 @@ class _Endpoint:
 
     # -- state --------------------------------------------------------------------------------
 
+    def _totals(self) -> Tuple[int, int, int, int]:
+        """Over every process: put (minus what was lost with a process that died), got, done,
+        and the state."""
+        with self._locked():
+            state = self._state()
+            slots = self._slots_locked()
+            put, got, done = (
+                _COUNT.unpack_from(self.page, field)[0]
+                for field in (_RETIRED_PUT, _RETIRED_GOT, _RETIRED_DONE)
+            )
+        for pid, heir, slot_put, slot_got, unsent, slot_done in slots:
+            put += slot_put
+            got += slot_got
+            done += slot_done
+            if unsent > 0 and not _alive(pid) and not _alive(heir):
+                put -= unsent  # lost with its process
+        return put, got, done, state
+
     def qsize(self) -> int:
         """Put minus got, over every process; what a process that died never sent is not counted."""
-        with self._locked():
-            if self._state() == _IMMEDIATE:
-                return 0
-            slots = self._slots_locked()
-            size: int = (
-                _COUNT.unpack_from(self.page, _RETIRED_PUT)[0]
-                - _COUNT.unpack_from(self.page, _RETIRED_GOT)[0]
-            )
-        for pid, heir, put, got, unsent in slots:
-            size += put - got
-            if unsent > 0 and not _alive(pid) and not _alive(heir):
-                size -= unsent  # lost with its process
-        return max(0, size)
+        put, got, _done, state = self._totals()
+        return 0 if state == _IMMEDIATE else max(0, put - got)
+
+    def unfinished(self) -> int:
+        """Items put and not yet marked done (``task_done()``); dropped ones count as done."""
+        put, got, done, state = self._totals()
+        return max(0, (got if state == _IMMEDIATE else put) - done)
+
+    def task_done(self) -> None:
+        self._ensure_slot()
+        with self.lock:
+            if self.unfinished() <= 0:
+                raise ValueError("task_done() called more times than there were items")
+            self._count(_DONE, 1)
+
+    def join(self) -> None:
+        parent = _parent_channel()
+        while self.unfinished() > 0:
+            ready = _wait_for([parent] if parent is not None else [], [], JOIN_POLL_S)
+            if ready:
+                raise ShutDown("the main program of this task ended")
 
     def shutdown(self, immediate: bool) -> None:
         with self._locked():

@@ -594,3 +594,28 @@ if __name__ == "__main__":
         assert outcome.read_text() == "ShutDown: the main program of this task ended"
     finally:
         script.close()
+
+
+def test_join_waits_for_task_done_in_every_process(start_method: Optional[str]) -> None:
+    """task_done() in the tasks, join() in the main program: it returns once all are done."""
+    jobs: Queue[int] = Queue()
+    done: Queue[int] = Queue()
+
+    @background(start_method=start_method)
+    def work(jobs: Queue[int], done: Queue[int]) -> None:
+        for job in jobs:
+            time.sleep(0.001)
+            done.put(job)
+            jobs.task_done()
+
+    workers = [work(jobs, done) for _ in range(3)]
+    for i in range(300):
+        jobs.put(i)
+    jobs.join()
+    assert jobs.unfinished_tasks == 0
+    assert done.qsize() == 300  # every job was dealt with before join() returned
+    jobs.shutdown()
+    for worker in workers:
+        worker.result(RESULT_S)
+    with pytest.raises(ValueError, match="task_done"):
+        jobs.task_done()
