@@ -414,10 +414,14 @@ class _Endpoint:
         with self.lock:
             if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
                 raise ShutDown("the queue was shut down")
-            if self.backlog or self.via_parent or not (self._send(message) or self._send_soon(message)):
-                self._overflow([message])  # the socket is full
-                return
+            # Counted before it can be got: a consumer's task_done() never comes before it.
             self._count(_PUT, 1)
+            try:
+                if self.backlog or self.via_parent or not (self._send(message) or self._send_soon(message)):
+                    self._overflow([message])  # the socket is full
+            except BaseException:
+                self._count(_PUT, -1)  # not put after all
+                raise
 
     def _send(self, message: bytes) -> bool:
         """Hand one item to the socket; ``False`` if it has no room now.
@@ -473,8 +477,8 @@ class _Endpoint:
         In a task, they go to its main program at once, which sends them on (so they survive
         this process's crash), and so does every item this task puts from then on (so its
         items keep their order). Elsewhere they wait in the backlog for the feeder. ``put``:
-        they are new (else adopted from a task); ``child``: that task's slot, which counted them
-        until now.
+        they are new, already counted as put (else adopted from a task); ``child``: that task's
+        slot, which counted them as on their way until now.
         """
         forward = _forwarder() if self.from_parent else None
         with _deferred_stop():  # counted and handed on in one step (adopt() has no other guard)
@@ -486,8 +490,6 @@ class _Endpoint:
                 if forward is not None:
                     self._set_heir_locked(forward[0])
                 self._add_here_locked(_UNSENT, len(messages))
-                if put:
-                    self._add_here_locked(_PUT, len(messages))
                 if child != _NO_SLOT:
                     unsent = _COUNT.unpack_from(self.page, child + _UNSENT)[0]
                     _COUNT.pack_into(self.page, child + _UNSENT, max(0, unsent - len(messages)))
