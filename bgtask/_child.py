@@ -37,7 +37,7 @@ import threading
 from typing import Any, Callable, Iterator, List, NoReturn, Optional, Set
 
 from . import _logs, _platform, _ready, _stop, _wire
-from ._serialization import MAX_DESCRIPTORS, dumps_value, loads_call, pack_exception
+from ._serialization import MAX_DESCRIPTORS, dumps_value, loads_call, pack_exception, type_name
 from ._stop import _StopRequest, _TaskState
 from ._wire import Settings
 
@@ -278,7 +278,7 @@ def _run_and_report(
         data = dumps_value(value)
     except BaseException as exc:
         packet = pack_exception(exc)
-        what = f"the return value (a {type(value).__module__}.{type(value).__qualname__})"
+        what = f"the return value (a {type_name(value)})"
         if type(value).__name__ in ("generator", "async_generator"):
             what += " (decorate the generator function itself to stream its values)"
         _send(sock, _wire.FAILED, _data(("result", what, *packet[1:])))
@@ -314,8 +314,9 @@ def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
         try:
             return dumps_value(item)
         except Exception as exc:
-            what = f"{type(item).__module__}.{type(item).__qualname__}"
-            raise TypeError(f"item {count} the task yielded (a {what}) cannot be pickled: {exc}") from exc
+            raise TypeError(
+                f"item {count} the task yielded (a {type_name(item)}) cannot be pickled: {exc}"
+            ) from exc
 
     if not hasattr(values, "__next__") and not hasattr(values, "__anext__"):
         # A wrapper of a generator function that returned something else: a plain result.

@@ -30,7 +30,7 @@ Start = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Dict[str,
 
 
 def _prepare(
-    fn: Callable[..., Any], options: Dict[str, Any], limit: Optional[int], timeout: Optional[float]
+    options: Dict[str, Any], limit: Optional[int], timeout: Optional[float]
 ) -> Tuple[Dict[str, Any], int, Optional[float]]:
     if limit is None:
         limit = os.cpu_count() or 1
@@ -48,6 +48,30 @@ def _left(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+class _Window:
+    """The calls made ahead of the results read: at most ``size``, the input read as they leave."""
+
+    def __init__(self, calls: Iterator[Tuple[Any, ...]], size: int) -> None:
+        self.calls = calls
+        self.size = size
+        self.inflight: Deque[Task[Any]] = collections.deque()
+        self.exhausted = False
+
+    def next_call(self) -> Optional[Tuple[Any, ...]]:
+        """The arguments of the next call to make, or ``None``: the window is full, or the input
+        is exhausted."""
+        if self.exhausted or len(self.inflight) >= self.size:
+            return None
+        args = next(self.calls, None)
+        self.exhausted = args is None
+        return args
+
+    def stop(self) -> None:
+        """The loop ended early: stop the tasks still running (pending ones never start)."""
+        for task in self.inflight:
+            task._request_stop("abandoned")
+
+
 def map_calls(
     start: Start,
     fn: Callable[..., Any],
@@ -62,20 +86,15 @@ def map_calls(
 
     ``start(fn, args, kwargs, options)`` starts one task (``_decorator._start``).
     """
-    options, window, deadline = _prepare(fn, options, limit, timeout)
+    options, size, deadline = _prepare(options, limit, timeout)
 
     def generate() -> Iterator[Any]:
-        inflight: Deque[Task[Any]] = collections.deque()
+        window = _Window(calls, size)
+        inflight = window.inflight
         finished: queue.SimpleQueue[Task[Any]] = queue.SimpleQueue()
-        exhausted = False
 
         def fill() -> None:
-            nonlocal exhausted
-            while not exhausted and len(inflight) < window:
-                args = next(calls, None)
-                if args is None:
-                    exhausted = True
-                    return
+            while (args := window.next_call()) is not None:
                 task = start(fn, args, {}, options)
                 if not ordered:
                     task.add_done_callback(finished.put)
@@ -100,8 +119,7 @@ def map_calls(
                 fill()
                 yield task.result(0)
         finally:
-            for task in inflight:
-                task._request_stop("abandoned")
+            window.stop()
 
     return generate()
 
@@ -143,19 +161,14 @@ def amap_calls(
     """``map_calls`` for asyncio: tasks started off the event loop, results awaited."""
     import asyncio
 
-    options, window, deadline = _prepare(fn, options, limit, timeout)
+    options, size, deadline = _prepare(options, limit, timeout)
 
     async def generate() -> AsyncIterator[Any]:
-        inflight: Deque[Task[Any]] = collections.deque()
-        exhausted = False
+        window = _Window(calls, size)
+        inflight = window.inflight
 
         async def fill() -> None:
-            nonlocal exhausted
-            while not exhausted and len(inflight) < window:
-                args = next(calls, None)
-                if args is None:
-                    exhausted = True
-                    return
+            while (args := window.next_call()) is not None:
                 inflight.append(await _astart(start, fn, args, options))
 
         try:
@@ -183,8 +196,7 @@ def amap_calls(
                 await fill()
                 yield task.result(0)
         finally:
-            for task in inflight:
-                task._request_stop("abandoned")
+            window.stop()
 
     return generate()
 

@@ -115,6 +115,27 @@ def set_process_name(name: str) -> None:
             pass
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has; Linux tells, from ``/proc``)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            state = stat.rindex(b")") + 2  # the command name may hold spaces and parentheses
+            return stat[state : state + 1] != b"Z"
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def process_name(pid: int) -> Optional[str]:
     """The name ``set_process_name`` gave process ``pid`` (Linux); ``None`` if unknown."""
     try:

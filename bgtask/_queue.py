@@ -50,7 +50,7 @@ import weakref
 from queue import Empty, Full
 from typing import Any, Callable, Deque, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
-from . import _green, _serialization
+from . import _green, _platform, _serialization
 
 lockf, LOCK_EX, LOCK_UN = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
 
@@ -357,7 +357,7 @@ class _Endpoint:
         else:
             for i in range(_SLOTS):
                 pid, heir, put, got, unsent, done = _SLOT.unpack_from(self.page, _offset(i))
-                if not _alive(pid) and not _alive(heir):
+                if _gone(pid, heir):
                     # Its counts go to the header's; what it never sent was lost with it.
                     self._add_locked(_RETIRED_PUT, put - unsent)
                     self._add_locked(_RETIRED_GOT, got)
@@ -638,7 +638,7 @@ class _Endpoint:
                 return bool(state != _OPEN)
             slots = self._slots_locked()
             if _COUNT.unpack_from(self.page, _SHARED_UNSENT)[0] > 0 or any(
-                unsent > 0 and (_alive(pid) or _alive(heir)) for pid, heir, _p, _g, unsent, _d in slots
+                unsent > 0 and not _gone(pid, heir) for pid, heir, _p, _g, unsent, _d in slots
             ):
                 return False
             self._close_writes_locked(_SHUT)
@@ -691,7 +691,7 @@ class _Endpoint:
             put += slot_put
             got += slot_got
             done += slot_done
-            if unsent > 0 and not _alive(pid) and not _alive(heir):
+            if unsent > 0 and _gone(pid, heir):
                 put -= unsent  # lost with its process
         return put, got, done, state
 
@@ -821,24 +821,9 @@ def _offset(slot: int) -> int:
     return _HEADER.size + _SLOT.size * slot
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if _LINUX:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
-        except (OSError, ValueError):
-            return False
-    return True
+def _gone(pid: int, heir: int) -> bool:
+    """Whether a slot's process, and the process that took its items on, have both ended."""
+    return not _platform.process_running(pid) and not _platform.process_running(heir)
 
 
 def _encode(item: Any) -> bytes:

@@ -44,7 +44,7 @@ def ready(value: Any = None) -> None:
             "ready() was called outside a bgtask task; it is only available in the process of a "
             "function decorated with @background"
         )
-    from ._serialization import dumps_value
+    from ._serialization import dumps_value, type_name
     from ._wire import READY
 
     try:
@@ -52,8 +52,9 @@ def ready(value: Any = None) -> None:
     except Exception as exc:
         from ._errors import SerializationError
 
-        kind = f"{type(value).__module__}.{type(value).__qualname__}"
-        raise SerializationError(f"ready(): the value (a {kind}) cannot be pickled: {exc}") from exc
+        raise SerializationError(
+            f"ready(): the value (a {type_name(value)}) cannot be pickled: {exc}"
+        ) from exc
     with _lock:
         if _sent:
             raise BgTaskError("ready() was already called in this task; it tells readiness once")

@@ -107,8 +107,13 @@ def received(index: int) -> int:
     return fd
 
 
+def type_name(obj: Any) -> str:
+    """``module.QualName`` of ``obj``'s type, as error messages name it."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def _describe_type(obj: Any) -> str:
-    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
+    return f"a {type_name(obj)}"
 
 
 def _reduce_socket(sock: Any) -> Any:
@@ -300,7 +305,7 @@ def _picklable(obj: Any) -> bool:
 
 
 def _describe(obj: Any) -> str:
-    return f"(a {type(obj).__module__}.{type(obj).__qualname__})"
+    return f"({_describe_type(obj)})"
 
 
 def _find_culprit(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
@@ -338,7 +343,7 @@ def pack_exception(exc: BaseException) -> ExceptionPacket:
     message and formatted traceback travel always.
     """
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    exc_type = type_name(exc)
     try:
         message = str(exc)
     except Exception:
@@ -349,7 +354,7 @@ def pack_exception(exc: BaseException) -> ExceptionPacket:
         loads(data)
     except Exception:
         data = None
-    return data, type_name, message, tb_text
+    return data, exc_type, message, tb_text
 
 
 def unpack_exception(packet: ExceptionPacket) -> BaseException:
