@@ -25,11 +25,11 @@ def manager() -> Iterator[Any]:
         m._process.close()  # type: ignore[attr-defined]  # its sentinel pipe now, not when collected
 
 
-def test_a_socket_argument_reaches_the_task(start_method: Optional[str]) -> None:
+def test_a_socket_argument_reaches_the_task(start_method: Optional[str], daemon: bool) -> None:
     """The task gets the socket itself (its descriptor sent along), not a number."""
     ours, theirs = socket.socketpair()
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, daemon=daemon)
     def talk(sock: socket.socket) -> str:
         sock.sendall(b"ping from the task")
         return sock.recv(100).decode()
@@ -100,7 +100,7 @@ def test_a_socket_cannot_be_a_result(start_method: Optional[str]) -> None:
         make().result(RESULT_S)
 
 
-def test_manager_proxies_work_as_arguments(start_method: Optional[str], manager: Any) -> None:
+def test_manager_proxies_work_as_arguments(start_method: Optional[str], daemon: bool, manager: Any) -> None:
     """Manager().Queue(), .dict(), .list(), .Value() and .Array() reach the task's manager calls.
 
     A task does not share this program's authkey: the proxies carry their manager's.
@@ -111,7 +111,7 @@ def test_manager_proxies_work_as_arguments(start_method: Optional[str], manager:
     counter = manager.Value("i", 0)
     numbers = manager.Array("i", [0, 0, 0])
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, daemon=daemon)
     def work(shared: Any, items: Any, jobs: Any, counter: Any) -> int:
         shared["from"] = "task"
         items.append(os.getpid())

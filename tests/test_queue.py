@@ -73,11 +73,11 @@ def test_four_producers_four_consumers_pass_100000_items_exactly_once(start_meth
             assert mine == sorted(mine), "a consumer saw a producer's items out of order"
 
 
-def test_a_queue_reaches_nested_tasks_and_closures(start_method: Optional[str]) -> None:
+def test_a_queue_reaches_nested_tasks_and_closures(start_method: Optional[str], daemon: bool) -> None:
     """Captured by a closure, passed on by a task to its own task: the same queue everywhere."""
     results: Queue[str] = Queue()
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, daemon=daemon)
     def outer() -> str:
         results.put("outer")
 
@@ -423,7 +423,7 @@ def test_a_killed_producer_with_items_on_their_way_holds_no_consumer(
     assert 0 < got <= 20_000
 
 
-def test_items_a_crashed_producer_put_still_arrive(start_method: Optional[str]) -> None:
+def test_items_a_crashed_producer_put_still_arrive(start_method: Optional[str], daemon: bool) -> None:
     """A task puts more than the socket holds, then dies by os._exit: every item it put arrives.
 
     What the socket had no room for went to the main program as it was put.
@@ -431,7 +431,7 @@ def test_items_a_crashed_producer_put_still_arrive(start_method: Optional[str]) 
     q: Queue[int] = Queue()
     n = 30_000
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, daemon=daemon)
     def produce_then_crash(q: Queue[int]) -> None:
         for i in range(n):
             q.put(i)

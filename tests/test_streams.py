@@ -39,10 +39,10 @@ def test_items_in_order_then_the_return_value(start_method: Optional[str], kind:
     assert list(task) == []  # read once: a second loop finds nothing left
 
 
-def test_an_error_comes_after_the_items_before_it(start_method: Optional[str]) -> None:
+def test_an_error_comes_after_the_items_before_it(start_method: Optional[str], daemon: bool) -> None:
     """The items yielded before the exception arrive first; then the iteration raises it."""
 
-    @background(start_method=start_method)
+    @background(start_method=start_method, daemon=daemon)
     def fail_after(n: int) -> Iterator[int]:
         yield from range(n)
         raise ValueError("no more")
