@@ -283,8 +283,8 @@ class ZygoteClient:
     # -- calls ------------------------------------------------------------------------------
 
     def activate(
-        self, spare: Spare, settings: Settings, payload: bytes
-    ) -> Tuple[TaskProcess, List[Tuple[int, bytes]], Tuple[int, ...]]:
+        self, spare: Spare, settings: Settings, payload: _wire.Body
+    ) -> Tuple[TaskProcess, List[Tuple[int, _wire.Body]], Tuple[int, ...]]:
         """Make the spare this call's task: the zygote is told, and its process is followed.
 
         Returns the process and what to write to the spare's channel (with the descriptors to

@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 import cloudpickle
 
 from ._errors import RemoteTraceback, SerializationError, TaskError, set_cause
+from ._wire import Body, Pieces
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -195,6 +196,48 @@ def dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+# Pieces of a pickled call at least this large are sent as they are (see _wire.Pieces).
+_BIG_PIECE = 64 * 1024
+
+
+class _PieceWriter:
+    """The file a call is pickled into: the pickler hands large ``bytes`` (an argument's own
+    object) straight to ``write``, and they are kept, not copied."""
+
+    __slots__ = ("pieces", "size", "small")
+
+    def __init__(self) -> None:
+        self.pieces: List[Any] = []
+        self.small = bytearray()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        size = len(data) if type(data) is bytes else memoryview(data).nbytes
+        if size >= _BIG_PIECE and type(data) is bytes:  # immutable: safe to keep, not copy
+            if self.small:
+                self.pieces.append(bytes(self.small))
+                self.small = bytearray()
+            self.pieces.append(data)
+        else:
+            self.small += data  # a bytearray or a buffer may change later: copied
+        self.size += size
+        return size
+
+    def body(self) -> Body:
+        if not self.pieces:
+            return bytes(self.small)
+        if self.small:
+            self.pieces.append(bytes(self.small))
+        return Pieces(self.pieces, self.size)
+
+
+def _dumps_pieces(obj: Any) -> Body:
+    """Pickle ``obj`` with cloudpickle into bytes, or ``Pieces`` when it holds large bytes."""
+    writer = _PieceWriter()
+    _pickler_class()(writer, protocol=PROTOCOL).dump(obj)
+    return writer.body()
+
+
 def dumps_value(obj: Any) -> bytes:
     """Pickle a task's return value: the stdlib pickler first (faster), cloudpickle if needed.
 
@@ -228,7 +271,7 @@ class Payload:
 
     def __init__(
         self,
-        body: bytes,
+        body: Body,
         fds: Tuple[int, ...] = (),
         keep: Tuple[Any, ...] = (),
         guards: Optional[Dict[int, Any]] = None,
@@ -276,7 +319,7 @@ def _dumps_with_descriptors(obj: Any) -> Payload:
     _descriptors.keep = keep
     _descriptors.guards = guards
     try:
-        return Payload(dumps(obj), tuple(fds), tuple(keep), guards)
+        return Payload(_dumps_pieces(obj), tuple(fds), tuple(keep), guards)
     except BaseException:
         Payload(b"", tuple(fds), (), guards).close()
         raise

@@ -229,6 +229,51 @@ def test_large_argument_arrives_whole() -> None:
     assert size(b"y" * (32 * 1024 * 1024)).result(timeout=120) == 32 * 1024 * 1024
 
 
+def test_large_pieces_of_a_call_arrive_in_order(start_method: Optional[str]) -> None:
+    """Large bytes travel uncopied beside the rest of the pickle: every piece, in its place.
+
+    A bytearray is copied at the call, so changing it afterwards does not reach the task.
+    """
+    import hashlib
+
+    first = bytes(range(256)) * 4096  # 1 MiB
+    second = b"z" * (3 * 1024 * 1024 + 7)
+    mutable = bytearray(b"m" * (2 * 1024 * 1024))
+    small = "between"
+
+    @background(start_method=start_method)
+    def digest(a: bytes, b: str, c: bytearray, *, d: bytes) -> str:
+        return hashlib.sha256(a + b.encode() + bytes(c) + d + a).hexdigest()
+
+    task = digest(first, small, mutable, d=second)
+    expected = hashlib.sha256(first + small.encode() + bytes(mutable) + second + first).hexdigest()
+    mutable[:] = b"changed"
+    assert task.result(timeout=120) == expected
+
+
+def test_a_pending_call_keeps_its_large_arguments_as_they_were_at_the_call() -> None:
+    """A call waiting for a place holds its pickle: a bytearray changed meanwhile is not seen."""
+    import bgtask
+
+    places = bgtask.Limiter(1)
+
+    @background(limit=places)
+    def hold() -> None:
+        bgtask.stop_event().wait(60)
+
+    @background(limit=places)
+    def echo(data: bytearray) -> bytes:
+        return bytes(data)
+
+    holder = hold()
+    data = bytearray(b"a" * (1024 * 1024))
+    task = echo(data)
+    assert task.pid is None  # pending: its pickle waits in this process
+    data[:] = b"b" * (1024 * 1024)
+    holder.stop()
+    assert task.result(timeout=60) == b"a" * (1024 * 1024)
+
+
 def test_result_timeout_is_the_builtin_timeout_error() -> None:
     """result(timeout) raises TimeoutError while the task runs."""
 
