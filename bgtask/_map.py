@@ -31,17 +31,22 @@ Start = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Dict[str,
 
 def _prepare(
     options: Dict[str, Any], limit: Optional[int], timeout: Optional[float]
-) -> Tuple[Dict[str, Any], int, Optional[float]]:
+) -> Tuple[Dict[str, Any], int, Optional[int], Optional[float]]:
+    """(options for the tasks, the window's size, at most how many may be unfinished at once
+    when the limiter alone does not ensure it, the deadline)."""
+    own: Optional[Limiter] = options["limit"]
     if limit is None:
-        limit = os.cpu_count() or 1
+        limit = own._limit if own is not None else os.cpu_count() or 1
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"map(): limit must be an int of at least 1, not {limit!r}")
     if timeout is not None and timeout < 0:
         raise ValueError("map(): timeout must be a non-negative number")
-    limiter = options["limit"] or Limiter(limit)  # the function's own places come first
-    options = dict(options, limit=limiter, scoped=True)
+    # The function's own places come first; a smaller limit of the map's holds within them.
+    unfinished = limit if own is not None and limit < own._limit else None
+    # Map tasks are not waited for at the end of the program, nor kept if it dies: daemons.
+    options = dict(options, limit=own or Limiter(limit), scoped=True, daemon=True)
     deadline = None if timeout is None else time.monotonic() + timeout
-    return options, 2 * limit, deadline
+    return options, 2 * limit, unfinished, deadline
 
 
 def _left(deadline: Optional[float]) -> Optional[float]:
@@ -49,22 +54,41 @@ def _left(deadline: Optional[float]) -> Optional[float]:
 
 
 class _Window:
-    """The calls made ahead of the results read: at most ``size``, the input read as they leave."""
+    """The calls made ahead of the results read: at most ``size``, the input read as they leave.
 
-    def __init__(self, calls: Iterator[Tuple[Any, ...]], size: int) -> None:
+    ``unfinished``: also at most this many calls not finished yet (a map's limit below the
+    function's own). An error reading the input is raised once the results of the items read
+    before it are out, as the builtin ``map`` does.
+    """
+
+    def __init__(self, calls: Iterator[Tuple[Any, ...]], size: int, unfinished: Optional[int] = None) -> None:
         self.calls = calls
         self.size = size
+        self.unfinished = unfinished
         self.inflight: Deque[Task[Any]] = collections.deque()
         self.exhausted = False
+        self.error: Optional[BaseException] = None
 
     def next_call(self) -> Optional[Tuple[Any, ...]]:
         """The arguments of the next call to make, or ``None``: the window is full, or the input
         is exhausted."""
         if self.exhausted or len(self.inflight) >= self.size:
             return None
-        args = next(self.calls, None)
+        if self.unfinished is not None and sum(not t.done() for t in self.inflight) >= self.unfinished:
+            return None
+        try:
+            args = next(self.calls, None)
+        except Exception as exc:  # noqa: BLE001 (the input's own error, raised in its turn)
+            self.error = exc
+            args = None
         self.exhausted = args is None
         return args
+
+    def raise_error(self) -> None:
+        """Every call made has been read: the input's error now, if it had one."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
     def stop(self) -> None:
         """The loop ended early: stop the tasks still running (pending ones never start)."""
@@ -86,17 +110,20 @@ def map_calls(
 
     ``start(fn, args, kwargs, options)`` starts one task (``_decorator._start``).
     """
-    options, size, deadline = _prepare(options, limit, timeout)
+    options, size, unfinished, deadline = _prepare(options, limit, timeout)
 
     def generate() -> Iterator[Any]:
-        window = _Window(calls, size)
+        window = _Window(calls, size, unfinished)
         inflight = window.inflight
         finished: queue.SimpleQueue[Task[Any]] = queue.SimpleQueue()
+        # Wake on every task's end (not only the oldest's) where this loop makes the calls that
+        # take the places freed: the limiter does not hold calls ahead for them then.
+        wake_on_any = not ordered or unfinished is not None
 
         def fill() -> None:
             while (args := window.next_call()) is not None:
                 task = start(fn, args, {}, options)
-                if not ordered:
+                if wake_on_any:
                     task.add_done_callback(finished.put)
                 inflight.append(task)
 
@@ -105,6 +132,12 @@ def map_calls(
             while inflight:
                 if ordered:
                     task = inflight[0]
+                    while wake_on_any and not task.done():
+                        try:
+                            finished.get(timeout=_left(deadline))
+                        except queue.Empty:
+                            raise _timed_out(fn, timeout) from None
+                        fill()
                     try:
                         task.exception(_left(deadline))  # its own error is raised below
                     except TimeoutError:
@@ -118,6 +151,7 @@ def map_calls(
                     inflight.remove(task)
                 fill()
                 yield task.result(0)
+            window.raise_error()
         finally:
             window.stop()
 
@@ -161,11 +195,12 @@ def amap_calls(
     """``map_calls`` for asyncio: tasks started off the event loop, results awaited."""
     import asyncio
 
-    options, size, deadline = _prepare(options, limit, timeout)
+    options, size, unfinished, deadline = _prepare(options, limit, timeout)
 
     async def generate() -> AsyncIterator[Any]:
-        window = _Window(calls, size)
+        window = _Window(calls, size, unfinished)
         inflight = window.inflight
+        wake_on_any = not ordered or unfinished is not None  # as in map_calls
 
         async def fill() -> None:
             while (args := window.next_call()) is not None:
@@ -174,11 +209,8 @@ def amap_calls(
         try:
             await fill()
             while inflight:
-                if ordered:
-                    task = inflight[0]
-                    waiting: Set[Any] = {asyncio.ensure_future(task._until(task.done))}
-                else:
-                    waiting = {asyncio.ensure_future(t._until(t.done)) for t in inflight}
+                watched = list(inflight) if wake_on_any else [inflight[0]]
+                waiting: Set[Any] = {asyncio.ensure_future(t._until(t.done)) for t in watched}
                 try:
                     done, waiting = await asyncio.wait(
                         waiting, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED
@@ -187,20 +219,24 @@ def amap_calls(
                     for future in waiting:
                         future.cancel()
                 if not done:
-                    raise _timed_out(fn, timeout)
+                    raise _timed_out(fn, timeout, "amap")
                 if ordered:
-                    inflight.popleft()
+                    if not inflight[0].done():
+                        await fill()  # a later one ended: its place goes to the next call
+                        continue
+                    task = inflight.popleft()
                 else:
                     task = next(t for t in inflight if t.done())
                     inflight.remove(task)
                 await fill()
                 yield task.result(0)
+            window.raise_error()
         finally:
             window.stop()
 
     return generate()
 
 
-def _timed_out(fn: Callable[..., Any], timeout: Optional[float]) -> TimeoutError:
+def _timed_out(fn: Callable[..., Any], timeout: Optional[float], how: str = "map") -> TimeoutError:
     name = getattr(fn, "__qualname__", None) or repr(fn)
-    return TimeoutError(f"map() of {name!r} did not finish within {timeout} s")
+    return TimeoutError(f"{how}() of {name!r} did not finish within {timeout} s")

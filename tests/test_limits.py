@@ -383,3 +383,88 @@ def test_a_cancelled_astart_stops_the_task_it_started() -> None:
 
     asyncio.run(main())
     assert _all_end(timeout=20)
+
+
+def test_a_map_limit_below_the_functions_own_holds() -> None:
+    """limit=4 on the function, map(limit=2): never more than two of the map's tasks at once."""
+    events: Queue[Tuple[str, int]] = Queue()
+
+    @background(limit=4)
+    def work(events: Queue[Tuple[str, int]], i: int) -> int:
+        events.put(("start", os.getpid()))
+        time.sleep(0.05)
+        events.put(("end", os.getpid()))
+        return i
+
+    assert list(work.map(itertools.repeat(events, 10), range(10), limit=2)) == list(range(10))
+    log = [events.get(timeout=RESULT_S) for _ in range(20)]
+    assert _max_overlap(log) <= 2
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_error_reading_the_input_comes_after_the_results_before_it(ordered: bool) -> None:
+    """As the builtin map: the items read before the input failed give their results first."""
+
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise OSError("the input broke")
+
+    got: List[int] = []
+    results = background(_square).map(items(), ordered=ordered)
+    got.append(next(results))
+    got.append(next(results))
+    with pytest.raises(OSError, match="the input broke"):
+        next(results)
+    assert sorted(got) == [1, 4]
+
+    async def amap_all() -> List[int]:
+        results = background(_square).amap(items(), ordered=ordered)
+        seen = [await results.__anext__(), await results.__anext__()]
+        with pytest.raises(OSError, match="the input broke"):
+            await results.__anext__()
+        return seen
+
+    assert sorted(asyncio.run(amap_all())) == [1, 4]
+
+
+def test_map_needs_an_iterable() -> None:
+    with pytest.raises(TypeError, match="at least one iterable"):
+        background(_square).map()
+    with pytest.raises(TypeError, match="at least one iterable"):
+        background(_square).amap()
+
+
+@pytest.mark.parametrize("signum", [9, 15])
+def test_map_tasks_end_with_a_killed_main_program(tmp_path: Path, signum: int) -> None:
+    """A map's tasks are not kept when the main program is killed (a daemon's end, not a
+    non-daemon's): the running ones are stopped, as at a normal end."""
+    from .helpers import Script, kill_quietly, pid_alive, wait_until
+
+    script = Script(
+        tmp_path,
+        """
+import os, time
+import bgtask
+
+@bgtask.background
+def slow(i):
+    print(f"task {os.getpid()}", flush=True)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    for _ in slow.map(range(4), limit=2):
+        pass
+""",
+    )
+    pids: List[int] = []
+    try:
+        pids = [int(script.expect("task ")) for _ in range(2)]
+        os.kill(script.proc.pid, signum)
+        script.wait(RESULT_S)
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=30), (
+            f"map tasks {pids} still running after their main program was killed"
+        )
+    finally:
+        kill_quietly(pids)
+        script.close()
