@@ -36,7 +36,7 @@ nothing of the main side, so a task starts without paying for it)::
       _platform      every operating-system branch
 """
 
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ._decorator import Background, background, preload
 from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
@@ -70,7 +70,24 @@ __all__ = [
     "ready",
     "shutdown",
     "stop_event",
+    "use_ray",
 ]
+
+
+def use_ray(address: "Optional[str]" = None, **ray_init_kwargs: Any) -> None:
+    """Run this program's tasks on Ray from now on; see ``bgtask._ray.use_ray``.
+
+    ``address=None`` starts a private local cluster with the first task (or joins the one
+    ``RAY_ADDRESS`` names); ``"auto"`` or ``"host:port"`` join a running cluster. Other keyword
+    arguments go to ``ray.init()``. Functions with ``backend="local"`` or a ``start_method``
+    still run locally.
+
+    Raises:
+        BgTaskError: Ray is not installed (``pip install 'bgtask[ray]'``).
+    """
+    from ._ray import use_ray
+
+    use_ray(address, **ray_init_kwargs)
 
 
 def active() -> "List[Task[Any]]":

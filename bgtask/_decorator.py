@@ -135,6 +135,8 @@ class Background(Generic[P, R]):
         """
         from ._map import map_calls
 
+        if not iterables:
+            raise TypeError("map() must have at least one iterable")
         calls = zip(*iterables)
         return map_calls(
             _start, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
@@ -154,6 +156,8 @@ class Background(Generic[P, R]):
         """
         from ._map import amap_calls
 
+        if not iterables:
+            raise TypeError("amap() must have at least one iterable")
         calls = zip(*iterables)
         return amap_calls(
             _start, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
@@ -243,6 +247,10 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
     }
     if stream:
         settings["stream"] = True
+    if options["ray_options"]:
+        settings["ray_options"] = options["ray_options"]
+    if task._scoped:
+        settings["scoped"] = True
     if options["relay_logging"]:
         from . import _logs
 
@@ -252,7 +260,7 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
     def start() -> None:
         process = None
         try:
-            process = _launch.get(options["start_method"]).start(settings, payload)
+            process = _launch.for_options(options).start(settings, payload)
             process.keep = payload.keep
             task._attach(process)
         except BaseException as exc:
@@ -267,6 +275,8 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
             payload.close()  # the duplicates of what went with the call, sent or not
         if options["start_method"] is not None:
             _lifecycle.run_before_multiprocessing()
+        elif "ray" in sys.modules:
+            _lifecycle.run_before_ray()
         if options["timeout"] is not None:
             task._arm_timeout(options["timeout"])
 
@@ -394,11 +404,44 @@ def _check_options(options: Dict[str, Any]) -> None:
             f"background(): start_method must be None (bgtask's zygote), 'fork', 'spawn' or "
             f"'forkserver', not {options['start_method']!r}"
         )
+    _check_backend(options)
     if options["start_method"] is not None:
         import multiprocessing
 
         if options["start_method"] not in multiprocessing.get_all_start_methods():
             raise ValueError(f"background(): start_method {options['start_method']!r} is not available here")
+
+
+# What ``ray_options=`` may hold (see _ray.RAY_OPTIONS, which maps them to Ray's options).
+RAY_OPTION_NAMES = (
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "resources",
+    "runtime_env",
+    "scheduling_strategy",
+    "fresh_worker",
+)
+
+
+def _check_backend(options: Dict[str, Any]) -> None:
+    backend = options["backend"]
+    if backend not in (None, "local", "ray"):
+        raise ValueError(f"background(): backend must be None, 'local' or 'ray', not {backend!r}")
+    if backend == "ray" and options["start_method"] is not None:
+        raise ValueError("background(): a start_method is for the local backend; Ray starts its own workers")
+    ray_options = options["ray_options"]
+    if ray_options is None:
+        return
+    if not isinstance(ray_options, dict):
+        raise TypeError(f"background(): ray_options must be a dict, not {type(ray_options).__name__}")
+    unknown = sorted(set(ray_options) - set(RAY_OPTION_NAMES))
+    if unknown:
+        raise TypeError(
+            f"background(): ray_options does not take {', '.join(map(repr, unknown))}; it takes "
+            f"{', '.join(RAY_OPTION_NAMES)}"
+        )
+    options["ray_options"] = dict(ray_options)
 
 
 @overload
@@ -416,6 +459,8 @@ def background(
     timeout: Optional[float] = None,
     relay_logging: bool = True,
     limit: Union[int, Limiter, None] = None,
+    backend: Optional[str] = None,
+    ray_options: Optional[Dict[str, Any]] = None,
 ) -> Callable[[Callable[P, R]], Background[P, R]]: ...
 
 
@@ -431,6 +476,8 @@ def background(
     timeout: Optional[float] = None,
     relay_logging: bool = True,
     limit: Union[int, Limiter, None] = None,
+    backend: Optional[str] = None,
+    ray_options: Optional[Dict[str, Any]] = None,
 ) -> Union[Background[P, R], Callable[[Callable[P, R]], Background[P, R]]]:
     """Make a function start a new process each time it is called.
 
@@ -457,6 +504,11 @@ def background(
         limit: at most this many of the function's tasks run at once (an int), or of every
             function given the same ``bgtask.Limiter``. A call beyond it returns its task at
             once, pending (``pid`` is ``None``) until a place frees; calls never wait.
+        backend: ``"ray"`` runs the tasks on Ray, ``"local"`` on this machine; ``None``
+            (default) follows the program (``bgtask.use_ray()``).
+        ray_options: for Ray: ``num_cpus`` (default 1, 0 for a daemon task), ``num_gpus``,
+            ``memory``, ``resources``, ``runtime_env``, ``scheduling_strategy``, and
+            ``fresh_worker`` (``True``: a worker process of its own, which exits after it).
 
     Raises:
         BgTaskError: on Windows, which bgtask does not support yet.
@@ -470,6 +522,8 @@ def background(
         "timeout": timeout,
         "relay_logging": relay_logging,
         "limit": limit,
+        "backend": backend,
+        "ray_options": ray_options,
     }
     _check_options(options)
     check_supported()

@@ -16,7 +16,7 @@ process's end to it (in the monitor thread). Nothing above this seam knows which
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Dict, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
 
 if TYPE_CHECKING:
     from ._process import TaskProcess
@@ -64,6 +64,15 @@ def get(method: Optional[str]) -> Launcher:
                     launcher = MultiprocessingLauncher(method)
                 _launchers[method] = launcher
     return launcher
+
+
+def for_options(options: Dict[str, Any]) -> Launcher:
+    """The launcher a function with these options starts its tasks with (Ray's, or a method's)."""
+    from . import _ray
+
+    if _ray.wants_ray(options):
+        return _ray.launcher()  # type: ignore[return-value]
+    return get(options["start_method"])
 
 
 def close_all() -> None:

@@ -79,6 +79,34 @@ def run_before_multiprocessing() -> None:
             _after_multiprocessing = os.getpid()
 
 
+def run_before_ray() -> None:
+    """Make sure bgtask's exit hook runs before Ray's, which ends its cluster and every task on
+    it at once: daemon tasks are stopped gracefully and non-daemon ones waited for first.
+
+    Called after each start on Ray; moves the hook once Ray is connected (``ray.init()``
+    registers Ray's hook), and again if the program connects anew.
+    """
+    global _after_ray
+    ray = sys.modules.get("ray")
+    connected = ray is not None and ray.is_initialized()
+    if not connected or _after_ray == (os.getpid(), _ray_session()):
+        return
+    with _lock:
+        if _hook_owner == os.getpid():
+            atexit.unregister(_at_exit)
+            atexit.register(_at_exit)
+            _after_ray = (os.getpid(), _ray_session())
+
+
+def _ray_session() -> Any:
+    worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
+    node = getattr(worker, "node", None)
+    return getattr(node, "session_name", None)
+
+
+_after_ray: Any = None
+
+
 def live_tasks() -> List[Any]:
     with _lock:
         return list(_live)
@@ -167,13 +195,13 @@ def _stop_what_is_not_waited_for(reason: str, wait: bool) -> None:
     tasks that hold every place a waited-for task waits for stop too, or the wait never ends."""
     tasks = live_tasks()
     for task in tasks:
-        if task._scoped or (task._pid is None and (not wait or task.is_daemon)):
+        if task._scoped or (task._process is None and (not wait or task.is_daemon)):
             task._request_stop(reason)
     if not wait:
         return
-    starved = {t._limiter for t in tasks if t._pid is None and t._limiter is not None and not t._exited}
+    starved = {t._limiter for t in tasks if t._process is None and t._limiter is not None and not t._exited}
     for limiter in starved:
-        holders = [t for t in tasks if t._limiter is limiter and t._pid is not None and not t._exited]
+        holders = [t for t in tasks if t._limiter is limiter and t._process is not None and not t._exited]
         if all(t.is_daemon or t._scoped for t in holders):
             for holder in holders:
                 holder._request_stop(reason)
@@ -231,7 +259,14 @@ def _stop_all(reason: str) -> bool:
 # The modules whose state a forked copy of the program must let go of, in this order. The fork
 # hooks look them up instead of importing them: a module another thread was importing at the
 # fork is locked for good in the copy, and one never imported holds nothing to let go of.
-_FORK_AWARE = ("bgtask._decorator", "bgtask._limits", "bgtask._process", "bgtask._launch", "bgtask._monitor")
+_FORK_AWARE = (
+    "bgtask._decorator",
+    "bgtask._limits",
+    "bgtask._process",
+    "bgtask._launch",
+    "bgtask._ray",
+    "bgtask._monitor",
+)
 
 
 def _before_fork() -> None:

@@ -46,6 +46,8 @@ class Consumer(Protocol):
 
     def _ready_sent(self, body: Any) -> None: ...
 
+    def _pid_known(self, pid: int) -> None: ...
+
     def _item_sent(self, body: Any) -> bool: ...
 
     def _outcome_sent(self, kind: int, body: Any) -> None: ...
@@ -325,6 +327,9 @@ class _Nobody:
     """The consumer of a process whose call was interrupted: nothing waits for its end."""
 
     def _ready_sent(self, body: Any) -> None:
+        pass
+
+    def _pid_known(self, pid: int) -> None:
         pass
 
     def _item_sent(self, body: Any) -> bool:

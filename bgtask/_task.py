@@ -106,7 +106,7 @@ class Task(TaskCore[R]):
     def is_alive(self) -> bool:
         """Return whether the task's process is running (``False`` while the task is pending)."""
         self._check_owner()
-        return self._pid is not None and not self._exited
+        return self._process is not None and not self._exited
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until the task's process has ended, or ``timeout`` seconds have passed.

@@ -402,6 +402,12 @@ class TaskCore(concurrent.futures.Future[R]):
             else:
                 waiter.add_exception(self)
 
+    def _pid_known(self, pid: int) -> None:
+        """In the monitor: where the process runs became known after its start (Ray)."""
+        with self._condition:
+            if self._pid is None:
+                self._pid = pid
+
     def _ready_sent(self, body: Any) -> None:
         """In the monitor: the task called ``bgtask.ready()``."""
         with self._condition:

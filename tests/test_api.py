@@ -36,6 +36,7 @@ EXPECTED = {
     "ready",
     "shutdown",
     "stop_event",
+    "use_ray",
 }
 
 

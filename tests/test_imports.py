@@ -24,6 +24,7 @@ TASK_SIDE = {
     "_serialization",
     "_errors",
     "_queue",  # shared: a task creates queues, and takes them from its call
+    "_ray_task",  # runs on Ray workers
     "_green",  # shared: the queue's sockets are real ones in a gevent program too
 }
 MAIN_SIDE = {
@@ -38,6 +39,7 @@ MAIN_SIDE = {
     "_monitor",
     "_limits",
     "_map",
+    "_ray",
     "pytest_plugin",  # public, but of the main side: a pytest process starts tasks
 }
 

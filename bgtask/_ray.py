@@ -1,0 +1,312 @@
+"""The Ray backend, main program's side: ``use_ray()``, its launcher, and ``RayProcess``.
+
+::
+
+    call ──> RayLauncher.start(settings, payload) ──run.remote(call, settings, board, key)──> Ray
+                 │                                      (max_retries=0: never run twice)
+                 └─> RayProcess: what a Task follows, in the monitor thread, as a TaskProcess
+                       ref.future() done ──> outcome (kind, body, pid, code) ──> task._ended()
+                       board.pid(key) done ──> task._pid_known(pid)
+                       signal(SIGTERM, grace) ──> board.request(key) (the task stops itself)
+                       signal(SIGKILL) or grace over ──> ray.cancel(force=True, recursive=True)
+
+Ray is imported on first use, never by ``import bgtask``. A private local cluster (the default
+of ``use_ray()``) is started by the first Ray task and ended by Ray's own exit hook, which runs
+after bgtask's: daemon tasks are stopped gracefully and non-daemon ones waited for first.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+import uuid
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _monitor, _ray_task, _wire
+from ._errors import BgTaskError
+from ._process import _NOBODY, Consumer
+
+BACKENDS = (None, "local", "ray")
+# What ``ray_options=`` may set, and the Ray option each becomes.
+RAY_OPTIONS = {
+    "num_cpus": "num_cpus",
+    "num_gpus": "num_gpus",
+    "memory": "memory",
+    "resources": "resources",
+    "runtime_env": "runtime_env",
+    "scheduling_strategy": "scheduling_strategy",
+    "fresh_worker": "",  # True: a worker that exits after the task (a function with max_calls=1)
+}
+
+_lock = threading.Lock()
+_default: Optional[str] = None  # "ray" once use_ray() was called
+_init: Dict[str, Any] = {}  # use_ray()'s address and ray.init() arguments
+
+
+def use_ray(address: Optional[str] = None, **ray_init_kwargs: Any) -> None:
+    """Run this program's tasks on Ray from now on (functions with ``backend="local"`` or a
+    ``start_method`` excepted).
+
+    ``address=None`` starts a private local cluster with the first task, unless ``RAY_ADDRESS``
+    names one to join; ``"auto"`` joins the cluster running on this machine, ``"host:port"`` a
+    given one. Other keyword arguments go to ``ray.init()``. If the program already called
+    ``ray.init()``, that connection is used as it is.
+
+    Raises:
+        BgTaskError: Ray is not installed (``pip install 'bgtask[ray]'``).
+    """
+    global _default
+    import_ray()  # a missing Ray is an error here, not at the first task
+    with _lock:
+        _default = "ray"
+        _init.clear()
+        _init.update(ray_init_kwargs, address=address)
+
+
+use_ray.__module__ = "bgtask"
+
+
+def wants_ray(options: Dict[str, Any]) -> bool:
+    """Whether a function with these options runs its tasks on Ray."""
+    backend = options.get("backend")
+    if backend is not None:
+        return bool(backend == "ray")
+    if options.get("start_method") is not None:
+        return False
+    return _default == "ray" or _ray_task.in_task
+
+
+def import_ray() -> Any:
+    """``ray``, imported with its failure signal handler off (it would abort on SIGTERM)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    try:
+        import ray
+    except ImportError as exc:
+        raise BgTaskError(
+            "the Ray backend needs Ray, which is not installed: pip install 'bgtask[ray]'"
+        ) from exc
+    return ray
+
+
+class RayLauncher:
+    """Starts tasks on Ray: connects (or starts a private cluster) with the first one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = 0  # the pid that connected; a forked copy connects again
+        self._run: Any = None
+        self._run_fresh: Any = None  # max_calls=1 (Ray takes it only where the function is made)
+        self._board: Any = None
+
+    def _connect(self) -> Tuple[Any, Any, Any]:
+        ray = import_ray()
+        with self._lock:
+            if self._owner != os.getpid():
+                if not ray.is_initialized():
+                    kwargs = dict(_init)
+                    address = kwargs.pop("address", None) or os.environ.get("RAY_ADDRESS") or "local"
+                    kwargs.setdefault("include_dashboard", False)
+                    kwargs.setdefault("logging_level", "WARNING")
+                    with warnings.catch_warnings():
+                        # Ray's advice about accelerator variables concerns its own users'
+                        # GPU settings, not this program's: not repeated on every start.
+                        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+                        ray.init(address=address, **kwargs)
+                self._run = ray.remote(_ray_task.run)
+                self._run_fresh = ray.remote(max_calls=1)(_ray_task.run)
+                self._board = (
+                    ray.remote(_ray_task.StopBoard).options(num_cpus=0, max_concurrency=100_000).remote()
+                )
+                self._owner = os.getpid()
+            return ray, self._run, self._board
+
+    def start(self, settings: Dict[str, Any], payload: Any) -> RayProcess:
+        if payload.fds:
+            raise BgTaskError(
+                "a task on Ray cannot be given sockets, connections or bgtask queues: their "
+                "descriptors do not cross machines (use backend='local' for this function)"
+            )
+        if settings.get("stream"):
+            raise BgTaskError(
+                "a generator function's items stream to the program only on the local backend "
+                "(use backend='local' for this function)"
+            )
+        ray, run, board = self._connect()
+        # A daemon (a logger, a monitor) would hold a CPU slot for the program's whole life;
+        # a map's tasks are daemons only in how they end, and take a CPU each.
+        lasting = settings["daemon"] and not settings.get("scoped")
+        options: Dict[str, Any] = {"num_cpus": 0 if lasting else 1}
+        for key, value in (settings.get("ray_options") or {}).items():
+            if key == "fresh_worker":
+                if value:
+                    run = self._run_fresh
+            else:
+                options[RAY_OPTIONS[key]] = value
+        # Never run twice: a task killed from outside must not be run again and report success.
+        options.update(max_retries=0, retry_exceptions=False, name=settings["name"])
+        body = payload.body
+        if isinstance(body, _wire.Pieces):
+            body = b"".join(bytes(piece) for piece in body.pieces)
+        key = uuid.uuid4().hex
+        task_settings = {"graceful": settings["graceful"], "name": settings["name"]}
+        try:
+            ref = run.options(**options).remote(body, task_settings, board, key)
+        except Exception as exc:
+            raise BgTaskError(f"Ray did not take the task: {type(exc).__name__}: {exc}") from exc
+        return RayProcess(ray, ref, board, key)
+
+    def close(self) -> None:
+        """Nothing: Ray's own exit hook ends a cluster started here, after bgtask's."""
+
+    def forget_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = 0
+
+
+_launcher: Optional[RayLauncher] = None
+
+
+def launcher() -> RayLauncher:
+    global _launcher
+    with _lock:
+        if _launcher is None:
+            _launcher = RayLauncher()
+        return _launcher
+
+
+def forget_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    if _launcher is not None:
+        _launcher.forget_in_child()
+
+
+class RayProcess:
+    """A task submitted to Ray, followed as a ``TaskProcess`` is (see ``_process``).
+
+    Every field is the monitor thread's once ``watch()`` handed the record over; Ray's own
+    callback thread only schedules work there.
+    """
+
+    def __init__(self, ray: Any, ref: Any, board: Any, key: str) -> None:
+        self.pid: Optional[int] = None  # the worker's, once it runs (a Ray worker may be elsewhere)
+        self.keep: Any = ()
+        self.done = False
+        self._ray = ray
+        self._ref = ref
+        self._board = board
+        self._key = key
+        self._consumer: Optional[Consumer] = None
+        self._requested = 0
+        self._escalation: Optional[_monitor.Timer] = None
+        self._monitor = _monitor.get()
+        self._monitor.hold()
+
+    def watch(self, consumer: Consumer) -> None:
+        monitor = self._monitor
+
+        def hand_over() -> None:
+            self._consumer = consumer
+            self._ref.future().add_done_callback(lambda f: monitor.call_soon(lambda: self._finished(f)))
+            self._board.pid.remote(self._key).future().add_done_callback(
+                lambda f: monitor.call_soon(lambda: self._pid_known(f))
+            )
+
+        monitor.call_soon(hand_over)
+
+    def signal(self, signum: int, escalate_after: Optional[float] = None) -> None:
+        self._monitor.call_soon(lambda: self._signal(signum, escalate_after))
+
+    def discard(self) -> None:
+        self.done = True
+        self._end()
+
+    def resume(self) -> None:
+        pass  # no stream on Ray
+
+    def abandon(self) -> None:
+        self.watch(_NOBODY)
+        self.signal(signal.SIGKILL)
+
+    # -- in the monitor thread ----------------------------------------------------------------
+
+    def _pid_known(self, future: Any) -> None:
+        try:
+            pid = int(future.result())
+        except Exception:  # noqa: BLE001 (the board is gone with the cluster)
+            return
+        if pid > 0 and self.pid is None:
+            self.pid = pid
+            if self._consumer is not None and not self.done:
+                self._consumer._pid_known(pid)
+
+    def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
+        if self.done:
+            return
+        try:
+            if signum == signal.SIGKILL:
+                self._requested = signal.SIGKILL
+                self._ray.cancel(self._ref, force=True, recursive=True)
+            elif signum:
+                self._requested = self._requested or signum
+                self._board.request.remote(self._key)
+        except Exception:  # noqa: BLE001 (the task already ended, or the cluster is gone)
+            pass
+        if escalate_after is not None and self._escalation is None:
+            self._escalation = self._monitor.call_at(
+                time.monotonic() + escalate_after, lambda: self._signal(signal.SIGKILL, None)
+            )
+
+    def _finished(self, future: Any) -> None:
+        if self.done or self._consumer is None:
+            return
+        messages: List[Tuple[int, Any]] = []
+        exitcode: Optional[int] = None
+        try:
+            kind, body, pid, exitcode = future.result()
+            messages.append((kind, body))
+            if self.pid is None:
+                self.pid = pid
+                self._consumer._pid_known(pid)
+        except BaseException as exc:  # noqa: BLE001 (whatever Ray raises is this task's end)
+            exitcode, message = self._describe(exc)
+            if message is not None:
+                messages.append((_wire.EXITED, pickle.dumps(message, pickle.HIGHEST_PROTOCOL)))
+        consumer = self._consumer
+        self.done = True
+        self._end()
+        if messages and messages[0][0] in _wire.EARLY:
+            consumer._outcome_sent(*messages[0])
+        consumer._ended(exitcode, messages, False, None)
+        self._consumer = None
+
+    def _describe(self, exc: BaseException) -> Tuple[Optional[int], Optional[str]]:
+        """(exit code, what to tell) for a task that ended without an outcome of its own."""
+        exceptions = self._ray.exceptions
+        if isinstance(exc, exceptions.TaskCancelledError) and self._requested == signal.SIGKILL:
+            return -signal.SIGKILL, None  # killed by stop(), kill() or a timeout: "stopped"
+        if isinstance(exc, exceptions.WorkerCrashedError):
+            return None, "the Ray worker running it died (WorkerCrashedError: no exit code on Ray)"
+        if isinstance(exc, exceptions.TaskCancelledError):
+            return None, "it was cancelled from outside bgtask (ray.cancel)"
+        if isinstance(exc, exceptions.RayTaskError):
+            cause = getattr(exc, "cause", exc)
+            return None, f"bgtask's runner failed on the Ray worker: {type(cause).__name__}: {cause}"
+        return None, f"Ray reported {type(exc).__name__}: {exc}"
+
+    def _end(self) -> None:
+        if self._escalation is not None:
+            self._escalation.cancel()
+            self._escalation = None
+        try:
+            self._board.release.remote(self._key)  # a pid() still waiting (never ran) returns
+        except Exception:  # noqa: BLE001 (the cluster is gone)
+            pass
+        self._monitor.release()

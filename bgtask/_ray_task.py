@@ -1,0 +1,226 @@
+"""The task side of the Ray backend: what runs on a Ray worker, and the stop board.
+
+::
+
+    main program ──run.remote(call, settings, board, key)──> Ray worker (its main thread)
+        |                                                    run(): the call, its outcome returned
+        |                                                    as (kind, body, pid), as a local task
+        |                                                    would send it
+        +──board.request(key)──> StopBoard actor ──wakes──> the task's stop watcher (a thread):
+                                                             graceful: stop event set, or SIGUSR1
+                                                             to its own process, whose handler
+                                                             raises the stop exception
+
+A Ray worker is reused from task to task, so a task leaves it as it found it: the SIGUSR1 handler
+is put back, and the watcher can no longer send the signal, before ``run`` returns (a signal in
+flight once the default handler is back would kill the worker). SIGTERM is Ray's own: it ends
+the worker. The board is one async actor per main program; a waiting watcher costs it nothing.
+
+This module is imported on Ray workers: it imports only the task side of bgtask, and Ray only
+when its functions are called.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, Dict, Tuple
+
+from . import _stop, _wire
+from ._serialization import dumps_value, loads_call, pack_exception, type_name
+from ._stop import _StopRequest, _TaskState
+
+# Set while a task runs in this process: bgtask calls made by the task go to Ray as well.
+in_task = False
+
+# The signal a stop arrives by. Not SIGTERM: Ray's handler for it ends the worker.
+STOP_SIGNAL = signal.SIGUSR1
+
+
+class _Entry:
+    __slots__ = ("pid", "started", "stop", "stopped")
+
+    def __init__(self, asyncio: Any) -> None:
+        self.stop = asyncio.Event()  # set by a stop request, or by the task's end
+        self.stopped = False  # a stop was requested
+        self.started = asyncio.Event()
+        self.pid = -1
+
+
+class StopBoard:
+    """Where the main program asks its Ray tasks to stop, and learns where they run.
+
+    Made an actor (async, so that thousands of waiting watchers cost one coroutine each) by the
+    main program's side of the backend; every method takes the task's key. A task submits
+    ``started``, ``wait`` and ``release`` in that order, and calls from one process run in the
+    order they were submitted: a task's end always wakes its watcher.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._asyncio = asyncio
+        self._entries: Dict[str, _Entry] = {}
+
+    def _entry(self, key: str) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(self._asyncio)
+        return entry
+
+    async def request(self, key: str) -> None:
+        """The main program asks the task to stop."""
+        entry = self._entry(key)
+        entry.stopped = True
+        entry.stop.set()
+
+    async def started(self, key: str, pid: int) -> None:
+        entry = self._entry(key)
+        entry.pid = pid
+        entry.started.set()
+
+    async def wait(self, key: str) -> bool:
+        """The task's watcher waits here: ``True`` to stop, ``False`` when the task ended first."""
+        entry = self._entry(key)
+        await entry.stop.wait()
+        return entry.stopped
+
+    async def pid(self, key: str) -> int:
+        """The task's worker pid once it runs; -1 if it ended without running."""
+        entry = self._entry(key)
+        await entry.started.wait()
+        return entry.pid
+
+    async def release(self, key: str) -> None:
+        """The task ended (said by the task, and by the main program): wake what waits, forget it."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry.stop.set()
+            entry.started.set()
+
+
+def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[int, bytes, int, int]:
+    """Run one call on this Ray worker: its outcome message, this process's pid, and the exit
+    code a task process of its own would have had."""
+    global in_task
+    import ray
+
+    pid = os.getpid()
+    board.started.remote(key, pid)
+    stop_requested = board.wait.remote(key)  # submitted before release(): see StopBoard
+    state = _TaskState(settings["graceful"])
+    guard = threading.Lock()
+    done = [False]
+
+    def on_stop_signal(signum: int, frame: Any) -> None:
+        if done[0]:
+            return  # after the task's end: nothing to stop, and the worker must live
+        first = not state.stopping
+        state.stopping = True
+        state.event._set()
+        if first and state.running and not state.cooperative:
+            raise _StopRequest()
+
+    def watch() -> None:
+        try:
+            stop = ray.get(stop_requested)
+        except Exception:
+            return
+        with guard:
+            if stop and not done[0]:
+                os.kill(pid, STOP_SIGNAL)  # the handler runs in the main thread, as locally
+
+    previous_state, _stop._state = _stop._state, state
+    previous_handler = signal.signal(STOP_SIGNAL, on_stop_signal)
+    in_task = True
+    try:
+        threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True).start()
+        try:
+            kind, data, code = _run_call(body, state)
+        except _StopRequest as stop:
+            state.running_done()
+            kind, data, code = _wire.STOPPED, _pickle(_where(stop)), -signal.SIGTERM
+        _finish_nested()  # a stop now raises nothing: the function is no longer running
+    finally:
+        try:
+            with guard:
+                done[0] = True
+        finally:
+            signal.signal(STOP_SIGNAL, previous_handler)
+            _stop._state = previous_state
+            in_task = False
+            board.release.remote(key)
+    return kind, data, pid, code
+
+
+def _run_call(body: bytes, state: _TaskState) -> Tuple[int, bytes, int]:
+    try:
+        fn, args, kwargs = loads_call(body, [])
+    except _StopRequest:
+        raise
+    except BaseException as exc:
+        return _wire.FAILED, _pickle(("load", *pack_exception(exc))), 1
+    try:
+        value = _call(fn, args, kwargs)
+    except _StopRequest:
+        raise
+    except SystemExit as exc:
+        state.running_done()
+        code = exc.code
+        number = 0 if code is None else code & 0xFF if isinstance(code, int) else 1
+        return _wire.EXITED, _pickle(f"the task called sys.exit({code!r})"), number
+    except KeyboardInterrupt:
+        state.running_done()
+        return _wire.EXITED, _pickle("the task let a KeyboardInterrupt escape"), 1
+    except BaseException as exc:
+        state.running_done()
+        packet = pack_exception(exc.with_traceback(_user_frames(exc.__traceback__)))
+        return _wire.ERROR, _pickle(packet), 0
+    state.running_done()
+    try:
+        return _wire.RESULT, dumps_value(value), 0
+    except BaseException as exc:
+        packet = pack_exception(exc)
+        return _wire.FAILED, _pickle(("result", f"the return value (a {type_name(value)})", *packet[1:])), 0
+
+
+def _call(fn: Any, args: Any, kwargs: Any) -> Any:
+    result = fn(*args, **kwargs)
+    if hasattr(type(result), "__await__"):
+        import asyncio
+
+        async def _await() -> Any:
+            return await result
+
+        return asyncio.run(_await())
+    return result
+
+
+def _finish_nested() -> None:
+    """Tasks this task started: the non-daemon ones waited for, the daemon ones stopped."""
+    lifecycle = sys.modules.get("bgtask._lifecycle")
+    if lifecycle is not None and lifecycle.live_tasks():
+        lifecycle.shutdown(wait=True)
+
+
+def _user_frames(tb: Any) -> Any:
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
+
+
+def _where(stop: BaseException) -> str:
+    """Where the user's code was when the stop exception was raised (bgtask's frames left out)."""
+    import traceback
+
+    here = os.path.dirname(__file__)
+    frames = [f for f in traceback.extract_tb(stop.__traceback__) if os.path.dirname(f.filename) != here]
+    return "".join(traceback.format_list(frames))
+
+
+def _pickle(obj: Any) -> bytes:
+    import pickle
+
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)

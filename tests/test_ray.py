@@ -1,0 +1,538 @@
+"""The Ray backend, on a real Ray cluster: the task contract, local and on Ray, and what is Ray's.
+
+One head node serves the session (``ray start --head`` in a temporary directory, its processes
+in a session of their own, stopped by pid, never with ``ray stop``), which the test process
+joins by address. They run in a pytest of their own, without xdist (``scripts/test.sh``:
+``pytest -p no:xdist tests/test_ray.py``): under xdist each worker would start a head node.
+Without Ray installed they are skipped, unless ``BGTASK_REQUIRE_RAY=1`` (CI) makes that an
+error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+
+import bgtask
+from bgtask import TaskCrashed, TaskStopped, background, stop_event
+
+from .helpers import Script, kill_quietly, pid_alive, run_script, script_env, wait_until
+
+try:
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    import ray
+except ImportError:  # pragma: no cover (CI installs the extra)
+    if os.environ.get("BGTASK_REQUIRE_RAY") == "1":
+        raise
+    pytest.skip("Ray is not installed (pip install 'bgtask[ray]')", allow_module_level=True)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    pytest.skip(
+        "the Ray tests share one head node: run them without xdist "
+        "(pytest -p no:xdist tests/test_ray.py, as scripts/test.sh does)",
+        allow_module_level=True,
+    )
+
+pytestmark = pytest.mark.ray
+
+RESULT_S = 120.0
+ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+# Stopped in this order, as `ray stop` does: the raylet first, the GCS last.
+FIRST, LAST = ("raylet",), ("gcs_server",)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class HeadNode:
+    """A Ray head node of the test session's own, and every process it started."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="bgray-")  # short: Ray's socket paths have a limit
+        self.port = _free_port()
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        ports = {
+            "--dashboard-agent-listen-port": _free_port(),
+            "--dashboard-agent-grpc-port": _free_port(),
+            "--metrics-export-port": _free_port(),
+            "--runtime-env-agent-port": _free_port(),
+        }
+        args = [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--temp-dir={self.tmp}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            *(f"{flag}={port}" for flag, port in ports.items()),
+        ]
+        # A session of its own: every process of the cluster, workers started later included,
+        # is in this process group, found by its id at the end.
+        proc = subprocess.Popen(
+            args,
+            env=dict(os.environ, **ENV),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pgid = proc.pid
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed ({proc.returncode}): {err[-2000:]}")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def members(self) -> Dict[int, str]:
+        found = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{name}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            if int(fields[2]) == self.pgid and fields[0] != "Z":
+                found[int(name)] = comm
+        return found
+
+    def stop(self) -> None:
+        members = self.members()
+        order = [
+            [p for p, c in members.items() if c in FIRST],
+            [p for p, c in members.items() if c not in FIRST + LAST],
+            [p for p, c in members.items() if c in LAST],
+        ]
+        for group in order:
+            for pid in group:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            wait_until(lambda group=group: not any(pid_alive(p) for p in group), timeout=5)
+        kill_quietly(list(self.members()))
+        wait_until(lambda: not self.members(), timeout=10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def head() -> Iterator[HeadNode]:
+    node = HeadNode()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(head: HeadNode) -> Iterator[str]:
+    """This test process joined to the head node; bgtask uses that connection."""
+    import warnings
+
+    for key, value in ENV.items():
+        os.environ.setdefault(key, value)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")  # GPU advice
+        ray.init(address=head.address, logging_level="WARNING")
+    try:
+        yield head.address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(params=["local", "ray"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The task contract, on this machine and on Ray."""
+    if request.param == "ray":
+        request.getfixturevalue("cluster")
+    return str(request.param)
+
+
+# -- the contract, on both backends ---------------------------------------------------------
+
+
+def test_result_and_exception(backend: str) -> None:
+    @background(backend=backend)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @background(backend=backend)
+    def fail() -> None:
+        raise KeyError("missing")
+
+    task = add(2, 3)
+    assert task.result(RESULT_S) == 5
+    task.join(RESULT_S)
+    assert task.exitcode == 0
+    assert isinstance(task.pid, int)
+    assert task.pid > 0
+    with pytest.raises(KeyError, match="missing") as caught:
+        fail().result(RESULT_S)
+    assert "in fail" in str(caught.value.__cause__)  # the task's own traceback, as the cause
+
+
+def test_a_crash_is_task_crashed(backend: str) -> None:
+    @background(backend=backend)
+    def crash() -> None:
+        os._exit(3)
+
+    with pytest.raises(TaskCrashed):
+        crash().result(RESULT_S)
+
+
+def test_sys_exit_is_a_crash_with_its_code(backend: str) -> None:
+    @background(backend=backend)
+    def leave() -> None:
+        sys.exit(4)
+
+    task = leave()
+    with pytest.raises(TaskCrashed, match=r"sys.exit\(4\)"):
+        task.result(RESULT_S)
+    assert task.exitcode == 4
+
+
+def test_graceful_stop_runs_finally_out_of_a_blocking_call(backend: str, tmp_path: Path) -> None:
+    marker = tmp_path / "cleaned"
+    started = tmp_path / "started"
+
+    @background(backend=backend, graceful=True, grace=30)
+    def sleeper(started: str, marker: str) -> None:
+        Path(started).write_text("yes")
+        try:
+            time.sleep(120)
+        finally:
+            Path(marker).write_text("yes")
+
+    task = sleeper(str(started), str(marker))
+    assert wait_until(started.exists, timeout=RESULT_S)
+    task.stop()
+    with pytest.raises(TaskStopped) as caught:
+        task.result(RESULT_S)
+    assert caught.value.reason == "stop"
+    assert marker.read_text() == "yes"
+    assert task.exitcode == -signal.SIGTERM
+
+
+def test_a_task_with_its_stop_event_ends_on_its_own(backend: str, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+
+    @background(backend=backend, graceful=True, grace=30)
+    def loop(started: str) -> str:
+        event = stop_event()
+        Path(started).write_text("yes")
+        while not event.is_set():
+            event.wait(0.05)
+        return "finished"
+
+    task = loop(str(started))
+    assert wait_until(started.exists, timeout=RESULT_S)
+    assert wait_until(lambda: task.pid is not None, timeout=RESULT_S)
+    task.stop()
+    assert task.result(RESULT_S) == "finished"
+
+
+def test_kill_and_grace_over(backend: str, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+
+    @background(backend=backend)
+    def forever(started: str) -> None:
+        Path(started).write_text("yes")
+        time.sleep(120)
+
+    @background(backend=backend, graceful=True, grace=0.5)
+    def stubborn(started: str) -> None:
+        Path(started).write_text("yes")
+        while True:
+            try:
+                time.sleep(120)
+            except BaseException:  # ignores its stop: killed after its grace
+                continue
+
+    task = forever(str(started))
+    assert wait_until(started.exists, timeout=RESULT_S)
+    task.kill()
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+    assert task.exitcode == -signal.SIGKILL
+    started.unlink()
+    task = stubborn(str(started))
+    assert wait_until(started.exists, timeout=RESULT_S)
+    task.stop()
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+    assert task.exitcode == -signal.SIGKILL
+
+
+def test_timeout(backend: str) -> None:
+    @background(backend=backend, timeout=1.0)
+    def forever() -> None:
+        time.sleep(120)
+
+    with pytest.raises(TaskStopped) as caught:
+        forever().result(RESULT_S)
+    assert caught.value.reason == "timeout"
+
+
+def test_future_await_and_callbacks(backend: str) -> None:
+    import asyncio
+    import concurrent.futures
+
+    @background(backend=backend)
+    def square(x: int) -> int:
+        return x * x
+
+    seen: List[Any] = []
+    tasks = [square(i) for i in range(4)]
+    tasks[0].add_done_callback(lambda t: seen.append(t.result()))
+    done, _ = concurrent.futures.wait(tasks, timeout=RESULT_S)
+    assert len(done) == 4
+    assert wait_until(lambda: seen == [0], timeout=10)
+
+    async def main() -> List[int]:
+        return [await square(i) for i in range(3)]
+
+    assert asyncio.run(main()) == [0, 1, 4]
+
+
+def test_cancelling_the_await_stops_the_task(backend: str, tmp_path: Path) -> None:
+    import asyncio
+
+    started = tmp_path / "started"
+
+    @background(backend=backend)
+    def forever(started: str) -> None:
+        Path(started).write_text("yes")
+        time.sleep(120)
+
+    async def main() -> Any:
+        task = forever(str(started))
+        waiter = asyncio.ensure_future(asyncio.wrap_future(task))
+        while not started.exists():
+            await asyncio.sleep(0.01)
+        waiter.cancel()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            pass
+        return task
+
+    task = asyncio.run(main())
+    task.join(RESULT_S)
+    assert not task.is_alive()
+    assert task.cancelled()
+
+
+def test_limit_and_map(backend: str) -> None:
+    @background(backend=backend, limit=2)
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert list(double.map(range(6))) == [0, 2, 4, 6, 8, 10]
+
+
+def test_nested_tasks_end_with_their_parent(backend: str) -> None:
+    @background(backend=backend)
+    def inner(x: int) -> int:
+        return x + 1
+
+    @background(backend=backend)
+    def outer() -> int:
+        return inner(1).result(60) + inner(2).result(60)
+
+    assert outer().result(RESULT_S) == 5
+
+
+# -- Ray's own ------------------------------------------------------------------------------
+
+
+def test_a_killed_ray_task_is_not_run_again(cluster: str, tmp_path: Path) -> None:
+    """max_retries is 0: a worker killed from outside is a crash, not a silent second run."""
+    runs = tmp_path / "runs"
+
+    @background(backend="ray")
+    def once(runs: str) -> int:
+        with open(runs, "a") as f:
+            f.write("run\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 1
+
+    with pytest.raises(TaskCrashed, match="Ray worker"):
+        once(str(runs)).result(RESULT_S)
+    assert runs.read_text() == "run\n"
+
+
+def test_what_cannot_go_to_ray_is_refused(cluster: str) -> None:
+    @background(backend="ray")
+    def gen() -> Iterator[int]:
+        yield 1
+
+    @background(backend="ray")
+    def takes(q: Any) -> None:
+        pass
+
+    with pytest.raises(bgtask.BgTaskError, match="generator"):
+        gen()
+    queue: bgtask.Queue[int] = bgtask.Queue()
+    with pytest.raises(bgtask.BgTaskError, match="descriptors"):
+        takes(queue)
+    with pytest.raises(ValueError, match="start_method"):
+        background(backend="ray", start_method="spawn")
+    with pytest.raises(TypeError, match="ray_options does not take 'gpu'"):
+        background(backend="ray", ray_options={"gpu": 1})
+    with pytest.raises(ValueError, match="backend"):
+        background(backend="dask")
+
+
+def test_ray_options_reach_ray(cluster: str) -> None:
+    @background(backend="ray", ray_options={"fresh_worker": True, "num_cpus": 0.5})
+    def where() -> int:
+        return os.getpid()
+
+    first, second = where().result(RESULT_S), where().result(RESULT_S)
+    assert first != second  # a worker of its own each time
+
+
+def test_a_daemon_holds_no_cpu_slot(cluster: str) -> None:
+    """Two CPUs on the head: three daemons and a worker task all run at once."""
+
+    @background(backend="ray", daemon=True, graceful=True)
+    def daemon() -> None:
+        stop_event().wait(120)
+
+    @background(backend="ray")
+    def work() -> str:
+        return "ran"
+
+    daemons = [daemon() for _ in range(3)]
+    try:
+        assert work().result(RESULT_S) == "ran"
+        assert all(d.is_alive() for d in daemons)
+    finally:
+        for d in daemons:
+            d.stop()
+        for d in daemons:
+            d.join(RESULT_S)
+
+
+def test_use_ray_at_the_end_of_a_program(head: HeadNode, tmp_path: Path) -> None:
+    """A program that joins by address: daemon tasks stop gracefully at its end (their
+    finally runs), non-daemon tasks are waited for, before Ray's own exit ends the job."""
+    env = dict(script_env(), **ENV)
+    result = run_script(
+        tmp_path,
+        f"""
+import pathlib, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background(daemon=True, graceful=True, grace=30)
+def daemon():
+    (HERE / "daemon-started").write_text("yes")
+    try:
+        time.sleep(120)
+    finally:
+        time.sleep(0.5)
+        (HERE / "daemon-cleaned").write_text("yes")
+
+@bgtask.background
+def worker():
+    while not (HERE / "daemon-started").exists():
+        time.sleep(0.01)
+    time.sleep(1)
+    (HERE / "worker-done").write_text("yes")
+
+if __name__ == "__main__":
+    bgtask.use_ray({head.address!r}, logging_level="WARNING")
+    daemon()
+    worker()
+""",
+        env=env,
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "worker-done").exists()
+    assert (tmp_path / "daemon-cleaned").exists()
+
+
+def test_ray_tasks_die_with_a_killed_main_program(head: HeadNode, tmp_path: Path) -> None:
+    """Documented limit: on Ray, every task of a killed main program dies with it, daemon or not."""
+    env = dict(script_env(), **ENV)
+    script = Script(
+        tmp_path,
+        f"""
+import os, pathlib, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background
+def worker():
+    (HERE / "pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    bgtask.use_ray({head.address!r}, logging_level="WARNING")
+    worker()
+    time.sleep(120)
+""",
+        env=env,
+    )
+    pid = 0
+    try:
+        assert wait_until((tmp_path / "pid").exists, timeout=RESULT_S), script.stderr()
+        pid = int((tmp_path / "pid").read_text())
+        os.kill(script.proc.pid, signal.SIGKILL)
+        script.wait(RESULT_S)
+        assert wait_until(lambda: not pid_alive(pid), timeout=60)
+    finally:
+        script.close()
+
+
+def test_without_ray_installed_the_error_names_the_extra(tmp_path: Path) -> None:
+    result = run_script(
+        tmp_path,
+        """
+import sys
+sys.modules["ray"] = None  # as if not installed
+import bgtask
+try:
+    bgtask.use_ray()
+except bgtask.BgTaskError as exc:
+    print(exc)
+print("ray imported by bgtask:", "ray" in sys.modules and sys.modules["ray"] is not None)
+""",
+        timeout=RESULT_S,
+    )
+    assert "pip install 'bgtask[ray]'" in result.stdout, result.stderr
+    assert "ray imported by bgtask: False" in result.stdout
+
+
+@pytest.mark.parametrize("join", [True, False], ids=["joined-by-address", "private-cluster"])
+def test_the_ray_example(head: HeadNode, join: bool) -> None:
+    """examples/ray_cluster.py, on the session's head node and on a private cluster of its own."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "ray_cluster.py"
+    args = [sys.executable, str(example)] + (["--address", head.address] if join else [])
+    result = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
+        args, capture_output=True, text=True, timeout=RESULT_S, env=dict(script_env(), **ENV)
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "ok: results in order, one crash reported, the daemon's cleanup ran" in result.stdout
