@@ -36,7 +36,7 @@ def _prepare(
     when the limiter alone does not ensure it, the deadline)."""
     own: Optional[Limiter] = options["limit"]
     if limit is None:
-        limit = own._limit if own is not None else os.cpu_count() or 1
+        limit = own._limit if own is not None else _cpus(options)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"map(): limit must be an int of at least 1, not {limit!r}")
     if timeout is not None and timeout < 0:
@@ -47,6 +47,15 @@ def _prepare(
     options = dict(options, limit=own or Limiter(limit), scoped=True, daemon=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     return options, 2 * limit, unfinished, deadline
+
+
+def _cpus(options: Dict[str, Any]) -> int:
+    """The CPUs the map's tasks run on: this machine's, or the Ray cluster's."""
+    from . import _ray
+
+    if _ray.wants_ray(options):
+        return _ray.launcher().cluster_cpus() or os.cpu_count() or 1
+    return os.cpu_count() or 1
 
 
 def _left(deadline: Optional[float]) -> Optional[float]:

@@ -100,7 +100,8 @@ class RayLauncher:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._owner = 0  # the pid that connected; a forked copy connects again
+        self._owner: Any = None  # (pid, Ray session) the handles below belong to
+        self._forked = False  # a forked copy of a connected program: Ray's worker is not its own
         self._run: Any = None
         self._run_fresh: Any = None  # max_calls=1 (Ray takes it only where the function is made)
         self._board: Any = None
@@ -108,23 +109,36 @@ class RayLauncher:
     def _connect(self) -> Tuple[Any, Any, Any]:
         ray = import_ray()
         with self._lock:
-            if self._owner != os.getpid():
+            if self._forked:
+                raise BgTaskError(
+                    "this process is a forked copy of a program connected to Ray, whose "
+                    "connection does not survive a fork: start Ray tasks from the original, or "
+                    "use backend='local' here"
+                )
+            if not ray.is_initialized() or self._owner != (os.getpid(), _session()):
                 if not ray.is_initialized():
                     kwargs = dict(_init)
                     address = kwargs.pop("address", None) or os.environ.get("RAY_ADDRESS") or "local"
                     kwargs.setdefault("include_dashboard", False)
                     kwargs.setdefault("logging_level", "WARNING")
-                    with warnings.catch_warnings():
-                        # Ray's advice about accelerator variables concerns its own users'
-                        # GPU settings, not this program's: not repeated on every start.
-                        warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-                        ray.init(address=address, **kwargs)
+                    # ray.init() replaces the program's SIGTERM handler (with sys.exit):
+                    # bgtask installs none in the main program, so it puts it back.
+                    handlers = _signal_handlers()
+                    try:
+                        with warnings.catch_warnings():
+                            # Ray's advice about accelerator variables concerns its users' GPU
+                            # settings, not this program's: not repeated on every start.
+                            warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+                            ray.init(address=address, **kwargs)
+                    finally:
+                        for signum, handler in handlers.items():
+                            signal.signal(signum, handler)
                 self._run = ray.remote(_ray_task.run)
                 self._run_fresh = ray.remote(max_calls=1)(_ray_task.run)
                 self._board = (
-                    ray.remote(_ray_task.StopBoard).options(num_cpus=0, max_concurrency=100_000).remote()
+                    ray.remote(_ray_task.StopBoard).options(num_cpus=0, max_concurrency=1_000_000).remote()
                 )
-                self._owner = os.getpid()
+                self._owner = (os.getpid(), _session())
             return ray, self._run, self._board
 
     def start(self, settings: Dict[str, Any], payload: Any) -> RayProcess:
@@ -162,12 +176,36 @@ class RayLauncher:
             raise BgTaskError(f"Ray did not take the task: {type(exc).__name__}: {exc}") from exc
         return RayProcess(ray, ref, board, key)
 
+    def cluster_cpus(self) -> int:
+        """The CPUs of the cluster (connecting first): a map's default limit on Ray."""
+        ray, _run, _board = self._connect()
+        try:
+            return int(ray.cluster_resources().get("CPU", 0))
+        except Exception:  # noqa: BLE001 (the cluster's state is unavailable: no default from it)
+            return 0
+
     def close(self) -> None:
         """Nothing: Ray's own exit hook ends a cluster started here, after bgtask's."""
 
     def forget_in_child(self) -> None:
         self._lock = threading.Lock()
-        self._owner = 0
+        self._forked = self._owner is not None
+        self._owner = None
+
+
+def _session() -> Any:
+    """The Ray session this process is connected to (a new one after ray.shutdown(), init())."""
+    import sys
+
+    worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
+    return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
+
+
+def _signal_handlers() -> Dict[int, Any]:
+    """The main thread's handlers Ray may replace; none elsewhere (only it can set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 _launcher: Optional[RayLauncher] = None
@@ -214,6 +252,8 @@ class RayProcess:
 
         def hand_over() -> None:
             self._consumer = consumer
+            if self._ref is None:
+                return  # discarded meanwhile
             self._ref.future().add_done_callback(lambda f: monitor.call_soon(lambda: self._finished(f)))
             self._board.pid.remote(self._key).future().add_done_callback(
                 lambda f: monitor.call_soon(lambda: self._pid_known(f))
@@ -230,6 +270,12 @@ class RayProcess:
 
     def resume(self) -> None:
         pass  # no stream on Ray
+
+    def block(self, timeout: Optional[float]) -> None:
+        """Wait for the task's end inside a Ray task: ``ray.wait`` lends this task's CPU out."""
+        ref = self._ref
+        if ref is not None and _ray_task.in_task:
+            self._ray.wait([ref], timeout=timeout)
 
     def abandon(self) -> None:
         self.watch(_NOBODY)
@@ -290,7 +336,8 @@ class RayProcess:
     def _describe(self, exc: BaseException) -> Tuple[Optional[int], Optional[str]]:
         """(exit code, what to tell) for a task that ended without an outcome of its own."""
         exceptions = self._ray.exceptions
-        if isinstance(exc, exceptions.TaskCancelledError) and self._requested == signal.SIGKILL:
+        killed = (exceptions.TaskCancelledError, exceptions.WorkerCrashedError)
+        if isinstance(exc, killed) and self._requested == signal.SIGKILL:
             return -signal.SIGKILL, None  # killed by stop(), kill() or a timeout: "stopped"
         if isinstance(exc, exceptions.WorkerCrashedError):
             return None, "the Ray worker running it died (WorkerCrashedError: no exit code on Ray)"
@@ -302,6 +349,7 @@ class RayProcess:
         return None, f"Ray reported {type(exc).__name__}: {exc}"
 
     def _end(self) -> None:
+        self._ref = None  # the result stays in Ray's object store while a reference lives
         if self._escalation is not None:
             self._escalation.cancel()
             self._escalation = None

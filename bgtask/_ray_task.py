@@ -53,25 +53,35 @@ class StopBoard:
     """Where the main program asks its Ray tasks to stop, and learns where they run.
 
     Made an actor (async, so that thousands of waiting watchers cost one coroutine each) by the
-    main program's side of the backend; every method takes the task's key. A task submits
-    ``started``, ``wait`` and ``release`` in that order, and calls from one process run in the
-    order they were submitted: a task's end always wakes its watcher.
+    main program's side of the backend; every method takes the task's key. An async actor need
+    not run calls in the order they were sent: a released key is remembered (the last
+    ``ENDED_KEPT``), so a ``wait`` or ``pid`` that arrives after its task's end returns at once
+    instead of waiting for ever.
     """
+
+    ENDED_KEPT = 100_000
 
     def __init__(self) -> None:
         import asyncio
+        import collections
 
         self._asyncio = asyncio
         self._entries: Dict[str, _Entry] = {}
+        self._ended: Any = collections.OrderedDict()
 
     def _entry(self, key: str) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry(self._asyncio)
+            if key in self._ended:  # its end came first: nothing will wake it otherwise
+                entry.stop.set()
+                entry.started.set()
         return entry
 
     async def request(self, key: str) -> None:
         """The main program asks the task to stop."""
+        if key in self._ended:
+            return
         entry = self._entry(key)
         entry.stopped = True
         entry.stop.set()
@@ -85,20 +95,32 @@ class StopBoard:
         """The task's watcher waits here: ``True`` to stop, ``False`` when the task ended first."""
         entry = self._entry(key)
         await entry.stop.wait()
+        self._forget(key)
         return entry.stopped
 
     async def pid(self, key: str) -> int:
         """The task's worker pid once it runs; -1 if it ended without running."""
         entry = self._entry(key)
         await entry.started.wait()
+        self._forget(key)
         return entry.pid
 
     async def release(self, key: str) -> None:
-        """The task ended (said by the task, and by the main program): wake what waits, forget it."""
-        entry = self._entries.pop(key, None)
+        """The task ended (said by the task, and by the main program): wake what waits."""
+        self._ended[key] = True
+        self._ended.move_to_end(key)
+        while len(self._ended) > self.ENDED_KEPT:
+            self._ended.popitem(last=False)
+        entry = self._entries.get(key)
         if entry is not None:
             entry.stop.set()
             entry.started.set()
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        """Drop an ended task's entry (the coroutines still waiting hold it)."""
+        if key in self._ended:
+            self._entries.pop(key, None)
 
 
 def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[int, bytes, int, int]:
@@ -111,6 +133,7 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
     board.started.remote(key, pid)
     stop_requested = board.wait.remote(key)  # submitted before release(): see StopBoard
     state = _TaskState(settings["graceful"])
+    state.running = False  # until the call is loaded: a stop never tears an import (see _run_call)
     guard = threading.Lock()
     done = [False]
 
@@ -148,26 +171,47 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
             with guard:
                 done[0] = True
         finally:
-            signal.signal(STOP_SIGNAL, previous_handler)
-            _stop._state = previous_state
-            in_task = False
-            board.release.remote(key)
+            try:
+                signal.signal(STOP_SIGNAL, previous_handler)
+            finally:
+                _stop._state = previous_state
+                in_task = False
+                _close_event(state)
+                board.release.remote(key)
     return kind, data, pid, code
 
 
+def _close_event(state: _TaskState) -> None:
+    """The stop event's pipe: a worker runs task after task, and must not collect them."""
+    event = state.event
+    for fd in (event._r, event._w):
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    event._r = event._w = -1
+
+
 def _run_call(body: bytes, state: _TaskState) -> Tuple[int, bytes, int]:
+    # Loaded before a stop may raise: a worker outlives its task, and an import a stop tore
+    # halfway would stay broken for every later task (C extensions do not load twice).
     try:
         fn, args, kwargs = loads_call(body, [])
-    except _StopRequest:
-        raise
     except BaseException as exc:
         return _wire.FAILED, _pickle(("load", *pack_exception(exc))), 1
+    state.running = True
+    if state.stopping and not state.cooperative:  # asked to stop before it began
+        state.running = False
+        raise _StopRequest()
     try:
         value = _call(fn, args, kwargs)
     except _StopRequest:
         raise
     except SystemExit as exc:
         state.running_done()
+        if hasattr(exc, "ray_terminate_msg"):
+            raise  # Ray ends this worker (a node drained, the job ended): not the task's exit
         code = exc.code
         number = 0 if code is None else code & 0xFF if isinstance(code, int) else 1
         return _wire.EXITED, _pickle(f"the task called sys.exit({code!r})"), number

@@ -110,8 +110,16 @@ class TaskCore(concurrent.futures.Future[R]):
 
     # -- waiting ---------------------------------------------------------------------
 
+    def _let_others_run(self, timeout: Optional[float]) -> None:
+        """Before a wait: a Ray task waiting for a task of its own lets Ray lend its CPU out,
+        or two tasks each waiting for their nested one would hold every CPU between them."""
+        block = getattr(self._process, "block", None)
+        if block is not None and not self._exited:
+            block(timeout)
+
     def _wait_exit(self, timeout: Optional[float]) -> bool:
         """Wait for the process to exit."""
+        self._let_others_run(timeout)
         with self._unthrottled(), self._condition:
             if not self._exited:
                 self._check_not_monitor()
@@ -119,6 +127,8 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
         self._check_owner()
+        if self._state in UNFINISHED:
+            self._let_others_run(timeout)
         with self._unthrottled(), self._condition:
             if self._state in UNFINISHED:
                 self._check_not_monitor()

@@ -407,7 +407,8 @@ def test_ray_options_reach_ray(cluster: str) -> None:
         return os.getpid()
 
     first, second = where().result(RESULT_S), where().result(RESULT_S)
-    assert first != second  # a worker of its own each time
+    assert first != second  # a worker of its own each time, which exits after it
+    assert wait_until(lambda: not pid_alive(first), timeout=60)
 
 
 def test_a_daemon_holds_no_cpu_slot(cluster: str) -> None:
@@ -424,7 +425,7 @@ def test_a_daemon_holds_no_cpu_slot(cluster: str) -> None:
     daemons = [daemon() for _ in range(3)]
     try:
         assert work().result(RESULT_S) == "ran"
-        assert all(d.is_alive() for d in daemons)
+        assert wait_until(lambda: all(d.pid is not None for d in daemons), timeout=RESULT_S)  # running
     finally:
         for d in daemons:
             d.stop()
@@ -536,3 +537,105 @@ def test_the_ray_example(head: HeadNode, join: bool) -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "ok: results in order, one crash reported, the daemon's cleanup ran" in result.stdout
+
+
+def test_runtime_env_sets_the_tasks_environment(cluster: str) -> None:
+    """A Ray task runs in its worker's environment; runtime_env is how to give it variables."""
+
+    @background(backend="ray", ray_options={"runtime_env": {"env_vars": {"BGTASK_RAY_TEST": "given"}}})
+    def read() -> str:
+        return os.environ.get("BGTASK_RAY_TEST", "absent")
+
+    os.environ["BGTASK_RAY_TEST_MAIN_ONLY"] = "1"
+    try:
+
+        @background(backend="ray")
+        def main_only() -> str:
+            return os.environ.get("BGTASK_RAY_TEST_MAIN_ONLY", "absent")
+
+        assert read().result(RESULT_S) == "given"
+        assert main_only().result(RESULT_S) == "absent"  # the main program's are not sent
+    finally:
+        del os.environ["BGTASK_RAY_TEST_MAIN_ONLY"]
+
+
+def test_nested_fan_out_lends_the_waiting_tasks_cpus(cluster: str) -> None:
+    """Two CPUs, two outer tasks each waiting for an inner one: the waits lend their CPUs out
+    (without that, the inner tasks would never be scheduled)."""
+
+    @background(backend="ray")
+    def inner(x: int) -> int:
+        return x * 10
+
+    @background(backend="ray")
+    def outer(x: int) -> int:
+        return inner(x).result(RESULT_S) + 1
+
+    assert list(outer.map(range(4), limit=2, timeout=RESULT_S)) == [1, 11, 21, 31]
+
+
+def test_stopping_and_killing_a_task_still_queued_in_ray(cluster: str, tmp_path: Path) -> None:
+    """Both CPUs busy: a queued task stopped or killed ends as TaskStopped, without running."""
+    ran = tmp_path / "ran"
+
+    @background(backend="ray", graceful=True, grace=30)
+    def busy() -> None:
+        stop_event().wait(RESULT_S)
+
+    @background(backend="ray", graceful=True, grace=30)
+    def queued(ran: str) -> None:
+        Path(ran).write_text("yes")
+
+    blockers = [busy() for _ in range(2)]
+    try:
+        assert wait_until(lambda: all(b.pid is not None for b in blockers), timeout=RESULT_S)
+        stopped, killed = queued(str(ran)), queued(str(ran))
+        stopped.stop()
+        killed.kill()
+        for task in (stopped, killed):
+            with pytest.raises(TaskStopped):
+                task.result(RESULT_S)
+    finally:
+        for blocker in blockers:
+            blocker.stop()
+        for blocker in blockers:
+            blocker.join(RESULT_S)
+    assert not ran.exists()
+
+
+def test_workers_stay_healthy_across_stops_racing_their_tasks_end(cluster: str) -> None:
+    """Stops that land as tasks finish never kill a worker (the SIGUSR1 handler is put back
+    under a lock), and a worker's descriptors do not grow with the tasks it ran."""
+
+    @background(backend="ray", graceful=True, grace=30)
+    def short(i: int) -> int:
+        stop_event()  # a task that asks for its event: its pipe is closed at its end
+        time.sleep(0.001 * (i % 5))
+        return i
+
+    def look() -> Any:
+        """Run by Ray itself, between bgtask's tasks: the worker as a task leaves it."""
+        import signal as signals
+        import sys as system
+
+        runner = system.modules.get("bgtask._ray_task")
+        default = signals.getsignal(signals.SIGUSR1) == signals.SIG_DFL
+        clean = default and not getattr(runner, "in_task", False)
+        return os.getpid(), len(os.listdir("/proc/self/fd")), clean
+
+    probe = ray.remote(look)
+    before = {pid: fds for pid, fds, _ in ray.get([probe.remote() for _ in range(6)], timeout=RESULT_S)}
+    outcomes = []
+    for i in range(60):
+        task = short(i)
+        task.stop()
+        try:
+            outcomes.append(task.result(RESULT_S))
+        except TaskStopped:
+            outcomes.append("stopped")
+    assert len(outcomes) == 60  # none crashed: TaskCrashed would have been raised
+    after = ray.get([probe.remote() for _ in range(6)], timeout=RESULT_S)
+    for pid, fds, clean in after:
+        assert clean, pid  # SIGUSR1 back to its default, bgtask's task flag off
+        if pid in before:
+            assert fds <= before[pid] + 4, (pid, before[pid], fds)
