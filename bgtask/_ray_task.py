@@ -29,6 +29,7 @@ import threading
 from typing import Any, Dict, Tuple
 
 from . import _stop, _wire
+from ._child import _call, _system_exit_code
 from ._serialization import dumps_value, loads_call, pack_exception, type_name
 from ._stop import _StopRequest, _TaskState
 
@@ -205,16 +206,14 @@ def _run_call(body: bytes, state: _TaskState) -> Tuple[int, bytes, int]:
         state.running = False
         raise _StopRequest()
     try:
-        value = _call(fn, args, kwargs)
+        value = _call(fn, args, kwargs, None)
     except _StopRequest:
         raise
     except SystemExit as exc:
         state.running_done()
         if hasattr(exc, "ray_terminate_msg"):
             raise  # Ray ends this worker (a node drained, the job ended): not the task's exit
-        code = exc.code
-        number = 0 if code is None else code & 0xFF if isinstance(code, int) else 1
-        return _wire.EXITED, _pickle(f"the task called sys.exit({code!r})"), number
+        return _wire.EXITED, _pickle(f"the task called sys.exit({exc.code!r})"), _system_exit_code(exc)
     except KeyboardInterrupt:
         state.running_done()
         return _wire.EXITED, _pickle("the task let a KeyboardInterrupt escape"), 1
@@ -228,18 +227,6 @@ def _run_call(body: bytes, state: _TaskState) -> Tuple[int, bytes, int]:
     except BaseException as exc:
         packet = pack_exception(exc)
         return _wire.FAILED, _pickle(("result", f"the return value (a {type_name(value)})", *packet[1:])), 0
-
-
-def _call(fn: Any, args: Any, kwargs: Any) -> Any:
-    result = fn(*args, **kwargs)
-    if hasattr(type(result), "__await__"):
-        import asyncio
-
-        async def _await() -> Any:
-            return await result
-
-        return asyncio.run(_await())
-    return result
 
 
 def _finish_nested() -> None:
