@@ -639,3 +639,53 @@ def test_workers_stay_healthy_across_stops_racing_their_tasks_end(cluster: str) 
         assert clean, pid  # SIGUSR1 back to its default, bgtask's task flag off
         if pid in before:
             assert fds <= before[pid] + 4, (pid, before[pid], fds)
+
+
+def test_ctrl_c_at_the_end_stops_the_waited_for_ray_tasks(head: HeadNode, tmp_path: Path) -> None:
+    """At the program's end, a Ctrl-C stops the non-daemon tasks it waits for (their finally
+    runs), a second one kills them; no traceback from a task either way."""
+    env = dict(script_env(), **ENV)
+    script = Script(
+        tmp_path,
+        f"""
+import pathlib, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background(graceful=True, grace=60)
+def polite():
+    (HERE / "polite-started").write_text("yes")
+    try:
+        time.sleep(120)
+    finally:
+        (HERE / "polite-cleaned").write_text("yes")
+
+@bgtask.background(graceful=True, grace=60)
+def stubborn():
+    (HERE / "stubborn-started").write_text("yes")
+    while True:
+        try:
+            time.sleep(120)
+        except BaseException:
+            pass
+
+if __name__ == "__main__":
+    bgtask.use_ray({head.address!r}, logging_level="WARNING")
+    polite()
+    stubborn()
+    print("waiting", flush=True)
+""",
+        env=env,
+    )
+    try:
+        script.expect("waiting", timeout=RESULT_S)
+        assert wait_until((tmp_path / "polite-started").exists, timeout=RESULT_S)
+        assert wait_until((tmp_path / "stubborn-started").exists, timeout=RESULT_S)
+        script.signal_group(signal.SIGINT)  # the terminal's Ctrl-C: stops both
+        assert wait_until((tmp_path / "polite-cleaned").exists, timeout=RESULT_S)
+        script.signal_group(signal.SIGINT)  # the second: kills the one that ignored it
+        script.wait(RESULT_S)
+        assert "Traceback" not in script.stderr()
+    finally:
+        script.close()
