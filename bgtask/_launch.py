@@ -15,6 +15,7 @@ process's end to it (in the monitor thread). Nothing above this seam knows which
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
 
@@ -67,11 +68,16 @@ def get(method: Optional[str]) -> Launcher:
 
 
 def for_options(options: Dict[str, Any]) -> Launcher:
-    """The launcher a function with these options starts its tasks with (Ray's, or a method's)."""
-    from . import _ray
+    """The launcher a function with these options starts its tasks with (Ray's, or a method's).
 
-    if _ray.wants_ray(options):
-        return _ray.launcher()  # type: ignore[return-value]
+    A program that never asked for Ray never imports the backend (nor, through it, the task
+    runtime): ``use_ray()`` and a Ray task's runner import it first.
+    """
+    if options.get("backend") == "ray" or "bgtask._ray" in sys.modules or "bgtask._ray_task" in sys.modules:
+        from . import _ray
+
+        if _ray.wants_ray(options):
+            return _ray.launcher()  # type: ignore[return-value]
     return get(options["start_method"])
 
 

@@ -10,9 +10,10 @@
                        signal(SIGTERM, grace) ──> board.request(key) (the task stops itself)
                        signal(SIGKILL) or grace over ──> ray.cancel(force=True, recursive=True)
 
-Ray is imported on first use, never by ``import bgtask``. A private local cluster (the default
-of ``use_ray()``) is started by the first Ray task and ended by Ray's own exit hook, which runs
-after bgtask's: daemon tasks are stopped gracefully and non-daemon ones waited for first.
+Ray is imported on first use, never by ``import bgtask``. A connection bgtask made (a private
+local cluster by default) is ended by bgtask's exit procedure once daemon tasks were stopped
+gracefully and non-daemon ones waited for, before Ray's own exit hook and the interpreter's end;
+the next Ray task after a ``bgtask.shutdown()`` connects again.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class RayLauncher:
         self._lock = threading.Lock()
         self._owner: Any = None  # (pid, Ray session) the handles below belong to
         self._forked = False  # a forked copy of a connected program: Ray's worker is not its own
+        self._connected_here = False  # this launcher called ray.init(): it ends the connection
         self._run: Any = None
         self._run_fresh: Any = None  # max_calls=1 (Ray takes it only where the function is made)
         self._board: Any = None
@@ -130,6 +132,7 @@ class RayLauncher:
                             # settings, not this program's: not repeated on every start.
                             warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
                             ray.init(address=address, **kwargs)
+                        self._connected_here = True
                     finally:
                         for signum, handler in handlers.items():
                             signal.signal(signum, handler)
@@ -185,7 +188,19 @@ class RayLauncher:
             return 0
 
     def close(self) -> None:
-        """Nothing: Ray's own exit hook ends a cluster started here, after bgtask's."""
+        """At the end of the exit procedure: disconnect from Ray if bgtask connected, so that
+        Ray's threads stop before the interpreter does (and a private cluster ends with it)."""
+        import sys
+
+        ray = sys.modules.get("ray")
+        with self._lock:
+            connected, self._connected_here = self._connected_here, False
+            self._owner = None
+        if connected and ray is not None and ray.is_initialized() and not _ray_task.in_task:
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001 (the exit procedure goes on)
+                pass
 
     def forget_in_child(self) -> None:
         self._lock = threading.Lock()

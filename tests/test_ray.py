@@ -349,15 +349,19 @@ def test_limit_and_map(backend: str) -> None:
 
 
 def test_nested_tasks_end_with_their_parent(backend: str) -> None:
-    @background(backend=backend)
-    def inner(x: int) -> int:
-        return x + 1
+    """A task's own tasks run where it runs: on Ray without being told, inside a Ray task."""
+
+    @background
+    def inner(x: int) -> Any:
+        runner = sys.modules.get("bgtask._ray_task")
+        return x + 1, bool(getattr(runner, "in_task", False))
 
     @background(backend=backend)
-    def outer() -> int:
-        return inner(1).result(60) + inner(2).result(60)
+    def outer() -> Any:
+        (a, on_ray_a), (b, on_ray_b) = inner(1).result(60), inner(2).result(60)
+        return a + b, on_ray_a and on_ray_b
 
-    assert outer().result(RESULT_S) == 5
+    assert outer().result(RESULT_S) == (5, backend == "ray")
 
 
 # -- Ray's own ------------------------------------------------------------------------------
@@ -638,7 +642,8 @@ def test_workers_stay_healthy_across_stops_racing_their_tasks_end(cluster: str) 
     for pid, fds, clean in after:
         assert clean, pid  # SIGUSR1 back to its default, bgtask's task flag off
         if pid in before:
-            assert fds <= before[pid] + 4, (pid, before[pid], fds)
+            # A leak is two per task (60 tasks over a few workers); Ray's own connections vary
+            assert fds <= before[pid] + 16, (pid, before[pid], fds)
 
 
 def test_ctrl_c_at_the_end_stops_the_waited_for_ray_tasks(head: HeadNode, tmp_path: Path) -> None:
@@ -648,10 +653,26 @@ def test_ctrl_c_at_the_end_stops_the_waited_for_ray_tasks(head: HeadNode, tmp_pa
     script = Script(
         tmp_path,
         f"""
-import pathlib, time
+import pathlib, sys, threading, time
 import bgtask
 
 HERE = pathlib.Path(__file__).parent
+
+def announce_exit_wait():
+    # IN-EXIT-WAIT once main waits in bgtask's exit procedure: the handshake for the signals.
+    main = threading.main_thread().ident
+
+    def watch():
+        while True:
+            frame = sys._current_frames().get(main)
+            while frame is not None:
+                if frame.f_code.co_name == "_wait_for_non_daemons":
+                    print("IN-EXIT-WAIT", flush=True)
+                    return
+                frame = frame.f_back
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 @bgtask.background(graceful=True, grace=60)
 def polite():
@@ -674,14 +695,14 @@ if __name__ == "__main__":
     bgtask.use_ray({head.address!r}, logging_level="WARNING")
     polite()
     stubborn()
-    print("waiting", flush=True)
+    announce_exit_wait()
 """,
         env=env,
     )
     try:
-        script.expect("waiting", timeout=RESULT_S)
         assert wait_until((tmp_path / "polite-started").exists, timeout=RESULT_S)
         assert wait_until((tmp_path / "stubborn-started").exists, timeout=RESULT_S)
+        script.expect("IN-EXIT-WAIT", timeout=RESULT_S)  # main returned; bgtask waits for them
         script.signal_group(signal.SIGINT)  # the terminal's Ctrl-C: stops both
         assert wait_until((tmp_path / "polite-cleaned").exists, timeout=RESULT_S)
         script.signal_group(signal.SIGINT)  # the second: kills the one that ignored it
