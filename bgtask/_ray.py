@@ -133,6 +133,7 @@ class RayLauncher:
                             warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
                             ray.init(address=address, **kwargs)
                         self._connected_here = True
+                        _preload_log_filter()
                     finally:
                         for signum, handler in handlers.items():
                             signal.signal(signum, handler)
@@ -206,6 +207,18 @@ class RayLauncher:
         self._lock = threading.Lock()
         self._forked = self._owner is not None
         self._owner = None
+
+
+def _preload_log_filter() -> None:
+    """Import now what Ray's log thread imports on the first worker line it relays.
+
+    A line arriving as the interpreter ends (a worker killed by the second Ctrl-C, say) made
+    that thread import ``concurrent.futures`` during shutdown and die with a traceback.
+    """
+    try:
+        import ray.autoscaler.v2.utils  # noqa: F401
+    except Exception:  # noqa: BLE001 (another Ray release: nothing to preload)
+        pass
 
 
 def _session() -> Any:
