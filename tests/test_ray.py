@@ -491,7 +491,8 @@ HERE = pathlib.Path(__file__).parent
 
 @bgtask.background
 def worker():
-    (HERE / "pid").write_text(str(os.getpid()))
+    (HERE / "pid.tmp").write_text(str(os.getpid()))
+    (HERE / "pid.tmp").rename(HERE / "pid")  # whole when it appears
     time.sleep(120)
 
 if __name__ == "__main__":
