@@ -88,20 +88,18 @@ def run_before_ray() -> None:
     """
     global _after_ray
     ray = sys.modules.get("ray")
-    connected = ray is not None and ray.is_initialized()
-    if not connected or _after_ray == (os.getpid(), _ray_session()):
+    if ray is None or not ray.is_initialized():
+        return
+    from ._ray_task import session
+
+    connection = (os.getpid(), session())
+    if _after_ray == connection:
         return
     with _lock:
         if _hook_owner == os.getpid():
             atexit.unregister(_at_exit)
             atexit.register(_at_exit)
-            _after_ray = (os.getpid(), _ray_session())
-
-
-def _ray_session() -> Any:
-    worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
-    node = getattr(worker, "node", None)
-    return getattr(node, "session_name", None)
+            _after_ray = connection
 
 
 _after_ray: Any = None

@@ -117,7 +117,7 @@ class RayLauncher:
                     "connection does not survive a fork: start Ray tasks from the original, or "
                     "use backend='local' here"
                 )
-            if not ray.is_initialized() or self._owner != (os.getpid(), _session()):
+            if not ray.is_initialized() or self._owner != (os.getpid(), _ray_task.session()):
                 if not ray.is_initialized():
                     kwargs = dict(_init)
                     address = kwargs.pop("address", None) or os.environ.get("RAY_ADDRESS") or "local"
@@ -142,7 +142,7 @@ class RayLauncher:
                 self._board = (
                     ray.remote(_ray_task.StopBoard).options(num_cpus=0, max_concurrency=1_000_000).remote()
                 )
-                self._owner = (os.getpid(), _session())
+                self._owner = (os.getpid(), _ray_task.session())
             return ray, self._run, self._board
 
     def start(self, settings: Dict[str, Any], payload: Any) -> RayProcess:
@@ -219,14 +219,6 @@ def _preload_log_filter() -> None:
         import ray.autoscaler.v2.utils  # noqa: F401
     except Exception:  # noqa: BLE001 (another Ray release: nothing to preload)
         pass
-
-
-def _session() -> Any:
-    """The Ray session this process is connected to (a new one after ray.shutdown(), init())."""
-    import sys
-
-    worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
-    return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
 
 
 def _signal_handlers() -> Dict[int, Any]:

@@ -124,6 +124,13 @@ class StopBoard:
             self._entries.pop(key, None)
 
 
+def session() -> Any:
+    """The Ray session this process is connected to: a new one after ``ray.shutdown()`` and
+    ``ray.init()`` (read off Ray's worker, without importing Ray)."""
+    worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
+    return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
+
+
 def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[int, bytes, int, int]:
     """Run one call on this Ray worker: its outcome message, this process's pid, and the exit
     code a task process of its own would have had."""
