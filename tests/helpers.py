@@ -148,6 +148,26 @@ def zombie_children() -> List[int]:
 
 # Handshakes through files in a script's directory (its cwd), for the scripts tests write: the
 # script defines HERE (its directory) and imports time before this.
+# Script source: announce_exit_wait() prints IN-EXIT-WAIT once the script's main thread waits in
+# bgtask's exit procedure (needs sys, threading and time imported).
+ANNOUNCE_EXIT_WAIT = """
+def announce_exit_wait():
+    # Print IN-EXIT-WAIT once main waits in bgtask's exit procedure: a handshake for signals.
+    main = threading.main_thread().ident
+
+    def watch():
+        while True:
+            frame = sys._current_frames().get(main)
+            while frame is not None:
+                if frame.f_code.co_name == "_wait_for_non_daemons":
+                    print("IN-EXIT-WAIT", flush=True)
+                    return
+                frame = frame.f_back
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+"""
+
 SCRIPT_HANDSHAKES = """
 def ready(name):
     (HERE / name).touch()

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from .helpers import (
+    ANNOUNCE_EXIT_WAIT,
     ROOT,
     SCRIPT_HANDSHAKES,
     Script,
@@ -58,22 +59,9 @@ def cooperative_daemon():
         event.wait(0.05)
     (HERE / "cooperative-saw-stop").write_text("yes")
 
-def announce_exit_wait():
-    # Print IN-EXIT-WAIT once main waits in bgtask's exit procedure: a handshake for signals.
-    main = threading.main_thread().ident
-
-    def watch():
-        while True:
-            frame = sys._current_frames().get(main)
-            while frame is not None:
-                if frame.f_code.co_name == "_wait_for_non_daemons":
-                    print("IN-EXIT-WAIT", flush=True)
-                    return
-                frame = frame.f_back
-            time.sleep(0.005)
-
-    threading.Thread(target=watch, daemon=True).start()
-
+"""
+    + ANNOUNCE_EXIT_WAIT
+    + """
 @background(start_method=METHOD)
 def worker(seconds):
     ready("worker")

@@ -436,10 +436,12 @@ def test_map_needs_an_iterable() -> None:
 
 
 @pytest.mark.parametrize("signum", [9, 15])
-def test_map_tasks_end_with_a_killed_main_program(tmp_path: Path, signum: int) -> None:
+def test_map_tasks_end_with_a_killed_main_program(
+    tmp_path: Path, signum: int, start_method: Optional[str]
+) -> None:
     """A map's tasks are not kept when the main program is killed (a daemon's end, not a
     non-daemon's): the running ones are stopped, as at a normal end."""
-    from .helpers import Script, kill_quietly, pid_alive, wait_until
+    from .helpers import Script, kill_quietly, pid_alive, script_env, wait_until
 
     script = Script(
         tmp_path,
@@ -447,7 +449,7 @@ def test_map_tasks_end_with_a_killed_main_program(tmp_path: Path, signum: int) -
 import os, time
 import bgtask
 
-@bgtask.background
+@bgtask.background(start_method=os.environ.get("BGTASK_TEST_START_METHOD") or None)
 def slow(i):
     print(f"task {os.getpid()}", flush=True)
     time.sleep(120)
@@ -456,6 +458,7 @@ if __name__ == "__main__":
     for _ in slow.map(range(4), limit=2):
         pass
 """,
+        env=dict(script_env(), BGTASK_TEST_START_METHOD=start_method or ""),
     )
     pids: List[int] = []
     try:

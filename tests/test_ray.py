@@ -26,7 +26,7 @@ import pytest
 import bgtask
 from bgtask import TaskCrashed, TaskStopped, background, stop_event
 
-from .helpers import Script, kill_quietly, pid_alive, run_script, script_env, wait_until
+from .helpers import ANNOUNCE_EXIT_WAIT, Script, kill_quietly, pid_alive, run_script, script_env, wait_until
 
 try:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
@@ -659,22 +659,7 @@ import bgtask
 
 HERE = pathlib.Path(__file__).parent
 
-def announce_exit_wait():
-    # IN-EXIT-WAIT once main waits in bgtask's exit procedure: the handshake for the signals.
-    main = threading.main_thread().ident
-
-    def watch():
-        while True:
-            frame = sys._current_frames().get(main)
-            while frame is not None:
-                if frame.f_code.co_name == "_wait_for_non_daemons":
-                    print("IN-EXIT-WAIT", flush=True)
-                    return
-                frame = frame.f_back
-            time.sleep(0.005)
-
-    threading.Thread(target=watch, daemon=True).start()
-
+{ANNOUNCE_EXIT_WAIT}
 @bgtask.background(graceful=True, grace=60)
 def polite():
     (HERE / "polite-started").write_text("yes")
