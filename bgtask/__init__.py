@@ -43,7 +43,8 @@ from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, Ta
 from ._lifecycle import shutdown
 from ._limits import Limiter
 from ._ready import ready
-from ._stop import StopEvent, stop_event
+from ._stop import StopEvent
+from ._taskctx import stop_event
 
 if TYPE_CHECKING:
     from ._queue import Queue, ShutDown
@@ -91,11 +92,14 @@ def use_ray(address: "Optional[str]" = None, **ray_init_kwargs: Any) -> None:
 
 
 def active() -> "List[Task[Any]]":
-    """The tasks this program started whose process has not ended, oldest first.
+    """The tasks this program started that have not ended yet, oldest first.
 
-    Each is a ``Task`` handle: ``name``, ``pid``, ``is_daemon``, ``age`` tell what it is. For
-    diagnostics and leak checks: a task is listed until its process is gone, whether or not its
-    handle is kept.
+    That is the running ones; the pending ones, waiting for a place in a ``Limiter`` (their
+    ``pid`` is ``None``); and those whose outcome is known but whose process is still exiting
+    (running its cleanup). Each is a ``Task`` handle: ``name``, ``pid``, ``is_daemon``, ``age``
+    tell what it is. For diagnostics and leak checks: a task is listed until its process is
+    gone (or, pending, until it is stopped or started and gone), whether or not its handle is
+    kept.
     """
     from ._lifecycle import active
 

@@ -28,33 +28,20 @@ latency): only the wire format, the stop event and pickling.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Iterator, List, NoReturn, Optional, Set
+from typing import Any, List, NoReturn, Set
 
-from . import _logs, _platform, _ready, _stop, _wire
-from ._serialization import MAX_DESCRIPTORS, dumps_value, loads_call, pack_exception, type_name
-from ._stop import _StopRequest, _TaskState
+from . import _logs, _platform, _taskctx, _wire
+from ._runner import run_call, stopped
+from ._serialization import MAX_DESCRIPTORS
+from ._stop import _StopRequest
+from ._taskctx import Context, TaskState, set_handler
 from ._wire import Settings
 
-
-def _c_signal() -> Callable[[int, Any], Any]:
-    """``signal.signal`` without its conversions to and from enums.
-
-    Those touch memory a task would otherwise share with its zygote: about 0.1 ms per task.
-    """
-    try:
-        import _signal  # type: ignore[import-not-found]
-    except ImportError:  # not CPython
-        return signal.signal
-    return _signal.signal  # type: ignore[no-any-return]
-
-
-set_handler = _c_signal()
 SIG_DFL = int(signal.SIG_DFL)  # a plain int: the C function does not take the enum everywhere
 
 
@@ -64,29 +51,23 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
     ``prepared`` tells that :func:`prepare_process` already ran (in a zygote's spare, ahead of
     the call).
     """
-    global _task_sock
     code = 1
     if not prepared:
         # Under spawn it arrives inheritable: the task's children must not hold it open, or
         # the main program would not see the task's end on it.
         sock.set_inheritable(False)
-    state = _TaskState(settings["graceful"])
-    _stop._state = state
-    _task_sock = sock
-    global _parent_pid, _send_queued
-    _parent_pid = settings.get("parent", 0)
-    send = _atomic_sender(sock, state)  # ready() and log records
-    _send_queued = _queued_sender(sock)
-    _ready._install(send)
+    state = TaskState(settings["graceful"])
+    context = Context(state, sock, settings.get("parent", 0))
+    _taskctx.install(context)
     try:
         try:
             if not prepared:
                 prepare_streams()
                 prepare_process()
-            _apply_settings(settings, send)
-            code = _run_and_report(sock, settings, state, send, stdio_on_payload=not prepared)
+            _apply_settings(settings, context)
+            code = _run_and_report(context, settings, stdio_on_payload=not prepared)
         except _StopRequest as stop:
-            _report_stopped(sock, stop)
+            _report_stopped(context, stop)
             code = -signal.SIGTERM
         _finish(settings)
     except _StopRequest:  # a second stop during cleanup: the outcome is already reported
@@ -131,9 +112,6 @@ def become_spare(sock: socket.socket, zygote_pid: int) -> NoReturn:
     run(sock, settings, prepared=True)
 
 
-_task_sock: Optional[socket.socket] = None
-
-
 def prepare_process() -> None:
     """What does not depend on the task; a zygote's spare does it ahead of the call."""
     global _subreaper
@@ -148,7 +126,7 @@ def prepare_process() -> None:
     # Terminal Ctrl-C is for the main program to act on. A Python-level handler, not SIG_IGN,
     # so that programs this task runs with exec get the default disposition back.
     set_handler(signal.SIGINT, _ignore_signal)
-    os.register_at_fork(after_in_child=_close_in_fork)
+    os.register_at_fork(after_in_child=_taskctx.forget_in_child)
 
 
 def prepare_streams() -> None:
@@ -170,9 +148,9 @@ def prepare_streams() -> None:
 _subreaper = False
 
 
-def _apply_settings(settings: Settings, send: Callable[[int, bytes], None]) -> None:
+def _apply_settings(settings: Settings, context: Context) -> None:
     if settings["graceful"]:
-        set_handler(signal.SIGTERM, _on_stop_signal)
+        set_handler(signal.SIGTERM, _taskctx.on_stop_signal)
     else:
         set_handler(signal.SIGTERM, SIG_DFL)
     env = settings.get("env")
@@ -198,7 +176,7 @@ def _apply_settings(settings: Settings, send: Callable[[int, bytes], None]) -> N
     _platform.set_process_name(name if name != _platform.ZYGOTE_NAME else f"task:{name}")
     logs = settings.get("logging")
     if logs is not None:
-        _logs.install(logs, lambda data: send(_wire.LOG, data), name)
+        _logs.install(logs, lambda data: context.send(_wire.LOG, data), name)
     else:
         _logs.uninstall()
     mp_process = sys.modules.get("multiprocessing.process")
@@ -220,13 +198,9 @@ def _adopt_stdio(fds: List[int]) -> None:
         os.close(fd)
 
 
-def _run_and_report(
-    sock: socket.socket,
-    settings: Settings,
-    state: _TaskState,
-    send: Callable[[int, bytes], None],
-    stdio_on_payload: bool,
-) -> int:
+def _run_and_report(context: Context, settings: Settings, stdio_on_payload: bool) -> int:
+    sock, state = context.channel, context.state
+    assert sock is not None
     stdio = 2 if settings.get("stdio") and stdio_on_payload else 0
     try:
         message = _wire.recv_message(sock, maxfds=stdio + MAX_DESCRIPTORS)
@@ -247,130 +221,15 @@ def _run_and_report(
             daemon=True,
         ).start()
     body = message[1]
-    try:
-        fn, args, kwargs = loads_call(body, fds)
-    except BaseException as exc:
-        if isinstance(exc, _StopRequest):
-            raise
-        _send(sock, _wire.FAILED, _data(("load", *pack_exception(exc))))
-        return 1
-    del body, message
-    try:
-        value = _call(fn, args, kwargs, send if settings.get("stream") else None)
-    except _StopRequest:
-        raise
-    except SystemExit as exc:
-        state.running_done()
-        code = _system_exit_code(exc)
-        _send(sock, _wire.EXITED, _data(f"the task called sys.exit({exc.code!r})"))
-        return code
-    except KeyboardInterrupt:
-        state.running_done()
-        _send(sock, _wire.EXITED, _data("the task let a KeyboardInterrupt escape"))
-        return 1
-    except BaseException as exc:
-        state.running_done()
-        _send(sock, _wire.ERROR, _data(pack_exception(exc.with_traceback(_user_frames(exc.__traceback__)))))
-        return 0
-    state.running_done()
-    del fn, args, kwargs
-    try:
-        data = dumps_value(value)
-    except BaseException as exc:
-        packet = pack_exception(exc)
-        what = f"the return value (a {type_name(value)})"
-        if type(value).__name__ in ("generator", "async_generator"):
-            what += " (decorate the generator function itself to stream its values)"
-        _send(sock, _wire.FAILED, _data(("result", what, *packet[1:])))
-        return 0
-    del value
-    _send(sock, _wire.RESULT, data)
-    return 0
+    del message
+    kind, data, code = run_call(body, fds, state, context.send if settings.get("stream") else None)
+    del body
+    context.send(kind, data)
+    return code
 
 
-def _call(fn: Any, args: Any, kwargs: Any, stream: Optional[Callable[[int, bytes], None]]) -> Any:
-    result = fn(*args, **kwargs)
-    if stream is not None:
-        return _stream(result, stream)
-    if _is_awaitable(result):
-        import asyncio
-
-        async def _await() -> Any:
-            return await result
-
-        return asyncio.run(_await())
-    return result
-
-
-def _stream(values: Any, send: Callable[[int, bytes], None]) -> Any:
-    """Send what a generator yields, each as it comes; return what it returns.
-
-    Whatever ends it early (a stop, an item that cannot be pickled) closes the generator first,
-    so that its ``finally`` and ``with`` blocks run.
-    """
-    count = 0
-
-    def data(item: Any) -> bytes:
-        try:
-            return dumps_value(item)
-        except Exception as exc:
-            raise TypeError(
-                f"item {count} the task yielded (a {type_name(item)}) cannot be pickled: {exc}"
-            ) from exc
-
-    if not hasattr(values, "__next__") and not hasattr(values, "__anext__"):
-        # A wrapper of a generator function that returned something else: a plain result.
-        return _call(lambda: values, (), {}, None)
-    if hasattr(values, "__anext__"):
-        import asyncio
-
-        async def pump() -> None:
-            nonlocal count
-            try:
-                async for item in values:
-                    send(_wire.ITEM, data(item))
-                    count += 1
-            finally:
-                close = getattr(values, "aclose", None)  # an async generator's; not every iterator's
-                if close is not None:
-                    await close()
-
-        asyncio.run(pump())
-        return None
-    try:
-        while True:
-            try:
-                item = next(values)
-            except StopIteration as stop:
-                return stop.value
-            send(_wire.ITEM, data(item))
-            count += 1
-    finally:
-        close = getattr(values, "close", None)  # a generator's: nothing if it returned or raised
-        if close is not None:
-            close()
-
-
-def _is_awaitable(value: Any) -> bool:
-    # What `await` accepts; cheaper than inspect.isawaitable's ABC checks on every task.
-    return hasattr(type(value), "__await__")
-
-
-def _report_stopped(sock: socket.socket, stop: _StopRequest) -> None:
-    import traceback
-
-    # Where the user's code was: bgtask's own frames (ready(), the runtime) are left out.
-    here = os.path.dirname(__file__)
-    stack = traceback.extract_tb(_user_frames(stop.__traceback__))
-    frames = [f for f in stack if os.path.dirname(f.filename) != here]
-    _send(sock, _wire.STOPPED, _data("".join(traceback.format_list(frames))))
-
-
-def _user_frames(tb: Any) -> Any:
-    """Skip the runtime's own frames at the top of a traceback: the user's code starts below."""
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return tb
+def _report_stopped(context: Context, stop: _StopRequest) -> None:
+    context.send(_wire.STOPPED, stopped(stop))
 
 
 def _finish(settings: Settings) -> None:
@@ -396,99 +255,11 @@ def _exit(code: int) -> NoReturn:
     os._exit(code if code >= 0 else 1)
 
 
-def _system_exit_code(exc: SystemExit) -> int:
-    """The exit code the interpreter would use for ``exc`` (printing a non-integer code)."""
-    code = exc.code
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    try:
-        print(code, file=sys.stderr)
-    except Exception:
-        pass
-    return 1
-
-
-def _send(sock: socket.socket, kind: int, body: bytes) -> None:
-    try:
-        with _send_lock:  # ready() may send from another thread
-            _wire.send_message(sock, kind, body)
-    except OSError:
-        pass  # the main program is gone (BrokenPipeError) or closed our channel: nobody to tell
-
-
-_send_lock = threading.Lock()
-_parent_pid = 0
-
-
-# How a bgtask.Queue in this task hands items it cannot send to the main program (_queue).
-_send_queued: Optional[Callable[[bytes], None]] = None
-
-
-def _queued_sender(sock: socket.socket) -> Callable[[bytes], None]:
-    """Send a QUEUED message whole; ``OSError`` when the main program is gone (the queue says
-    ``ShutDown``). The queue defers stops around it."""
-
-    def send(body: bytes) -> None:
-        with _send_lock:
-            _wire.send_message(sock, _wire.QUEUED, body)
-
-    return send
-
-
-def _atomic_sender(sock: socket.socket, state: _TaskState) -> Callable[[int, bytes], None]:
-    """How ``ready()``, log records and queue items go out: whole, never torn by a stop."""
-
-    def send(kind: int, body: bytes) -> None:
-        with deferred_stop():
-            _send(sock, kind, body)
-
-    return send
-
-
-@contextlib.contextmanager
-def deferred_stop() -> Iterator[None]:
-    """A stop raised in the main thread meanwhile is raised at the end of the block instead."""
-    state = _stop._state
-    if state is None or threading.current_thread() is not threading.main_thread() or state.atomic:
-        yield  # another thread (a stop is raised in the main thread only), or nested
-        return
-    state.atomic = True
-    try:
-        yield
-    finally:
-        state.atomic = False
-    if state.pending:
-        state.pending = False
-        raise _StopRequest()
-
-
-def _data(obj: Any) -> bytes:
-    import pickle
-
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-
-
 def _ignore_signal(signum: int, frame: Any) -> None:
     pass
 
 
-def _on_stop_signal(signum: int, frame: Any) -> None:
-    state = _stop._state
-    if state is None:
-        return
-    first = not state.stopping
-    state.stopping = True
-    state.event._set()
-    if first and state.running and not state.cooperative:
-        if state.atomic:
-            state.pending = True  # raised once the message being sent is out
-        else:
-            raise _StopRequest()
-
-
-def _watch_parent(sock: socket.socket, state: _TaskState, grace: float) -> None:
+def _watch_parent(sock: socket.socket, state: TaskState, grace: float) -> None:
     """Stop this daemon task when the main program dies (start methods other than the zygote).
 
     Under the default start method the zygote does this from outside; here the task's own
@@ -565,17 +336,3 @@ def _redirect_stdin() -> None:
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 (lives as long as the process)
     except OSError:
         pass
-
-
-def _close_in_fork() -> None:
-    # A process the task forks must not hold the task's socket: the main program would not see
-    # EOF when the task ends. It is not the task: ready() there is an error.
-    global _send_lock, _send_queued
-    _ready._install(None)
-    _send_queued = None
-    _send_lock = threading.Lock()  # another thread may have held it at the fork
-    if _task_sock is not None:
-        try:
-            _task_sock.close()
-        except OSError:
-            pass

@@ -32,7 +32,7 @@ from typing import (
     overload,
 )
 
-from . import _green, _lifecycle
+from . import _green, _lifecycle, _limits
 from ._errors import BgTaskError
 from ._limits import Limiter
 from ._platform import check_supported
@@ -82,6 +82,7 @@ class Background(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._options = options
+        _load_call_path()
         # Weak: the lifecycle keeps running tasks alive; a finished, dropped handle goes away.
         self._started: weakref.WeakSet[Task[Any]] = weakref.WeakSet() if started is None else started
 
@@ -204,6 +205,22 @@ class Background(Generic[P, R]):
         return f"<bgtask.Background {getattr(self._fn, '__qualname__', self._fn)!r} {kind}>"
 
 
+def _load_call_path() -> None:
+    """Import what a call needs, once, when a function is decorated (not at ``import bgtask``).
+
+    A call's first imports must not be under way when a signal handler starts a task: the
+    handler would find the modules half made.
+    """
+    global _call_path_loaded
+    if not _call_path_loaded:
+        from . import _serialization, _task  # noqa: F401
+
+        _call_path_loaded = True
+
+
+_call_path_loaded = False
+
+
 def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
     # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
     from ._serialization import dumps_call
@@ -226,6 +243,8 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
     stream = _is_generator_function(fn)
     kind = StreamTask if stream else Task
     limiter = options["limit"]
+    if limiter is None and _limits.must_hand_over():
+        limiter = _limits.handed_over()  # it starts in the offload thread, a moment later
     task: Task[Any] = kind(
         name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"], limiter=limiter
     )
@@ -258,6 +277,10 @@ def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -
     _lifecycle.register(task)
 
     def start() -> None:
+        with _limits.starting():  # a signal handler that starts a task meanwhile hands it over
+            launch()
+
+    def launch() -> None:
         process = None
         try:
             process = _launch.for_options(options).start(settings, payload)

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _green, _monitor, _process, _wire
 from ._process import TaskProcess
+from ._taskctx import atomic
 from ._wire import Settings
 
 if TYPE_CHECKING:
@@ -368,7 +369,7 @@ class ZygoteClient:
         would read garbage: SIGINT waits meanwhile (in the main thread, where it is handled).
         """
         data = _wire.encode(message)
-        with _signals_deferred():
+        with atomic():  # a Ctrl-C meanwhile comes once the message is whole
             self.ctl.sendall(data)
 
     # -- in the monitor ---------------------------------------------------------------------
@@ -487,31 +488,3 @@ class ZygoteClient:
                 sock.close()
             except OSError:
                 pass
-
-
-def _c_sigmask() -> Callable[[int, Iterable[int]], Any]:
-    """``signal.pthread_sigmask`` without its conversions to enums (called twice a call)."""
-    try:
-        import _signal  # type: ignore[import-not-found]
-    except ImportError:  # not CPython
-        return signal.pthread_sigmask
-    return _signal.pthread_sigmask  # type: ignore[no-any-return]
-
-
-_sigmask = _c_sigmask()
-_SIGINT_ONLY = (int(signal.SIGINT),)
-
-
-class _signals_deferred:
-    """Block SIGINT in the main thread for a moment (nothing elsewhere: signals go there)."""
-
-    __slots__ = ("_old",)
-
-    def __enter__(self) -> None:
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = _sigmask(signal.SIG_BLOCK, _SIGINT_ONLY)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            _sigmask(signal.SIG_SETMASK, self._old)

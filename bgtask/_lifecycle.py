@@ -32,10 +32,14 @@ import threading
 import time
 from typing import Any, List, Optional, Set
 
+from . import _offload
+
+# How often the exit procedure looks for pending tasks that only it can start (see _offload).
+STRANDED_POLL_S = 0.05
 # Margin added to the longest grace when the exit procedure waits for daemon tasks to be gone.
 EXIT_WAIT_MARGIN_S = 2.0
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a signal handler may start a task during register()
 _live: Set[Any] = set()  # strong references: a task is watched whether or not its handle is kept
 _hook_owner = 0  # pid of the process whose atexit hook is registered
 _fork_hook = False  # registered on first use (a process that never starts a task forks faster)
@@ -111,7 +115,7 @@ def live_tasks() -> List[Any]:
 
 
 def active() -> List[Any]:
-    """The live tasks whose process has not ended, oldest first (``bgtask.active()``)."""
+    """The tasks not ended yet (running, pending, or exiting), oldest first (``bgtask.active()``)."""
     tasks = [task for task in live_tasks() if not task._exited]
     tasks.sort(key=lambda task: task._started)
     return tasks
@@ -132,7 +136,8 @@ def shutdown(wait: bool = True, timeout: Optional[float] = None) -> None:
     the procedure then finishes and the ``KeyboardInterrupt`` is raised here.
 
     Raises:
-        BgTaskError: called in a done-callback, which runs in the thread that ends tasks.
+        BgTaskError: called in bgtask's monitor thread (a log handler of a task's records),
+            the thread that ends tasks.
         KeyboardInterrupt: a Ctrl-C came meanwhile; every task is gone all the same.
     """
     from . import _monitor
@@ -141,8 +146,8 @@ def shutdown(wait: bool = True, timeout: Optional[float] = None) -> None:
         from ._errors import BgTaskError
 
         raise BgTaskError(
-            "bgtask.shutdown() cannot run in a done-callback: callbacks run in bgtask's monitor "
-            "thread, which ends tasks; call it elsewhere"
+            "bgtask.shutdown() cannot run in bgtask's monitor thread (where the main program's "
+            "log handlers run for records of tasks), which ends tasks; call it elsewhere"
         )
     if _procedure("shutdown", wait, timeout):
         raise KeyboardInterrupt
@@ -217,9 +222,16 @@ def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:
             return interrupts > 0
         try:
             for task in pending:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not task._wait_exit(remaining):
-                    return interrupts > 0  # the deadline passed: _stop_all() stops the rest
+                while True:
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    # Where no thread can be started for a pending task's start (CPython 3.12.0
+                    # and 3.12.1 at exit), this thread starts it: it looks now and then.
+                    _offload.run_stranded()
+                    slice_s = STRANDED_POLL_S if remaining is None else min(remaining, STRANDED_POLL_S)
+                    if task._wait_exit(slice_s):
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return interrupts > 0  # the deadline passed: _stop_all() stops the rest
         except KeyboardInterrupt:
             interrupts += 1
             for task in pending:
@@ -260,6 +272,7 @@ def _stop_all(reason: str) -> bool:
 _FORK_AWARE = (
     "bgtask._decorator",
     "bgtask._limits",
+    "bgtask._offload",
     "bgtask._process",
     "bgtask._launch",
     "bgtask._ray",
@@ -281,7 +294,7 @@ def _stop_idle_monitor() -> None:
 def _after_fork_in_child() -> None:
     """A forked copy of the program owns none of the original's tasks, zygote or threads."""
     global _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     for task in _live:
         task._forget_in_child()
     _live.clear()

@@ -8,18 +8,23 @@
     a task of the limiter ends (monitor thread) ──> Limiter._release()
                └ the oldest pending task gets the place: the starter thread starts it
 
-A pending task is started by ``_Starter``, one thread per program that runs only while a
-pending task waits to be started: the monitor thread, which reports ends, must not start tasks
-itself (a start may wait for the zygote, whose reports arrive through the monitor). A pending
-task that is stopped or cancelled leaves the queue and ends without a process.
+A pending task is started by the offload thread of starts (``_offload``): the monitor thread,
+which reports ends, must not start tasks itself (a start may wait for the zygote, whose reports
+arrive through the monitor). A start made in the monitor thread (a log handler's) or in a
+signal handler that interrupted a start is handed over the same way: the task returns pending
+and starts a moment later. A pending task that is stopped or cancelled leaves the queue and
+ends without a process.
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import weakref
-from typing import Any, Callable, Deque, Optional, Tuple
+from typing import Any, Callable, Optional
+
+from . import _offload
 
 Start = Callable[[], None]
 
@@ -80,14 +85,21 @@ class Limiter:
         return Limiter, (self._limit,)
 
     def _submit(self, task: Any, call: Call) -> None:
-        """Start ``task`` now if a place is free (``start()`` raises here), else queue it."""
+        """Start ``task`` now if a place is free (``start()`` raises here), else queue it.
+
+        Where a start must not run now (``must_hand_over``), a free place still goes to the
+        task, and the offload thread starts it.
+        """
+        hand_over = must_hand_over()
         with self._lock:
             now = self._running < self._limit and not self._pending
             if now:
                 self._running += 1
             else:
                 self._pending[task] = call
-        if now:
+        if now and hand_over:
+            _offload.starts.post(lambda: _start_pending(self, task, call))
+        elif now:
             try:
                 call.start()
             except BaseException:
@@ -102,8 +114,8 @@ class Limiter:
             if not self._pending or self._running >= self._limit:
                 return
             self._running += 1
-            entry = self._pending.popitem(last=False)
-        _starter.start(self, entry)
+            task, call = self._pending.popitem(last=False)
+        _offload.starts.post(lambda: _start_pending(self, task, call))
 
     def _discard(self, task: Any) -> bool:
         """Take ``task`` out of the queue; ``False`` if it is no longer there (being started)."""
@@ -120,66 +132,73 @@ class Limiter:
         self._pending.clear()
 
 
-class _Starter:
-    """Starts pending tasks whose place freed: one thread, only while there is one to start."""
+def _start_pending(limiter: Limiter, task: Any, call: Call) -> None:
+    """In the offload thread: start a task that got a place (or was handed over to start)."""
+    early = task._early_stop
+    if early is not None:  # stopped after it left the queue: it never starts
+        call.abandon()
+        task._pending_stopped(early[0])
+        limiter._release()
+        return
+    try:
+        call.start()
+    except BaseException as exc:  # noqa: BLE001 (the task reports it; the others go on)
+        if task._process is None:
+            task._failed_to_start(exc)
+            limiter._release()
+
+
+def must_hand_over() -> bool:
+    """Whether a start here must go to the offload thread instead of running now.
+
+    In the monitor thread, a start could wait for the zygote's next spare, which only the
+    monitor delivers; in a thread already inside a start (a signal handler that interrupted
+    it), it could wait for a lock that thread holds.
+    """
+    return _offload.in_monitor_thread() or getattr(_starting, "depth", 0) > 0
+
+
+class starting:
+    """Marks the current thread as inside a start (see ``must_hand_over``)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _starting.depth = getattr(_starting, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _starting.depth -= 1
+
+
+_starting = threading.local()
+
+
+class _Unbounded(Limiter):
+    """Where a task without a limit waits when its start is handed over (``must_hand_over``)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.queue: Deque[Tuple[Limiter, Tuple[Any, Call]]] = collections.deque()
-        self.thread: Optional[threading.Thread] = None
+        super().__init__(1)
+        self._limit = sys.maxsize
 
-    def start(self, limiter: Limiter, entry: Tuple[Any, Call]) -> None:
-        with self.lock:
-            self.queue.append((limiter, entry))
-            if self.thread is not None:
-                return
-            thread = threading.Thread(target=self._run, name="bgtask-starter", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError as exc:  # no thread left, or the interpreter is shutting down
-                error: BaseException = exc
-                failed = list(self.queue)
-                self.queue.clear()
-            else:
-                self.thread = thread
-                return
-        for owner, (task, call) in failed:
-            call.abandon()
-            task._failed_to_start(error)
-            owner._release()
-
-    def _run(self) -> None:
-        while True:
-            with self.lock:
-                if not self.queue:
-                    self.thread = None
-                    return
-                limiter, (task, call) = self.queue.popleft()
-            early = task._early_stop
-            if early is not None:  # stopped after it left the queue: it never starts
-                call.abandon()
-                task._pending_stopped(early[0])
-                limiter._release()
-                continue
-            try:
-                call.start()
-            except BaseException as exc:  # noqa: BLE001 (the task reports it; the others go on)
-                if task._process is None:
-                    task._failed_to_start(exc)
-                    limiter._release()
-
-    def forget_in_child(self) -> None:
-        self.lock = threading.Lock()
-        self.queue.clear()
-        self.thread = None
+    def __repr__(self) -> str:
+        return "<bgtask handed-over starts>"
 
 
-_starter = _Starter()
+_handed_over: Optional[Limiter] = None
+
+
+def handed_over() -> Limiter:
+    """The unbounded limiter of starts handed over to the offload thread."""
+    global _handed_over
+    if _handed_over is None:
+        _handed_over = _Unbounded()
+    return _handed_over
+
+
 _limiters: weakref.WeakSet[Limiter] = weakref.WeakSet()
 
 
 def forget_in_child() -> None:
-    """In a forked copy: the pending tasks, the places and the starter thread are the original's."""
-    _starter.forget_in_child()
+    """In a forked copy: the pending tasks and the places are the original's."""
     for limiter in list(_limiters):
         limiter._forget_in_child()

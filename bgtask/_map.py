@@ -77,6 +77,7 @@ class _Window:
         self.inflight: Deque[Task[Any]] = collections.deque()
         self.exhausted = False
         self.error: Optional[BaseException] = None
+        self.read = 0  # items read from the input
 
     def next_call(self) -> Optional[Tuple[Any, ...]]:
         """The arguments of the next call to make, or ``None``: the window is full, or the input
@@ -91,7 +92,21 @@ class _Window:
             self.error = exc
             args = None
         self.exhausted = args is None
+        if args is not None:
+            self.read += 1
         return args
+
+    def failed_to_start(self, exc: Exception) -> None:
+        """The last call read could not start (its item cannot be pickled, say): like an error
+        of the input, raised once the results before it are out, naming the item."""
+        from ._errors import SerializationError
+
+        error: Exception = exc
+        if isinstance(exc, SerializationError):
+            error = SerializationError(f"map(): item {self.read - 1}: {exc}")
+            error.__cause__ = exc
+        self.error = error
+        self.exhausted = True
 
     def raise_error(self) -> None:
         """Every call made has been read: the input's error now, if it had one."""
@@ -131,7 +146,11 @@ def map_calls(
 
         def fill() -> None:
             while (args := window.next_call()) is not None:
-                task = start(fn, args, {}, options)
+                try:
+                    task = start(fn, args, {}, options)
+                except Exception as exc:  # noqa: BLE001 (raised in its turn, see _Window)
+                    window.failed_to_start(exc)
+                    return
                 if wake_on_any:
                     task.add_done_callback(finished.put)
                 inflight.append(task)
@@ -213,7 +232,12 @@ def amap_calls(
 
         async def fill() -> None:
             while (args := window.next_call()) is not None:
-                inflight.append(await _astart(start, fn, args, options))
+                try:
+                    task = await _astart(start, fn, args, options)
+                except Exception as exc:  # noqa: BLE001 (raised in its turn, see _Window)
+                    window.failed_to_start(exc)
+                    return
+                inflight.append(task)
 
         try:
             await fill()

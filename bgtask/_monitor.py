@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
+from . import _offload
+
 Callback = Callable[[], None]
 
 
@@ -60,7 +62,9 @@ class Monitor:
         # epoll and kqueue add a descriptor registered meanwhile to a wait in progress; the
         # others (poll, select, gevent's cooperative selector) only see it in the next wait.
         self._sees_new_readers = type(self._selector).__name__ in ("EpollSelector", "KqueueSelector")
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler may start a task (which holds the monitor) while the
+        # thread it interrupted is in here. What the lock guards is a list, a heap, counters.
+        self._lock = threading.RLock()
         self._pending: List[Callback] = []
         self._timers: List[Tuple[float, int, Timer]] = []
         self._live_timers = 0
@@ -88,6 +92,27 @@ class Monitor:
             pending, self._pending = self._pending, []
         for call in pending:
             _guard(call)
+
+    def call_and_wait(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the monitor thread and return what it returns (at once, if called there).
+
+        For the transitions of a task's state that start in another thread (``cancel()``, a
+        stop while pending, a failed start): the monitor is their one writer.
+        """
+        if self.in_monitor_thread():
+            return fn()
+        done = threading.Event()
+        outcome: List[Any] = []
+
+        def run() -> None:
+            try:
+                outcome.append(fn())
+            finally:
+                done.set()
+
+        self.call_soon(run)
+        done.wait()
+        return outcome[0] if outcome else None
 
     def call_at(self, when: float, fn: Callback) -> Timer:
         """Run ``fn`` in the monitor thread at ``time.monotonic() >= when``."""
@@ -167,6 +192,7 @@ class Monitor:
         self._stop_when_idle = False
         if self._thread is None:
             thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
+            _offload.monitor_thread = thread
             try:
                 thread.start()
             except RuntimeError:  # "can't create new thread at interpreter shutdown"

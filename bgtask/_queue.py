@@ -34,7 +34,6 @@ safe from the task's crash; the main program's own backlog lives as long as it d
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import fcntl
 import mmap
@@ -50,7 +49,8 @@ import weakref
 from queue import Empty, Full
 from typing import Any, Callable, Deque, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
-from . import _green, _platform, _serialization
+from . import _green, _platform, _serialization, _taskctx
+from ._taskctx import atomic
 
 lockf, LOCK_EX, LOCK_UN = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
 
@@ -387,12 +387,12 @@ class _Endpoint:
         message = _encode(item)
         self._ensure_slot()
         if not self.maxsize:
-            with _deferred_stop():  # in a task, a stop meanwhile is raised once the item is in
+            with atomic():  # in a task, a stop meanwhile is raised once the item is in
                 self._put_now(message)
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            with _deferred_stop():  # the place taken and the item put in one step
+            with atomic():  # the place taken and the item put in one step
                 try:
                     taken = bool(os.read(self.tokens_r, 1))
                 except BlockingIOError:
@@ -481,7 +481,7 @@ class _Endpoint:
         slot, which counted them as on their way until now.
         """
         forward = _forwarder() if self.from_parent else None
-        with _deferred_stop():  # counted and handed on in one step (adopt() has no other guard)
+        with atomic():  # counted and handed on in one step (adopt() has no other guard)
             with self._locked():
                 # Under the page lock: a shutdown closes the writes only once no live process
                 # holds items on their way; these are counted before that, or see the shutdown.
@@ -569,18 +569,21 @@ class _Endpoint:
             state = self._state()
             if state == _IMMEDIATE:
                 raise ShutDown("the queue was shut down")
-            data = self._receive()
-            if data is not None:
-                if data is _EOF:
-                    raise ShutDown("the queue was shut down")
-                return self._got(data)
-            if state == _SHUT:
-                # The writes are closed: what was sent is all in the socket, and it is empty.
-                # (Read once more for one that landed between the read and the state's.)
+            # Taken, counted and unpickled in one step: a stop or a Ctrl-C meanwhile comes once
+            # the item is returned, never between the socket and the caller.
+            with atomic(to_caller=True):
                 data = self._receive()
-                if data is None or data is _EOF:
-                    raise ShutDown("the queue was shut down")
-                return self._got(data)
+                if data is not None:
+                    if data is _EOF:
+                        raise ShutDown("the queue was shut down")
+                    return self._got(data)
+                if state == _SHUT:
+                    # The writes are closed: what was sent is all in the socket, and it is
+                    # empty. (Read once more for one that landed between the two reads.)
+                    data = self._receive()
+                    if data is None or data is _EOF:
+                        raise ShutDown("the queue was shut down")
+                    return self._got(data)
             if state == _SHUTTING and self._close_writes_if_drained():
                 continue
             if not block:
@@ -784,21 +787,12 @@ class _PageLock:
             self.end.page_lock.release()
 
 
-def _deferred_stop() -> Any:
-    """In a task, a stop that arrives meanwhile is raised at the end of the block."""
-    child = sys.modules.get("bgtask._child")
-    if child is None or getattr(child, "_task_sock", None) is None:
-        return contextlib.nullcontext()
-    return child.deferred_stop()
-
-
 def _forwarder() -> Optional[Tuple[int, Callable[[bytes], None]]]:
     """In a task: its main program's pid, and how to send it items (a QUEUED message)."""
-    child = sys.modules.get("bgtask._child")
-    send = getattr(child, "_send_queued", None)
-    if child is None or send is None or getattr(child, "_task_sock", None) is None:
+    context = _taskctx.current
+    if context is None or not context.has_channel:
         return None
-    return child._parent_pid, send
+    return context.parent_pid, context.forward
 
 
 def _wait_for(readers: List[int], writers: List[int], timeout: Optional[float]) -> List[int]:
@@ -889,15 +883,8 @@ def _close_fds(page: Optional[mmap.mmap], fds: List[int]) -> None:
 
 def _parent_channel() -> Optional[int]:
     """In a task, its channel to its main program: readable once that program is gone."""
-    child = sys.modules.get("bgtask._child")
-    sock = getattr(child, "_task_sock", None)
-    if sock is None:
-        return None
-    try:
-        fd: int = sock.fileno()
-    except OSError:
-        return None
-    return fd if fd >= 0 else None
+    context = _taskctx.current
+    return None if context is None else context.parent_fd()
 
 
 class _Feeder:

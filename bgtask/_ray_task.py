@@ -28,10 +28,10 @@ import sys
 import threading
 from typing import Any, Dict, Tuple
 
-from . import _stop, _wire
-from ._child import _call, _system_exit_code
-from ._serialization import dumps_value, loads_call, pack_exception, type_name
-from ._stop import _StopRequest, _TaskState
+from . import _taskctx, _wire
+from ._runner import run_call, stopped
+from ._stop import _StopRequest
+from ._taskctx import Context, TaskState
 
 # Set while a task runs in this process: bgtask calls made by the task go to Ray as well.
 in_task = False
@@ -140,19 +140,12 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
     pid = os.getpid()
     board.started.remote(key, pid)
     stop_requested = board.wait.remote(key)  # submitted before release(): see StopBoard
-    state = _TaskState(settings["graceful"])
-    state.running = False  # until the call is loaded: a stop never tears an import (see _run_call)
+    state = TaskState(settings["graceful"])
+    # Until the call is loaded: a worker outlives its task, and an import a stop tore halfway
+    # would stay broken for every later task (C extensions do not load twice).
+    state.running = False
     guard = threading.Lock()
     done = [False]
-
-    def on_stop_signal(signum: int, frame: Any) -> None:
-        if done[0]:
-            return  # after the task's end: nothing to stop, and the worker must live
-        first = not state.stopping
-        state.stopping = True
-        state.event._set()
-        if first and state.running and not state.cooperative:
-            raise _StopRequest()
 
     def watch() -> None:
         try:
@@ -163,16 +156,16 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
             if stop and not done[0]:
                 os.kill(pid, STOP_SIGNAL)  # the handler runs in the main thread, as locally
 
-    previous_state, _stop._state = _stop._state, state
-    previous_handler = signal.signal(STOP_SIGNAL, on_stop_signal)
+    previous_context = _taskctx.install(Context(state))  # no channel: nothing is sent home
+    previous_handler = signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal)
     in_task = True
     try:
         threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True).start()
         try:
-            kind, data, code = _run_call(body, state)
+            kind, data, code = run_call(body, [], state)
         except _StopRequest as stop:
             state.running_done()
-            kind, data, code = _wire.STOPPED, _pickle(_where(stop)), -signal.SIGTERM
+            kind, data, code = _wire.STOPPED, stopped(stop), -signal.SIGTERM
         _finish_nested()  # a stop now raises nothing: the function is no longer running
     finally:
         try:
@@ -182,14 +175,14 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
             try:
                 signal.signal(STOP_SIGNAL, previous_handler)
             finally:
-                _stop._state = previous_state
+                _taskctx.install(previous_context)
                 in_task = False
                 _close_event(state)
                 board.release.remote(key)
     return kind, data, pid, code
 
 
-def _close_event(state: _TaskState) -> None:
+def _close_event(state: TaskState) -> None:
     """The stop event's pipe: a worker runs task after task, and must not collect them."""
     event = state.event
     for fd in (event._r, event._w):
@@ -201,64 +194,8 @@ def _close_event(state: _TaskState) -> None:
     event._r = event._w = -1
 
 
-def _run_call(body: bytes, state: _TaskState) -> Tuple[int, bytes, int]:
-    # Loaded before a stop may raise: a worker outlives its task, and an import a stop tore
-    # halfway would stay broken for every later task (C extensions do not load twice).
-    try:
-        fn, args, kwargs = loads_call(body, [])
-    except BaseException as exc:
-        return _wire.FAILED, _pickle(("load", *pack_exception(exc))), 1
-    state.running = True
-    if state.stopping and not state.cooperative:  # asked to stop before it began
-        state.running = False
-        raise _StopRequest()
-    try:
-        value = _call(fn, args, kwargs, None)
-    except _StopRequest:
-        raise
-    except SystemExit as exc:
-        state.running_done()
-        if hasattr(exc, "ray_terminate_msg"):
-            raise  # Ray ends this worker (a node drained, the job ended): not the task's exit
-        return _wire.EXITED, _pickle(f"the task called sys.exit({exc.code!r})"), _system_exit_code(exc)
-    except KeyboardInterrupt:
-        state.running_done()
-        return _wire.EXITED, _pickle("the task let a KeyboardInterrupt escape"), 1
-    except BaseException as exc:
-        state.running_done()
-        packet = pack_exception(exc.with_traceback(_user_frames(exc.__traceback__)))
-        return _wire.ERROR, _pickle(packet), 0
-    state.running_done()
-    try:
-        return _wire.RESULT, dumps_value(value), 0
-    except BaseException as exc:
-        packet = pack_exception(exc)
-        return _wire.FAILED, _pickle(("result", f"the return value (a {type_name(value)})", *packet[1:])), 0
-
-
 def _finish_nested() -> None:
     """Tasks this task started: the non-daemon ones waited for, the daemon ones stopped."""
     lifecycle = sys.modules.get("bgtask._lifecycle")
     if lifecycle is not None and lifecycle.live_tasks():
         lifecycle.shutdown(wait=True)
-
-
-def _user_frames(tb: Any) -> Any:
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return tb
-
-
-def _where(stop: BaseException) -> str:
-    """Where the user's code was when the stop exception was raised (bgtask's frames left out)."""
-    import traceback
-
-    here = os.path.dirname(__file__)
-    frames = [f for f in traceback.extract_tb(stop.__traceback__) if os.path.dirname(f.filename) != here]
-    return "".join(traceback.format_list(frames))
-
-
-def _pickle(obj: Any) -> bytes:
-    import pickle
-
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)

@@ -6,17 +6,15 @@
     main:  task.wait_ready() returns port    (the monitor hands the message to the Task)
 
 The message goes out on the task's channel, the one its outcome takes later, so it always
-arrives before the outcome. The task runtime installs the sender (``_child``); this module is
-imported by ``import bgtask`` and by the runtime, so it imports nothing else of bgtask at the top.
+arrives before the outcome. It goes through the task's context (``_taskctx``), whole; this
+module is imported by ``import bgtask``, so it imports nothing else of bgtask at the top.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import Any
 
-# Set by the task runtime: sends one framed message on the task's channel, whole.
-_sender: Optional[Callable[[int, bytes], None]] = None
 _lock = threading.Lock()
 _sent = False
 
@@ -37,9 +35,11 @@ def ready(value: Any = None) -> None:
         SerializationError: ``value`` cannot be pickled.
     """
     global _sent
+    from . import _taskctx
     from ._errors import BgTaskError
 
-    if _sender is None:
+    context = _taskctx.current
+    if context is None or not context.has_channel:
         raise BgTaskError(
             "ready() was called outside a bgtask task; it is only available in the process of a "
             "function decorated with @background"
@@ -59,15 +59,7 @@ def ready(value: Any = None) -> None:
         if _sent:
             raise BgTaskError("ready() was already called in this task; it tells readiness once")
         _sent = True
-    _sender(READY, data)
+    context.send(READY, data)
 
 
 ready.__module__ = "bgtask"
-
-
-def _install(sender: Optional[Callable[[int, bytes], None]]) -> None:
-    """In a task process, by the runtime: where ``ready()`` sends (``None``: not a task)."""
-    global _sender, _sent, _lock
-    _sender = sender
-    _sent = False
-    _lock = threading.Lock()  # in a forked child, another thread may have held it at the fork

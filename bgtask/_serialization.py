@@ -385,17 +385,22 @@ def pack_exception(exc: BaseException) -> ExceptionPacket:
     The exception itself travels when it survives a pickle round trip here; its type name,
     message and formatted traceback travel always.
     """
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # BaseException: an exception's __reduce__ or __str__ may raise anything, SystemExit
+    # included, and the packet must still go out (a stand-in takes the exception's place).
+    try:
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:
+        tb_text = f"{type_name(exc)} (its traceback could not be formatted)\n"
     exc_type = type_name(exc)
     try:
         message = str(exc)
-    except Exception:
+    except BaseException:
         message = "<str() of the exception failed>"
     data: Optional[bytes]
     try:
         data = dumps(exc)
         loads(data)
-    except Exception:
+    except BaseException:
         data = None
     return data, exc_type, message, tb_text
 

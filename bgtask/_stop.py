@@ -1,4 +1,5 @@
-"""The stop side of a task: ``StopEvent``, ``stop_event()`` and the private stop exception.
+"""The stop side of a task: ``StopEvent`` and the private stop exception (``stop_event()``, which
+finds the running task's event, is in ``_taskctx``).
 
 A graceful task is stopped in one of two ways, chosen by the task itself::
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-__all__ = ["StopEvent", "stop_event"]
+__all__ = ["StopEvent"]
 
 
 class _StopRequest(BaseException):
@@ -85,50 +86,3 @@ class StopEvent:
 
     def __repr__(self) -> str:
         return f"<bgtask.StopEvent {'set' if self.is_set() else 'unset'}>"
-
-
-class _TaskState:
-    """What the running task process knows about itself; one per task process."""
-
-    __slots__ = ("atomic", "cooperative", "event", "graceful", "pending", "running", "stopping")
-
-    def __init__(self, graceful: bool) -> None:
-        self.event = StopEvent()
-        self.cooperative = False  # the task asked for its stop event
-        self.stopping = False  # a stop was requested
-        self.running = True  # the function has not returned yet: a stop may still be raised
-        self.graceful = graceful
-        self.atomic = False  # the main thread sends a message: a stop must wait until it is out
-        self.pending = False  # a stop came meanwhile: raised once the message is out
-
-    def running_done(self) -> None:
-        """Mark the function as returned: from now on a stop request raises nothing."""
-        self.running = False
-
-
-_state: Optional[_TaskState] = None
-
-
-def stop_event() -> StopEvent:
-    """Return the stop event of the task this code runs in.
-
-    Calling it tells bgtask that the task stops cooperatively: when it is asked to stop, the event
-    is set and no exception is raised into it. A task that never calls it gets an exception raised
-    inside it instead, so its ``finally`` and ``with`` blocks run.
-
-    Raises:
-        BgTaskError: when called outside a task started by bgtask.
-    """
-    if _state is None:
-        from ._errors import BgTaskError
-
-        raise BgTaskError(
-            "stop_event() was called outside a bgtask task; it is only available in the process "
-            "of a function decorated with @background"
-        )
-    _state.event._open()  # before the task counts as cooperative: a stop then always wakes it
-    _state.cooperative = True
-    return _state.event
-
-
-stop_event.__module__ = "bgtask"

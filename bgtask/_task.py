@@ -47,6 +47,7 @@ from typing import (
     final,
 )
 
+from . import _monitor
 from ._errors import BgTaskError, SerializationError
 from ._limits import Limiter
 from ._task_core import _NO_ITEM, _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
@@ -235,20 +236,23 @@ class Task(TaskCore[R]):
         does. A graceful task gets its ``grace`` as with ``stop()``.
         """
         self._check_owner()
-        with self._condition:
-            if self._state == FINISHED:
-                return False
-            if self._state == CANCELLED_AND_NOTIFIED:
-                return True
-            self._state = CANCELLED_AND_NOTIFIED
-            self._outcome = "cancelled"
-            self._stop_reason = self._stop_reason or "cancel"
-            for waiter in self._waiters:
-                waiter.add_cancelled(self)
-            self._condition.notify_all()
-        self._request_stop("cancel")
-        self._invoke_callbacks()
-        return True
+
+        def cancel() -> bool:  # in the monitor thread, the one writer of outcomes
+            with self._condition:
+                if self._state == FINISHED:
+                    return False
+                if self._state == CANCELLED_AND_NOTIFIED:
+                    return True
+                self._stop_reason = self._stop_reason or "cancel"
+                self._finish_locked("cancelled", None)
+                self._condition.notify_all()
+            self._invoke_callbacks()
+            return True
+
+        cancelled: bool = _monitor.get().call_and_wait(cancel)
+        if cancelled:
+            self._request_stop("cancel")
+        return cancelled
 
     def running(self) -> bool:
         """Return whether the task runs: from the call until its outcome is known."""

@@ -17,9 +17,10 @@ import time
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Tuple, TypeVar
 
-from . import _lifecycle, _monitor
+from . import _lifecycle, _monitor, _offload
 from ._errors import BgTaskError, describe_exit
 from ._outcome import STOP_REASONS, classify, decode
+from ._taskctx import atomic
 
 if TYPE_CHECKING:
     from ._limits import Limiter
@@ -88,8 +89,8 @@ class TaskCore(concurrent.futures.Future[R]):
     def _check_not_monitor(self) -> None:
         if _monitor.in_monitor_thread():
             raise BgTaskError(
-                "a done-callback cannot wait for a task: it runs in bgtask's monitor thread, "
-                "which finishes tasks; wait elsewhere"
+                "bgtask's monitor thread (where the main program's log handlers run for records "
+                "of tasks) cannot wait for a task: it is the thread that finishes them; wait elsewhere"
             )
 
     def _describe_state(self) -> str:
@@ -141,20 +142,23 @@ class TaskCore(concurrent.futures.Future[R]):
             outcome, body = self._outcome, self._body
         # Unpickled outside the lock: the monitor needs it to finish the task, and other tasks
         # must not wait for this one's unpickling. Two threads racing here decode twice; the
-        # first to publish wins, so every caller sees the same objects.
-        decoded = decode(
-            outcome or "crashed",
-            body,
-            name=self._name,
-            pid=self._pid,
-            exitcode=self._exitcode,
-            stop_reason=self._stop_reason,
-        )
-        with self._condition:
-            if self._decoded is None:
-                self._decoded = decoded
-                self._body = None if outcome == "returned" else body
-            return self._decoded
+        # first to publish wins, so every caller sees the same objects. A Ctrl-C meanwhile is
+        # raised once the outcome is kept (atomic): what the unpickling itself raises is data.
+        with atomic():
+            decoded = decode(
+                outcome or "crashed",
+                body,
+                name=self._name,
+                pid=self._pid,
+                exitcode=self._exitcode,
+                stop_reason=self._stop_reason,
+            )
+            with self._condition:
+                if self._decoded is None:
+                    self._decoded = decoded
+                    self._body = None if outcome == "returned" else body
+                decoded = self._decoded
+        return decoded
 
     @contextlib.contextmanager
     def _unthrottled(self) -> Iterator[None]:
@@ -264,7 +268,7 @@ class TaskCore(concurrent.futures.Future[R]):
         def stopped() -> None:
             if self._stop_reason is None:
                 self._stop_reason = reason
-            self._set_outcome_locked("stopped", None)
+            self._finish_locked("stopped", None)
 
         self._end_without_process(stopped)
 
@@ -281,24 +285,24 @@ class TaskCore(concurrent.futures.Future[R]):
             error.__cause__ = exc
 
         def failed() -> None:
-            if self._state in UNFINISHED:
-                self._outcome = "failed"
-                self._decoded = (None, error)
-                self._state = FINISHED
-                for waiter in self._waiters:
-                    waiter.add_exception(self)
+            self._finish_locked("failed", None, decoded=(None, error))
 
         self._end_without_process(failed)
 
     def _end_without_process(self, set_outcome: Callable[[], None]) -> None:
-        """The end of a task that never had a process: its outcome, then as ``_ended`` does."""
-        with self._condition:
-            set_outcome()
-            self._exited = True
-            self._ended_at = time.monotonic()
-            self._condition.notify_all()
-        _lifecycle.unregister(self)
-        self._invoke_callbacks()
+        """The end of a task that never had a process: its outcome, then as ``_ended`` does.
+        In the monitor thread, the one writer of outcomes, whichever thread asks."""
+
+        def end() -> None:
+            with self._condition:
+                set_outcome()
+                self._exited = True
+                self._ended_at = time.monotonic()
+                self._condition.notify_all()
+            _lifecycle.unregister(self)
+            self._invoke_callbacks()
+
+        _monitor.get().call_and_wait(end)
 
     def _arm_timeout(self, seconds: float) -> None:
         import time
@@ -389,28 +393,40 @@ class TaskCore(concurrent.futures.Future[R]):
             self._exitcode = exitcode
             self._ended_at = time.monotonic()
             self._exited = True  # in the same step as the outcome: join() then result(0) works
-            self._set_outcome_locked(outcome, body)
+            self._finish_locked(outcome, body)
             self._condition.notify_all()
         _lifecycle.unregister(self)
         self._invoke_callbacks()
 
     def _set_outcome(self, outcome: str, body: Any) -> None:
         with self._condition:
-            self._set_outcome_locked(outcome, body)
+            self._finish_locked(outcome, body)
             self._condition.notify_all()
         self._invoke_callbacks()
 
-    def _set_outcome_locked(self, outcome: str, body: Any) -> None:
+    def _finish_locked(
+        self, outcome: str, body: Any, decoded: Optional[Tuple[Any, Optional[BaseException]]] = None
+    ) -> bool:
+        """The one transition to an outcome, under the condition, in the monitor thread.
+
+        ``"cancelled"`` leads to CANCELLED_AND_NOTIFIED, any other outcome to FINISHED; a task
+        whose outcome is known keeps it. Returns whether this call set it.
+        """
         if self._state not in UNFINISHED:
-            return
+            return False
         self._outcome = outcome
         self._body = body
-        self._state = FINISHED
+        if decoded is not None:
+            self._decoded = decoded
+        self._state = CANCELLED_AND_NOTIFIED if outcome == "cancelled" else FINISHED
         for waiter in self._waiters:
-            if outcome == "returned":
+            if outcome == "cancelled":
+                waiter.add_cancelled(self)
+            elif outcome == "returned":
                 waiter.add_result(self)
             else:
                 waiter.add_exception(self)
+        return True
 
     def _pid_known(self, pid: int) -> None:
         """In the monitor: where the process runs became known after its start (Ray)."""
@@ -430,13 +446,15 @@ class TaskCore(concurrent.futures.Future[R]):
             wake()
 
     def _invoke_callbacks(self) -> None:
+        """Wake the asyncio waiters; run the done-callbacks in the offload thread of callbacks
+        (user code never runs in the monitor thread), in the order they were added."""
         with self._condition:
             callbacks, self._done_callbacks = self._done_callbacks, []
             watchers, self._watchers = self._watchers, []
         for wake in watchers:
             wake()
-        for fn in callbacks:
-            _run_callback(fn, self)
+        if callbacks:
+            _offload.callbacks.post(lambda: _run_callbacks(callbacks, self))
 
     def _forget_in_child(self) -> None:
         """In a forked copy: this handle is the original's; its timer is not ours."""
@@ -463,6 +481,11 @@ def _weak(task: TaskCore[Any]) -> Callable[[], Optional[TaskCore[Any]]]:
     import weakref
 
     return weakref.ref(task)
+
+
+def _run_callbacks(callbacks: List[Callable[[Any], object]], task: TaskCore[Any]) -> None:
+    for fn in callbacks:
+        _run_callback(fn, task)
 
 
 def _run_callback(fn: Callable[[Any], object], task: TaskCore[Any]) -> None:

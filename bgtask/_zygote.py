@@ -40,7 +40,7 @@ import sys
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
-from . import _child, _logs, _platform, _wire
+from . import _child, _logs, _platform, _taskctx, _wire
 
 # Children forked ahead and handed to the main program: a call finds its process ready.
 SPARES = 2
@@ -433,7 +433,7 @@ class Zygote:
     def _close_in_spare(self) -> None:
         """In a freshly forked spare: let go of what is the zygote's."""
         signal.set_wakeup_fd(-1)
-        _child.set_handler(signal.SIGCHLD, _child.SIG_DFL)  # SIGINT: prepare_process()
+        _taskctx.set_handler(signal.SIGCHLD, _child.SIG_DFL)  # SIGINT: prepare_process()
         # The descriptors only: the objects' memory stays shared with the zygote, unwritten.
         fileno = getattr(self.selector, "fileno", None)
         if fileno is not None:

@@ -102,7 +102,7 @@ def test_raising_done_callback_does_not_stop_later_tasks(tmp_path: Path, error: 
         raise error
 
     task = after_go()
-    task.add_done_callback(explode)  # added while it runs: called in the monitor thread
+    task.add_done_callback(explode)  # added while it runs: called in the callbacks thread
     task.add_done_callback(lambda _task: next_called.set())
     go.touch()
     assert called.wait(30)

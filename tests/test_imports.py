@@ -17,6 +17,8 @@ TASK_SIDE = {
     "_child",
     "_zygote",
     "_stop",
+    "_taskctx",  # shared: the task side's context, and atomic() for both sides
+    "_runner",
     "_ready",
     "_logs",
     "_wire",
@@ -38,6 +40,7 @@ MAIN_SIDE = {
     "_process",
     "_monitor",
     "_limits",
+    "_offload",
     "_map",
     "_ray",
     "pytest_plugin",  # public, but of the main side: a pytest process starts tasks

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -99,6 +100,20 @@ def test_sys_exit_is_a_crash_saying_so(start_method: Optional[str], kind: Dict[s
     with pytest.raises(TaskCrashed, match=r"sys\.exit\(7\)"):
         task.result(timeout=60)
     assert task.exitcode == 7
+
+
+@pytest.mark.parametrize("code", [0, None])
+def test_sys_exit_0_is_a_normal_end(start_method: Optional[str], kind: Dict[str, bool], code: Any) -> None:
+    """sys.exit(0) and sys.exit() in a task end it normally: result() is None, exitcode 0."""
+
+    @background(start_method=start_method, **kind)
+    def leave() -> None:
+        sys.exit(code)
+
+    task = leave()
+    assert task.result(timeout=60) is None
+    assert task.join(timeout=60) is None
+    assert task.exitcode == 0
 
 
 def test_keyboard_interrupt_in_a_task_does_not_reach_the_caller(
@@ -439,37 +454,27 @@ def test_sys_path_changed_after_the_zygote_started(tmp_path: Any) -> None:
         sys.path.remove(str(tmp_path))
 
 
-def test_waiting_inside_a_done_callback_is_refused(tmp_path: Any) -> None:
-    """A done-callback that waits for a running task gets BgTaskError, not a deadlock."""
-    seen: List[BaseException] = []
+def test_a_done_callback_may_wait_for_another_task(tmp_path: Any) -> None:
+    """A done-callback runs outside the monitor thread: it may wait for another task's end."""
+    seen: List[Any] = []
     called = threading.Event()
 
     @background
-    def forever() -> None:
-        threading.Event().wait()
+    def after(path: Path) -> int:
+        while not path.exists():
+            time.sleep(0.01)
+        return 2
 
-    other = forever()
+    go_first, go_other = tmp_path / "first", tmp_path / "other"
+    other = after(go_other)
 
     def wait_for_other(_task: Any) -> None:
-        try:
-            other.join(timeout=30)  # bounded: a failure of this test must not hang
-        except BgTaskError as exc:
-            seen.append(exc)
+        go_other.touch()
+        seen.append(other.result(timeout=30))  # bounded: a failure of this test must not hang
         called.set()
 
-    go = tmp_path / "go"
-
-    @background
-    def after_go() -> int:
-        while not go.exists():
-            time.sleep(0.01)
-        return 1
-
-    task = after_go()
-    task.add_done_callback(wait_for_other)  # added while it runs: called in the monitor thread
-    go.touch()
+    task = after(go_first)
+    task.add_done_callback(wait_for_other)
+    go_first.touch()
     assert called.wait(60)
-    assert isinstance(seen[0], BgTaskError)
-    assert "monitor thread" in str(seen[0])
-    other.kill()
-    other.join(60)
+    assert seen == [2]

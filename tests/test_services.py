@@ -237,8 +237,8 @@ def test_wait_ready_after_cancel_raises_cancelled() -> None:
     task.join(60)
 
 
-def test_wait_ready_in_a_done_callback_is_refused() -> None:
-    """A done-callback runs in the monitor thread: waiting there for readiness raises."""
+def test_wait_ready_in_a_done_callback_gets_the_error() -> None:
+    """A done-callback waiting for readiness of a task that never calls ready() gets an error."""
     seen: List[BaseException] = []
     called = threading.Event()
 
@@ -387,6 +387,21 @@ def test_active_lists_running_tasks_until_they_end(
     assert bgtask.active() == []
 
 
+def test_active_lists_pending_tasks_too(daemon: bool, tmp_path: Path) -> None:
+    """A task waiting for a Limiter's place is in active(), with pid None, until it ends."""
+    release = tmp_path / "release"
+    limited = background(daemon=daemon, limit=1)(_wait_for)
+    running, pending = limited(release), limited(release)
+    try:
+        assert bgtask.active() == [running, pending]
+        assert pending.pid is None
+    finally:
+        release.touch()
+    running.join(60)
+    pending.join(60)
+    assert bgtask.active() == []
+
+
 def test_shutdown_waits_for_workers_then_stops_daemons(start_method: Optional[str], tmp_path: Path) -> None:
     """shutdown(): non-daemon tasks finish, daemon ones are stopped with their cleanup."""
     cleaned, finished = tmp_path / "cleaned", tmp_path / "finished"
@@ -456,8 +471,8 @@ def test_active_and_shutdown_before_any_task() -> None:
     assert wait_until(lambda: bgtask.active() == [])
 
 
-def test_shutdown_in_a_done_callback_is_refused_and_stops_nothing(tmp_path: Path) -> None:
-    """shutdown() from a done-callback raises BgTaskError before it touches any task."""
+def test_shutdown_in_a_done_callback_runs_the_exit_procedure(tmp_path: Path) -> None:
+    """shutdown() from a done-callback (its own thread, not the monitor) stops the tasks."""
     cleaned = tmp_path / "cleaned"
     errors: List[BaseException] = []
     called = threading.Event()
@@ -472,16 +487,16 @@ def test_shutdown_in_a_done_callback_is_refused_and_stops_nothing(tmp_path: Path
 
     def callback(task: Any) -> None:
         try:
-            bgtask.shutdown()
+            bgtask.shutdown(timeout=60)
         except BaseException as exc:
             errors.append(exc)
         called.set()
 
     quick().add_done_callback(callback)
-    assert called.wait(60)
-    assert isinstance(errors[0], BgTaskError)
-    assert server.is_alive()
-    server.stop(timeout=60)
+    assert called.wait(90)
+    assert errors == []
+    assert server.join(timeout=60) is None
+    assert not server.is_alive()
     assert cleaned.read_text() == "cleaned"
 
 

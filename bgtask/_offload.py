@@ -1,0 +1,128 @@
+"""The offload threads: where the main program runs what must not run in the monitor thread.
+
+::
+
+    monitor thread (ends tasks) ──post()──> callbacks: done-callbacks, in order (user code:
+                                              may wait, start tasks, unpickle a slow result)
+                                 ──post()──> starts: pending tasks' starts, in order (a
+                                              Limiter's place freed; a task started from the
+                                              monitor thread, or from a signal handler that
+                                              interrupted a start)
+
+Two threads, not one: a callback may wait for a task whose start is queued, and a start never
+waits for a callback.
+
+The monitor never waits for anything a task's end depends on: a start may wait for the
+zygote's next spare, which reaches the program through the monitor, and a callback may do
+anything. The thread runs only while there is work; at the interpreter's shutdown, where no
+thread can start (CPython 3.12.0 and 3.12.1 refuse it in ``atexit``), the work posted from the
+monitor waits until the exit procedure runs it in the main thread (``run_stranded``); work
+posted from any other thread runs there and then.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable, Deque, Optional
+
+Work = Callable[[], None]
+
+
+class _Offload:
+    """One queue of work and the thread that runs it, only while there is some."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.queue: Deque[Work] = collections.deque()
+        self.thread: Optional[threading.Thread] = None
+        self.stranded = False  # work waits that no thread could be started for
+
+    def post(self, work: Work) -> None:
+        """Run ``work`` in the offload thread, after what was posted before it."""
+        with self.lock:
+            self.queue.append(work)
+            if self.thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread left, or the interpreter is shutting down
+                if in_monitor_thread():
+                    self.stranded = True  # the exit procedure (main thread) runs it
+                    return
+            else:
+                self.thread = thread
+                return
+        self.run_stranded()
+
+    def run_stranded(self) -> None:
+        """Run, in this thread, the work no offload thread could be started for."""
+        while True:
+            with self.lock:
+                if self.thread is not None or not self.queue:
+                    self.stranded = False
+                    return
+                work = self.queue.popleft()
+            _guard(work)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.thread = None
+                    return
+                work = self.queue.popleft()
+            _guard(work)
+            del work  # not kept alive (with the task it holds) while the thread waits
+
+    def forget_in_child(self) -> None:
+        self.lock = threading.Lock()
+        self.queue.clear()
+        self.thread = None
+        self.stranded = False
+
+
+def _guard(work: Work) -> None:
+    try:
+        work()
+    except BaseException:  # noqa: BLE001 (the thread serves every task: log and go on)
+        try:
+            import logging
+
+            logging.getLogger("bgtask").exception("bgtask: unexpected error in %r", work)
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+# The monitor's thread, set by the monitor: whether a start must be handed over is decided
+# without importing the monitor (a signal handler may find it half imported).
+monitor_thread: Optional[threading.Thread] = None
+
+
+def in_monitor_thread() -> bool:
+    return threading.current_thread() is monitor_thread
+
+
+callbacks = _Offload("bgtask-callbacks")
+starts = _Offload("bgtask-starts")
+
+
+def stranded() -> bool:
+    """Whether work waits for the main thread (see ``run_stranded``)."""
+    return callbacks.stranded or starts.stranded
+
+
+def run_stranded() -> None:
+    """In the main thread, at the exit procedure: the work no thread could be started for."""
+    starts.run_stranded()
+    callbacks.run_stranded()
+
+
+def forget_in_child() -> None:
+    """In a forked copy: the queued work and the threads are the original's."""
+    global monitor_thread
+    monitor_thread = None
+    callbacks.forget_in_child()
+    starts.forget_in_child()

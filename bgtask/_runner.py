@@ -1,0 +1,187 @@
+"""Run one call and classify its end: the one copy both task runtimes use.
+
+::
+
+    body (the pickled call) ──load──> fn(*args, **kwargs) ──> its end, as one message:
+        could not load the call        FAILED   ("load", packet)                code 1
+        returned                       RESULT   (the pickled value)             code 0
+        sys.exit(0) / sys.exit()       RESULT   (None)                          code 0
+        sys.exit(n), n != 0            EXITED   (what the task called)          code n
+        KeyboardInterrupt escaped      EXITED                                   code 1
+        raised                         ERROR    (the exception's packet)        code 0
+        result cannot be pickled       FAILED   ("result", what, packet)        code 0
+        stopped                        the stop exception goes on to the runtime, which
+                                       reports STOPPED with where() and exits by SIGTERM
+
+``_child`` (a task process) sends the message on the task's channel and exits with the code;
+``_ray_task`` (a Ray worker) returns both. The task side only: the wire format, pickling and
+the stop state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, List, Optional, Tuple
+
+from . import _wire
+from ._serialization import dumps_value, loads_call, pack_exception, type_name
+from ._stop import _StopRequest
+from ._taskctx import TaskState
+
+Send = Callable[[int, bytes], None]
+Outcome = Tuple[int, bytes, int]  # the message's kind, its body, the process's exit code
+
+
+def run_call(body: Any, fds: List[int], state: TaskState, stream: Optional[Send] = None) -> Outcome:
+    """Load the call in ``body``, run it, and return its end as a message and an exit code.
+
+    ``stream`` sends a generator's items as they come (a stream task). While ``state.running``
+    is false a stop raises nothing: a Ray worker loads the call so (an import a stop tore would
+    stay broken for its later tasks). A stop while the function runs raises ``_StopRequest``
+    out of here.
+    """
+    try:
+        fn, args, kwargs = loads_call(body, fds)
+    except _StopRequest:
+        raise
+    except BaseException as exc:
+        return _wire.FAILED, data(("load", *pack_exception(exc))), 1
+    del body
+    state.running = True
+    if state.stopping and not state.cooperative:  # asked to stop while the call was loaded
+        raise _StopRequest()
+    try:
+        value = call(fn, args, kwargs, stream)
+    except _StopRequest:
+        raise
+    except SystemExit as exc:
+        state.running_done()
+        if hasattr(exc, "ray_terminate_msg"):
+            raise  # Ray ends this worker (a node drained, the job ended): not the task's exit
+        code = system_exit_code(exc)
+        if code == 0:
+            return _wire.RESULT, dumps_value(None), 0  # sys.exit(0) and sys.exit(): a normal end
+        return _wire.EXITED, data(f"the task called sys.exit({exc.code!r})"), code
+    except KeyboardInterrupt:
+        state.running_done()
+        return _wire.EXITED, data("the task let a KeyboardInterrupt escape"), 1
+    except BaseException as exc:
+        state.running_done()
+        return _wire.ERROR, data(pack_exception(exc.with_traceback(user_frames(exc.__traceback__)))), 0
+    state.running_done()
+    del fn, args, kwargs
+    try:
+        return _wire.RESULT, dumps_value(value), 0
+    except BaseException as exc:
+        packet = pack_exception(exc)
+        what = f"the return value (a {type_name(value)})"
+        if type(value).__name__ in ("generator", "async_generator"):
+            what += " (decorate the generator function itself to stream its values)"
+        return _wire.FAILED, data(("result", what, *packet[1:])), 0
+
+
+def call(fn: Any, args: Any, kwargs: Any, stream: Optional[Send]) -> Any:
+    """``fn(*args, **kwargs)``; a coroutine runs under ``asyncio.run``, a stream is sent."""
+    result = fn(*args, **kwargs)
+    if stream is not None:
+        return _stream(result, stream)
+    if _is_awaitable(result):
+        import asyncio
+
+        async def _await() -> Any:
+            return await result
+
+        return asyncio.run(_await())
+    return result
+
+
+def _stream(values: Any, send: Send) -> Any:
+    """Send what a generator yields, each as it comes; return what it returns.
+
+    Whatever ends it early (a stop, an item that cannot be pickled) closes the generator first,
+    so that its ``finally`` and ``with`` blocks run.
+    """
+    count = 0
+
+    def item_data(item: Any) -> bytes:
+        try:
+            return dumps_value(item)
+        except Exception as exc:
+            raise TypeError(
+                f"item {count} the task yielded (a {type_name(item)}) cannot be pickled: {exc}"
+            ) from exc
+
+    if not hasattr(values, "__next__") and not hasattr(values, "__anext__"):
+        # A wrapper of a generator function that returned something else: a plain result.
+        return call(lambda: values, (), {}, None)
+    if hasattr(values, "__anext__"):
+        import asyncio
+
+        async def pump() -> None:
+            nonlocal count
+            try:
+                async for item in values:
+                    send(_wire.ITEM, item_data(item))
+                    count += 1
+            finally:
+                close = getattr(values, "aclose", None)  # an async generator's; not every iterator's
+                if close is not None:
+                    await close()
+
+        asyncio.run(pump())
+        return None
+    try:
+        while True:
+            try:
+                item = next(values)
+            except StopIteration as stop:
+                return stop.value
+            send(_wire.ITEM, item_data(item))
+            count += 1
+    finally:
+        close = getattr(values, "close", None)  # a generator's: nothing if it returned or raised
+        if close is not None:
+            close()
+
+
+def _is_awaitable(value: Any) -> bool:
+    # What `await` accepts; cheaper than inspect.isawaitable's ABC checks on every task.
+    return hasattr(type(value), "__await__")
+
+
+def stopped(stop: BaseException) -> bytes:
+    """The body of a STOPPED message: where the user's code was (bgtask's frames left out)."""
+    import traceback
+
+    here = os.path.dirname(__file__)
+    frames = [f for f in traceback.extract_tb(stop.__traceback__) if os.path.dirname(f.filename) != here]
+    return data("".join(traceback.format_list(frames)))
+
+
+def user_frames(tb: Any) -> Any:
+    """Skip the runner's own frames at the top of a traceback: the user's code starts below."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
+
+
+def system_exit_code(exc: SystemExit) -> int:
+    """The exit code the interpreter would use for ``exc`` (printing a non-integer code)."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:
+        pass
+    return 1
+
+
+def data(obj: Any) -> bytes:
+    """A message body of bgtask's own (strings, packets): the stdlib pickler."""
+    import pickle
+
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
