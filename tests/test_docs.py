@@ -45,6 +45,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FRAGMENT = "<!-- fragment -->"
 MARKER = "BGTASK_DOCS_RUN"
 BLOCK_TIMEOUT_S = 120  # a block runs in well under a few seconds; this is a guard, not a wait
+SERVER_START_S = 60  # a server imports its framework first: seconds on a loaded machine
 
 
 @dataclass
@@ -291,8 +292,8 @@ def test_fastapi_lifespan_under_uvicorn(tmp_path: Path, server_run: str) -> None
     argv = [console_script("uvicorn"), "main:app", "--host", "127.0.0.1", "--port", "0"]
     server = Server(argv, tmp_path, server_run)
     try:
-        [running] = server.expect(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
-        server.expect("heartbeat started")
+        [running] = server.expect(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", timeout=SERVER_START_S)
+        server.expect("heartbeat started", timeout=SERVER_START_S)
         assert post(f"{running.group(1)}/reports/ada") == {"queued": "ada"}
         code = server.stop()
         assert code in (0, -signal.SIGTERM), f"uvicorn ended with {code}:\n{server.output()}"
@@ -312,8 +313,8 @@ def test_gunicorn_hooks_with_flask(tmp_path: Path, server_run: str) -> None:
     argv = [console_script("gunicorn"), "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2", "app:app"]
     server = Server(argv, tmp_path, server_run)
     try:
-        [listening] = server.expect(r"Listening at: (http://127\.0\.0\.1:\d+)")
-        server.expect("heartbeat started", count=2)
+        [listening] = server.expect(r"Listening at: (http://127\.0\.0\.1:\d+)", timeout=SERVER_START_S)
+        server.expect("heartbeat started", count=2, timeout=SERVER_START_S)
         assert post(f"{listening.group(1)}/reports/ada") == {"queued": "ada"}
         code = server.stop()
         assert code == 0, f"gunicorn ended with {code}:\n{server.output()}"
