@@ -4,51 +4,55 @@
 a ``Task`` handle: a process (pid, exitcode, join, stop, kill), a future (result, exception,
 done, callbacks) and an awaitable at once.
 
-Who does what, and where it runs (imports run one way, top to bottom; the task side imports
-nothing of the main side, so a task starts without paying for it)::
+Who does what, and where it runs: a folder per role. Imports run one way, top to bottom
+(import-linter's contracts in pyproject.toml); the task side imports nothing of the main side,
+so a task starts without paying for it. ARCHITECTURE.md draws a call's path::
 
-    main program, caller's thread
-      _decorator     @background; a call pickles (_serialization), asks a launcher, returns a Task
-      _task          Task: a Future and a process handle; decodes the outcome in the caller
-      _task_core     what is under a Task: its state, the waits, the transitions of its end
-      _lifecycle     the live tasks, active(); the exit procedure (atexit, shutdown())
-      _limits        Limiter: bounded concurrency; pending tasks and the thread that starts them
-      _map           Background.map and amap: a window of calls over a lazy input
-      _launch        the launcher seam: get(method).start(settings, payload) -> TaskProcess
-      _launch_zygote the zygote's client: spares, activation, reports (the default method)
-      _launch_mp     multiprocessing's "fork", "spawn", "forkserver"
-    main program, monitor thread (owns every task's end)
-      _process       TaskProcess: one started process; the only place its end is decided
-      _monitor       the I/O thread: channels, zygote reports, sentinels, timers
-    task side: the zygote process and the task processes
-      _zygote        forks spares, reaps tasks, stops daemon tasks when the main program dies
-      _child         the task runtime, from a spare's first line to os._exit
-      _stop          StopEvent, stop_event()
-      _ready         ready(): the task tells its program it is ready
-      _logs          the logging relay: records of tasks go to the main program's handlers
-    shared
-      _queue         Queue: items through a datagram socket every process holds
-      _green         what a gevent-patched program needs (real sockets for channels and queues)
-      _wire          every message between processes, defined once; framing
-      _outcome       what a task's messages mean; the errors result() raises
-      _serialization the only cloudpickle import
-      _errors        the exceptions
-      _platform      every operating-system branch
+    pytest_plugin        fixtures and the leak check (public)
+    _main/               the main program, caller's thread
+      decorator          @background; a call pickles (serialization), asks a launcher, returns a Task
+      task, state        Task: a Future and a process handle; under it, its state and its waits
+      outcome            what a task's messages mean; the errors result() raises
+      lifecycle          the live tasks, active(); the exit procedure (atexit, shutdown())
+      limits, map        Limiter and pending tasks; Background.map and amap
+    _backends/           how a task process is had: one module per backend
+      launch             the seam: for_options(options).start(settings, payload) -> a process
+      zygote_client      the zygote's client: spares, activation, reports (the default method)
+      zygote             the zygote process: forks spares, reaps tasks, stops daemons at the end
+      mp                 multiprocessing's "fork", "spawn", "forkserver"
+      ray, ray_worker    the Ray driver (main side) and what runs on a Ray worker (task side)
+    _monitor/            the main program's monitor thread, which owns every task's end
+      loop               the I/O thread: channels, zygote reports, sentinels, timers
+      process            TaskProcess: one started process; the only place its end is decided
+      offload            the threads for what must not run in the monitor: callbacks, starts
+    _queue               Queue: items through a datagram socket every process holds
+    _runtime/            the task side: what runs in a task process around the function
+      child              from a spare's first line to os._exit
+      runner             runs a call and classifies its end (both runtimes)
+      ready              ready(): the task tells its program it is ready
+    _shared/             both sides
+      context            the task-side context; atomic(): no stop or Ctrl-C inside a message
+      wire               every message between processes, defined once; framing
+      serialization      the only cloudpickle import
+      errors, stop       the exceptions; StopEvent
+      logs               the logging relay: snapshot and handler (main), relay (task)
+      forks              the one after-fork reset every part registers with
+      platform, green    every operating-system branch; what a gevent-patched program needs
 """
 
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from ._decorator import Background, background, preload
-from ._errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
-from ._lifecycle import shutdown
-from ._limits import Limiter
-from ._ready import ready
-from ._stop import StopEvent
-from ._taskctx import stop_event
+from ._main.decorator import Background, background, preload
+from ._main.lifecycle import shutdown
+from ._main.limits import Limiter
+from ._runtime.ready import ready
+from ._shared.context import stop_event
+from ._shared.errors import BgTaskError, SerializationError, TaskCrashed, TaskError, TaskStopped
+from ._shared.stop import StopEvent
 
 if TYPE_CHECKING:
+    from ._main.task import StreamTask, Task
     from ._queue import Queue, ShutDown
-    from ._task import StreamTask, Task
 
 __version__ = "0.1.0"
 
@@ -86,7 +90,7 @@ def use_ray(address: "Optional[str]" = None, **ray_init_kwargs: Any) -> None:
     Raises:
         BgTaskError: Ray is not installed (``pip install 'bgtask[ray]'``).
     """
-    from ._ray import use_ray
+    from ._backends.ray import use_ray
 
     use_ray(address, **ray_init_kwargs)
 
@@ -101,7 +105,7 @@ def active() -> "List[Task[Any]]":
     gone (or, pending, until it is stopped or started and gone), whether or not its handle is
     kept.
     """
-    from ._lifecycle import active
+    from ._main.lifecycle import active
 
     return active()
 
@@ -110,7 +114,7 @@ def __getattr__(name: str) -> Any:
     # Task is a concurrent.futures.Future, whose import (logging, threading) the first call pays
     # rather than `import bgtask`.
     if name in ("Task", "StreamTask"):
-        from . import _task
+        from ._main import task as _task
 
         return getattr(_task, name)
     if name in ("Queue", "ShutDown"):

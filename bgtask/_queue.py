@@ -26,7 +26,7 @@ The items travel through the kernel, never through a third process::
   ``ShutDown``.
 
 A queue travels only in a call (an argument, or captured by the function): its descriptors go
-with the call (``_serialization.send_along``). In each process one endpoint per queue exists,
+with the call (``_shared.serialization.send_along``). In each process one endpoint per queue exists,
 whatever the number of ``Queue`` objects for it. Items a task hands to its main program are
 safe from the task's crash; the main program's own backlog lives as long as it does.
 """
@@ -49,8 +49,11 @@ import weakref
 from queue import Empty, Full
 from typing import Any, Callable, Deque, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
-from . import _green, _platform, _serialization, _taskctx
-from ._taskctx import atomic
+from ._shared import context as _taskctx
+from ._shared import green as _green
+from ._shared import platform as _platform
+from ._shared import serialization as _serialization
+from ._shared.context import atomic
 
 lockf, LOCK_EX, LOCK_UN = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
 

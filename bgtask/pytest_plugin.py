@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, Generator, Iterator, List, Set
 
 import pytest
 
-from . import _lifecycle
-from ._decorator import Background, background
+from ._main import lifecycle as _lifecycle
+from ._main.decorator import Background, background
 
 __all__ = ["service"]
 

@@ -11,7 +11,9 @@ from typing import Dict, Iterator, Optional
 import pytest
 
 import bgtask
-from bgtask import _launch, _lifecycle, _monitor
+from bgtask._backends import launch as _launch
+from bgtask._main import lifecycle as _lifecycle
+from bgtask._monitor import loop as _monitor
 
 from .helpers import descendants, describe_pids, fd_count, wait_until
 

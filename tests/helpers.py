@@ -115,7 +115,8 @@ def settled_fd_count() -> int:
     Each spare comes with a socket, and the zygote hands spares over at its own pace; counted
     with all of them held, the number is the same whenever nothing leaks.
     """
-    from bgtask import _launch, _zygote
+    from bgtask._backends import launch as _launch
+    from bgtask._backends import zygote as _zygote
 
     zygote = _launch.get(None).current()
     if zygote is not None and zygote.alive:
@@ -129,7 +130,7 @@ def held_spares(zygote: Any) -> int:
     The monitor thread runs only while tasks do: with none running, spares wait in the
     control socket until something wakes it.
     """
-    from bgtask import _monitor
+    from bgtask._monitor import loop as _monitor
 
     _monitor.get().call_soon(lambda: None)
     return len(zygote.pool.spares)

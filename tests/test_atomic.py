@@ -1,4 +1,4 @@
-"""A stop or a Ctrl-C never cuts a message or a hand-over in two (bgtask._taskctx.atomic)."""
+"""A stop or a Ctrl-C never cuts a message or a hand-over in two (bgtask._shared.context.atomic)."""
 
 from __future__ import annotations
 

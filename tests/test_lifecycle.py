@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,7 +187,7 @@ if __name__ == "__main__":  # spawn and forkserver import this module again in e
     wait_ready("plain", "graceful", "cooperative", "worker")
     for t in (d1, d2, d3, w):
         print("PID", t.pid, flush=True)
-    from bgtask import _launch
+    from bgtask._backends import launch as _launch
     zygote = _launch.get(None).current() if METHOD is None else None
     print("ZYGOTE", zygote.process.pid if zygote else 0, flush=True)
     print("READY", flush=True)
@@ -540,3 +541,44 @@ for t in threads:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"SUM {sum(range(60))}"
+
+
+EXIT_SAYS_WHAT_IT_WAITS_FOR = """
+import logging, sys, time, bgtask
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+
+@bgtask.background
+def slow():
+    time.sleep(1.5)
+
+@bgtask.background
+def stuck():
+    time.sleep(600)
+
+if sys.argv[1] == "exit":
+    slow()
+else:
+    stuck()
+    bgtask.shutdown(timeout=0.5)
+    print("shutdown returned", flush=True)
+"""
+
+
+def test_the_exit_procedure_says_which_tasks_it_waits_for(tmp_path: Path) -> None:
+    """At the end of the program, the tasks waited for are named at INFO, with the Ctrl-C hint."""
+    result = run_script(tmp_path, EXIT_SAYS_WHAT_IT_WAITS_FOR, args=["exit"])
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"INFO bgtask: the end of the program waits for 1 task to finish: 'slow' \(pid \d+, running "
+        r"for [\d.]+ s\) \(Ctrl-C stops them",
+        result.stdout,
+    ), result.stdout
+
+
+def test_shutdown_says_which_tasks_its_timeout_stops(tmp_path: Path) -> None:
+    """shutdown(timeout=...) names, at WARNING, the tasks still running that it stops."""
+    result = run_script(tmp_path, EXIT_SAYS_WHAT_IT_WAITS_FOR, args=["shutdown"])
+    assert result.returncode == 0, result.stderr
+    assert "INFO bgtask: bgtask.shutdown() waits for 1 task to finish: 'stuck'" in result.stdout
+    assert re.search(r"WARNING bgtask: stopping 1 task still running: 'stuck' \(pid \d+", result.stdout)
+    assert result.stdout.rstrip().endswith("shutdown returned"), result.stdout

@@ -13,7 +13,7 @@ import pytest
 
 import bgtask
 from bgtask import Limiter, TaskStopped, background
-from bgtask._task_core import TaskCore
+from bgtask._main.state import TaskCore
 
 from .helpers import run_script, wait_until
 

@@ -65,7 +65,7 @@ def _is_my_zygote(pid: int) -> bool:
     except OSError:
         return False
     parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-    return parent == os.getpid() and b"bgtask._zygote" in command
+    return parent == os.getpid() and b"bgtask._backends.zygote" in command
 
 
 def _zygote_pid() -> int:
@@ -133,7 +133,7 @@ import builtins, os, sys
 
 with open("/proc/self/cmdline", "rb") as _f:  # the -c command is not in sys.argv
     _command = _f.read()
-if b"bgtask._zygote" in _command:
+if b"bgtask._backends.zygote" in _command:
     for _name in ("waitid", "WNOWAIT"):
         if hasattr(os, _name):
             delattr(os, _name)

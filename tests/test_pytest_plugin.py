@@ -98,8 +98,8 @@ def test_the_plugin_is_inert_unless_used(pytester: pytest.Pytester) -> None:
         def test_nothing_of_bgtask_runs():
             assert "bgtask.pytest_plugin" in sys.modules
             assert [t.name for t in threading.enumerate()] == ["MainThread"]
-            assert "bgtask._monitor" not in sys.modules
-            assert "bgtask._launch_zygote" not in sys.modules
+            assert "bgtask._monitor.loop" not in sys.modules
+            assert "bgtask._backends.zygote_client" not in sys.modules
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")

@@ -353,7 +353,7 @@ def test_nested_tasks_end_with_their_parent(backend: str) -> None:
 
     @background
     def inner(x: int) -> Any:
-        runner = sys.modules.get("bgtask._ray_task")
+        runner = sys.modules.get("bgtask._backends.ray_worker")
         return x + 1, bool(getattr(runner, "in_task", False))
 
     @background(backend=backend)
@@ -623,7 +623,7 @@ def test_workers_stay_healthy_across_stops_racing_their_tasks_end(cluster: str) 
         import signal as signals
         import sys as system
 
-        runner = system.modules.get("bgtask._ray_task")
+        runner = system.modules.get("bgtask._backends.ray_worker")
         default = signals.getsignal(signals.SIGUSR1) == signals.SIG_DFL
         clean = default and not getattr(runner, "in_task", False)
         return os.getpid(), len(os.listdir("/proc/self/fd")), clean

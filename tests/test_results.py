@@ -52,7 +52,7 @@ def test_exception_comes_back_as_itself_with_the_remote_traceback(
     assert type(cause).__name__ == "RemoteTraceback"
     assert "in fail" in str(cause)
     assert "raise KeyError(value)" in str(cause)
-    assert "bgtask/_child.py" not in str(cause)
+    assert "bgtask/_runtime/" not in str(cause)
     assert isinstance(task.exception(0), KeyError)
 
 
@@ -414,7 +414,7 @@ def test_preloaded_module_is_imported_before_the_task(tmp_path: Any) -> None:
         assert probe().result(timeout=60) == (True, True)
     finally:
         sys.path.remove(str(tmp_path))
-        from bgtask import _launch
+        from bgtask._backends import launch as _launch
 
         _launch.get(None).preload.remove("bgtask_preload_probe")  # later zygotes: as before
 
@@ -478,3 +478,26 @@ def test_a_done_callback_may_wait_for_another_task(tmp_path: Any) -> None:
     go_first.touch()
     assert called.wait(60)
     assert seen == [2]
+
+
+def _leaves_a_thread(path: str) -> int:
+    import threading as _threading
+
+    def work() -> None:
+        _threading.Event().wait(120)
+        Path(path).touch()  # never: the task's process ends before
+
+    _threading.Thread(target=work, daemon=False).start()
+    return 7
+
+
+def test_a_task_ends_with_its_function_whatever_threads_it_left(
+    start_method: Optional[str], daemon: bool, tmp_path: Path
+) -> None:
+    """A non-daemon thread the function left behind ends with the task, on every start method."""
+    never = tmp_path / "never"
+    task = background(_leaves_a_thread, daemon=daemon, start_method=start_method)(str(never))
+    assert task.result(timeout=60) == 7
+    assert task.join(timeout=60) is None
+    assert task.exitcode == 0
+    assert not never.exists()

@@ -665,7 +665,7 @@ def test_waits_that_time_out_leave_nothing_with_the_task() -> None:
 
 def test_the_leak_checks_origin_is_the_users_line() -> None:
     """A task started through a ``with`` helper names the user's line, not contextlib's."""
-    from bgtask import _lifecycle
+    from bgtask._main import lifecycle as _lifecycle
     from bgtask.pytest_plugin import service
 
     def serve() -> None:
@@ -686,7 +686,7 @@ def test_the_leak_checks_origin_is_the_users_line() -> None:
 
 def test_an_unexpected_error_in_shutdown_is_raised_as_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     """An error inside the procedure kills the tasks and comes out as itself, not as Ctrl-C."""
-    from bgtask import _lifecycle
+    from bgtask._main import lifecycle as _lifecycle
 
     @background(graceful=True)
     def forever() -> None:

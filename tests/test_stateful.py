@@ -57,7 +57,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from bgtask import Task, _launch, _lifecycle, _monitor, background, stop_event
+from bgtask import Task, background, stop_event
+from bgtask._backends import launch as _launch
+from bgtask._main import lifecycle as _lifecycle
+from bgtask._monitor import loop as _monitor
 
 from .helpers import descendants, describe_pids, fd_count, proc_stat, wait_until, zombie_children
 

@@ -10,7 +10,9 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from bgtask import TaskCrashed, _launch, _zygote, background
+from bgtask import TaskCrashed, background
+from bgtask._backends import launch as _launch
+from bgtask._backends import zygote as _zygote
 
 from .helpers import held_spares, pid_alive, run_script, wait_until
 
@@ -225,8 +227,7 @@ def test_the_zygote_forks_with_the_c_library_only_while_that_is_safe(
     tmp_path: Path, setup: str, plain: bool
 ) -> None:
     """The C library's fork() is chosen in a pristine single-threaded process, else os.fork()."""
-    result = run_script(
-        tmp_path, f"{setup}\nfrom bgtask import _platform\nprint(_platform.plain_fork() is not None)"
-    )
+    check = "from bgtask._shared import platform\nprint(platform.plain_fork() is not None)"
+    result = run_script(tmp_path, f"{setup}\n{check}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(plain)

@@ -20,12 +20,12 @@ import queue
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Dict, Iterator, Optional, Set, Tuple
 
-from ._limits import Limiter
+from .limits import Limiter
 
 if TYPE_CHECKING:
-    from ._task import Task
+    from .task import Task
 
-# How a task is started: _decorator._start(fn, args, kwargs, options).
+# How a task is started: call.start_call(fn, args, kwargs, options).
 Start = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Dict[str, Any]], "Task[Any]"]
 
 
@@ -51,7 +51,7 @@ def _prepare(
 
 def _cpus(options: Dict[str, Any]) -> int:
     """The CPUs the map's tasks run on: this machine's, or the Ray cluster's."""
-    from . import _ray
+    from .._backends import ray as _ray
 
     if _ray.wants_ray(options):
         return _ray.launcher().cluster_cpus() or os.cpu_count() or 1
@@ -99,7 +99,7 @@ class _Window:
     def failed_to_start(self, exc: Exception) -> None:
         """The last call read could not start (its item cannot be pickled, say): like an error
         of the input, raised once the results before it are out, naming the item."""
-        from ._errors import SerializationError
+        from .._shared.errors import SerializationError
 
         error: Exception = exc
         if isinstance(exc, SerializationError):
@@ -117,6 +117,7 @@ class _Window:
     def stop(self) -> None:
         """The loop ended early: stop the tasks still running (pending ones never start)."""
         for task in self.inflight:
+            task._retrieved = True  # the map reported its first error: the rest are its own
             task._request_stop("abandoned")
 
 
@@ -132,7 +133,7 @@ def map_calls(
 ) -> Iterator[Any]:
     """The results of ``fn(*args)`` for each ``args`` of ``calls`` (see ``Background.map``).
 
-    ``start(fn, args, kwargs, options)`` starts one task (``_decorator._start``).
+    ``start(fn, args, kwargs, options)`` starts one task (``call.start_call``).
     """
     options, size, unfinished, deadline = _prepare(options, limit, timeout)
 

@@ -1,5 +1,5 @@
 """The stop side of a task: ``StopEvent`` and the private stop exception (``stop_event()``, which
-finds the running task's event, is in ``_taskctx``).
+finds the running task's event, is in ``_shared.context``).
 
 A graceful task is stopped in one of two ways, chosen by the task itself::
 

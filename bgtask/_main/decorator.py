@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 import threading
 import types
@@ -32,13 +31,13 @@ from typing import (
     overload,
 )
 
-from . import _green, _lifecycle, _limits
-from ._errors import BgTaskError
-from ._limits import Limiter
-from ._platform import check_supported
+from .._shared import forks
+from .._shared.platform import check_supported
+from .call import load_call_path, start_call
+from .limits import Limiter
 
 if TYPE_CHECKING:
-    from ._task import StreamTask, Task
+    from .task import StreamTask, Task
 
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
@@ -82,7 +81,7 @@ class Background(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._options = options
-        _load_call_path()
+        load_call_path()
         # Weak: the lifecycle keeps running tasks alive; a finished, dropped handle goes away.
         self._started: weakref.WeakSet[Task[Any]] = weakref.WeakSet() if started is None else started
 
@@ -112,7 +111,7 @@ class Background(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        task: Task[Any] = _start(self._fn, args, kwargs, self._options)
+        task: Task[Any] = start_call(self._fn, args, kwargs, self._options)
         with _started_lock:
             self._started.add(task)
         return task
@@ -134,13 +133,13 @@ class Background(Generic[P, R]):
         the tasks still running. ``timeout`` counts from this call: ``TimeoutError`` when a
         result is not there by then.
         """
-        from ._map import map_calls
+        from .map import map_calls
 
         if not iterables:
             raise TypeError("map() must have at least one iterable")
         calls = zip(*iterables)
         return map_calls(
-            _start, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
+            start_call, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
         )
 
     def amap(
@@ -155,20 +154,20 @@ class Background(Generic[P, R]):
         Tasks are started off the event loop (see ``astart``); waiting for results does not
         block it. Cancelling the loop stops the tasks still running.
         """
-        from ._map import amap_calls
+        from .map import amap_calls
 
         if not iterables:
             raise TypeError("amap() must have at least one iterable")
         calls = zip(*iterables)
         return amap_calls(
-            _start, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
+            start_call, self._fn, self._options, calls, limit=limit, ordered=ordered, timeout=timeout
         )
 
     async def astart(self, *args: P.args, **kwargs: P.kwargs) -> Task[R]:
         """Start a task from a coroutine: pickling and the hand-over run in a thread, not in the
         event loop. ``task = await fn.astart(x)`` is ``task = fn(x)`` without blocking the loop.
         Cancelled meanwhile, the task it started is stopped."""
-        from ._map import start_off_loop
+        from .map import start_off_loop
 
         task: Task[R] = await start_off_loop(functools.partial(self.__call__, *args, **kwargs))
         return task
@@ -205,159 +204,6 @@ class Background(Generic[P, R]):
         return f"<bgtask.Background {getattr(self._fn, '__qualname__', self._fn)!r} {kind}>"
 
 
-def _load_call_path() -> None:
-    """Import what a call needs, once, when a function is decorated (not at ``import bgtask``).
-
-    A call's first imports must not be under way when a signal handler starts a task: the
-    handler would find the modules half made.
-    """
-    global _call_path_loaded
-    if not _call_path_loaded:
-        from . import _serialization, _task  # noqa: F401
-
-        _call_path_loaded = True
-
-
-_call_path_loaded = False
-
-
-def _start(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
-    # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
-    from ._serialization import dumps_call
-
-    _refuse_during_bootstrap()
-    _green.check(options["start_method"])
-    payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
-    try:
-        return _start_with(fn, payload, options)
-    except BaseException:
-        payload.close()
-        raise
-
-
-def _start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -> Task[Any]:
-    from . import _launch
-    from ._task import StreamTask, Task
-
-    name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
-    stream = _is_generator_function(fn)
-    kind = StreamTask if stream else Task
-    limiter = options["limit"]
-    if limiter is None and _limits.must_hand_over():
-        limiter = _limits.handed_over()  # it starts in the offload thread, a moment later
-    task: Task[Any] = kind(
-        name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"], limiter=limiter
-    )
-    task._scoped = options.get("scoped", False)
-    if _lifecycle.track_origins:
-        task._origin = _call_site()
-    try:
-        cwd: Optional[str] = os.getcwd()
-    except OSError:
-        cwd = None
-    settings = {
-        "name": name,
-        "daemon": options["daemon"],
-        "graceful": options["graceful"],
-        "grace": options["grace"],
-        "cwd": cwd,
-        "argv": list(sys.argv),
-        "parent": os.getpid(),
-    }
-    if stream:
-        settings["stream"] = True
-    if options["ray_options"]:
-        settings["ray_options"] = options["ray_options"]
-    if task._scoped:
-        settings["scoped"] = True
-    if options["relay_logging"]:
-        from . import _logs
-
-        settings["logging"] = _logs.snapshot()
-    _lifecycle.register(task)
-
-    def start() -> None:
-        with _limits.starting():  # a signal handler that starts a task meanwhile hands it over
-            launch()
-
-    def launch() -> None:
-        process = None
-        try:
-            process = _launch.for_options(options).start(settings, payload)
-            process.keep = payload.keep
-            task._attach(process)
-        except BaseException as exc:
-            if limiter is None:
-                _lifecycle.unregister(task)
-            if process is not None and task._process is None:
-                process.abandon()  # interrupted between the start and the hand-over
-            if isinstance(exc, OSError):
-                raise BgTaskError(f"could not start task {name!r}: {_launch.why_not_started(exc)}") from exc
-            raise
-        finally:
-            payload.close()  # the duplicates of what went with the call, sent or not
-        if options["start_method"] is not None:
-            _lifecycle.run_before_multiprocessing()
-        elif "ray" in sys.modules:
-            _lifecycle.run_before_ray()
-        if options["timeout"] is not None:
-            task._arm_timeout(options["timeout"])
-
-    if limiter is None:
-        start()
-    else:
-        from ._limits import Call
-
-        try:
-            limiter._submit(task, Call(start, payload.close))  # at once if there is a place, else pending
-        except BaseException:
-            if task._process is None:  # it never started (else the monitor follows it as usual)
-                _lifecycle.unregister(task)
-            raise
-    return task
-
-
-# Code flags of generator and asynchronous generator functions (inspect.CO_*, without inspect).
-_GENERATOR_FLAGS = 0x20 | 0x200
-
-
-def _is_generator_function(fn: Any) -> bool:
-    """Whether calling ``fn`` makes a generator: its task streams what it yields."""
-    while True:
-        if isinstance(fn, functools.partial):
-            fn = fn.func
-        elif hasattr(fn, "__func__"):
-            fn = fn.__func__
-        elif hasattr(fn, "__wrapped__"):  # functools.wraps: the function it wraps
-            fn = fn.__wrapped__
-        else:
-            break
-    code = getattr(fn, "__code__", None)
-    return code is not None and bool(code.co_flags & _GENERATOR_FLAGS)
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _call_site() -> str:
-    """Where the user's code called the background function: ``file:line in function``.
-
-    Frames of bgtask and of ``contextlib`` (a ``with`` helper that starts the task) are skipped.
-    """
-    import contextlib
-
-    skipped = {os.path.abspath(contextlib.__file__)}
-    frame: Optional[types.FrameType] = sys._getframe(1)
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if os.path.dirname(path) != _PACKAGE_DIR and path not in skipped:
-            break
-        frame = frame.f_back
-    if frame is None:
-        return "an unknown place"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-
-
 def preload(*modules: str) -> None:
     """Import ``modules`` once in bgtask's zygote, so that tasks start with them imported.
 
@@ -371,29 +217,16 @@ def preload(*modules: str) -> None:
     bgtask says so on standard error if that happens. An import that fails is reported there
     too, and tasks import the module themselves as usual.
     """
-    from . import _launch
+    from .._backends import launch as _launch
 
     for module in modules:
         if not isinstance(module, str):
             raise TypeError(f"preload() takes module names, not {type(module).__name__}")
-    from ._launch_zygote import ZygoteLauncher
+    from .._backends.zygote_client import ZygoteLauncher
 
     launcher = _launch.get(None)
     assert isinstance(launcher, ZygoteLauncher)
     launcher.add_preload(list(modules))
-
-
-def _refuse_during_bootstrap() -> None:
-    # Under spawn and forkserver, multiprocessing imports the main module again in the child;
-    # a script without a __main__ guard would start its tasks again from there.
-    mp_process = sys.modules.get("multiprocessing.process")
-    if mp_process is not None and getattr(mp_process.current_process(), "_inheriting", False):
-        raise BgTaskError(
-            "a task was started while multiprocessing imported the main module in a child "
-            "process (start_method 'spawn' or 'forkserver'); protect the script's entry point "
-            "with `if __name__ == '__main__':`, or use the default start method, which needs no "
-            "guard"
-        )
 
 
 def _check_options(options: Dict[str, Any]) -> None:
@@ -563,3 +396,6 @@ def background(
 
 background.__module__ = "bgtask"
 preload.__module__ = "bgtask"
+
+
+forks.register(after_in_child=forget_in_child, order=forks.MAIN)

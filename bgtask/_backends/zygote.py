@@ -40,7 +40,11 @@ import sys
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
-from . import _child, _logs, _platform, _taskctx, _wire
+from .._runtime import child as _child
+from .._shared import context as _taskctx
+from .._shared import logs as _logs
+from .._shared import platform as _platform
+from .._shared import wire as _wire
 
 # Children forked ahead and handed to the main program: a call finds its process ready.
 SPARES = 2

@@ -30,9 +30,11 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any, List, Optional, Set
 
-from . import _offload
+from .._monitor import offload as _offload
+from .._shared import context, forks
 
 # How often the exit procedure looks for pending tasks that only it can start (see _offload).
 STRANDED_POLL_S = 0.05
@@ -42,7 +44,6 @@ EXIT_WAIT_MARGIN_S = 2.0
 _lock = threading.RLock()  # reentrant: a signal handler may start a task during register()
 _live: Set[Any] = set()  # strong references: a task is watched whether or not its handle is kept
 _hook_owner = 0  # pid of the process whose atexit hook is registered
-_fork_hook = False  # registered on first use (a process that never starts a task forks faster)
 _after_multiprocessing = 0  # pid of the process whose hook was moved after multiprocessing's
 # Whether each call records where it was made (Task._origin): a frame walk, off by default.
 track_origins = False
@@ -50,15 +51,17 @@ track_origins = False
 
 def register(task: Any) -> None:
     """Add a starting task to the registry; registers the exit hook on first use."""
-    global _hook_owner, _fork_hook
+    global _hook_owner
     with _lock:
         _live.add(task)
         if _hook_owner != os.getpid():
             _hook_owner = os.getpid()
             atexit.register(_at_exit)
-        if not _fork_hook:
-            _fork_hook = True
-            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        forks.activate()
+        task_context = context.current
+        if task_context is not None and _at_exit not in task_context.at_end:
+            # In a task: the tasks it started end with it (waited for, or stopped).
+            task_context.at_end.append(_at_exit)
 
 
 def unregister(task: Any) -> None:
@@ -94,7 +97,7 @@ def run_before_ray() -> None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    from ._ray_task import session
+    from .._backends.ray_worker import session
 
     connection = (os.getpid(), session())
     if _after_ray == connection:
@@ -107,6 +110,15 @@ def run_before_ray() -> None:
 
 
 _after_ray: Any = None
+
+# Tasks that failed with nothing looking (no waiter, no callback): reported at the program's
+# end if still nothing retrieved their outcome; the garbage collector reports those dropped.
+unretrieved: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _report_unretrieved() -> None:
+    for task in list(unretrieved):
+        task._report_unretrieved()
 
 
 def live_tasks() -> List[Any]:
@@ -140,10 +152,10 @@ def shutdown(wait: bool = True, timeout: Optional[float] = None) -> None:
             the thread that ends tasks.
         KeyboardInterrupt: a Ctrl-C came meanwhile; every task is gone all the same.
     """
-    from . import _monitor
+    from .._monitor import loop as _monitor
 
     if _monitor.in_monitor_thread():
-        from ._errors import BgTaskError
+        from .._shared.errors import BgTaskError
 
         raise BgTaskError(
             "bgtask.shutdown() cannot run in bgtask's monitor thread (where the main program's "
@@ -162,13 +174,15 @@ def _at_exit() -> None:
         _procedure("exit", True, None)
     except BaseException:  # noqa: BLE001 (an exit hook: the tasks were killed, nothing is left)
         pass
+    _report_unretrieved()
 
 
 def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
     """The exit procedure; returns whether a Ctrl-C came meanwhile."""
     if _hook_owner != os.getpid():
         return False  # a forked copy, or no task was ever started here
-    from . import _launch
+    from .._backends import launch as _launch
+    from .._monitor import loop as _monitor
 
     interrupted = False
     error: Optional[BaseException] = None
@@ -186,7 +200,7 @@ def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
         else:
             error = exc
     _launch.close_all()
-    _stop_idle_monitor()
+    _monitor.stop_idle_thread()
     if error is not None:
         raise error
     return interrupted
@@ -216,6 +230,7 @@ def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:
     Returns whether a Ctrl-C came.
     """
     interrupts = 0
+    report = _WaitReport(reason)
     while True:
         pending = [t for t in live_tasks() if not t.is_daemon and not t._scoped and not t._exited]
         if not pending:
@@ -223,6 +238,7 @@ def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:
         try:
             for task in pending:
                 while True:
+                    report.waiting(pending)
                     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                     # Where no thread can be started for a pending task's start (CPython 3.12.0
                     # and 3.12.1 at exit), this thread starts it: it looks now and then.
@@ -231,11 +247,70 @@ def _wait_for_non_daemons(reason: str, deadline: Optional[float]) -> bool:
                     if task._wait_exit(slice_s):
                         break
                     if deadline is not None and time.monotonic() >= deadline:
+                        report.timed_out()
                         return interrupts > 0  # the deadline passed: _stop_all() stops the rest
         except KeyboardInterrupt:
             interrupts += 1
+            left = [t for t in pending if not t._exited]
+            report.interrupted(left, kill=interrupts > 1)
             for task in pending:
                 task._request_stop(reason, hard=interrupts > 1)
+
+
+# How often the exit procedure says again which tasks it waits for.
+REPORT_EVERY_S = 5.0
+
+
+class _WaitReport:
+    """What the exit procedure says while it waits for non-daemon tasks (logger ``bgtask``)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.next_at = 0.0
+
+    def waiting(self, tasks: List[Any]) -> None:
+        """INFO when the wait starts, and again every ``REPORT_EVERY_S`` while it lasts."""
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + REPORT_EVERY_S
+        left = [t for t in tasks if not t._exited]
+        if left:
+            where = "bgtask.shutdown()" if self.reason == "shutdown" else "the end of the program"
+            _log().info(
+                "bgtask: %s waits for %s to finish: %s (Ctrl-C stops them, a second Ctrl-C kills them)",
+                where,
+                _count(left),
+                _describe(left),
+            )
+
+    def timed_out(self) -> None:
+        self.next_at = float("inf")  # _stop_all() says which tasks it stops
+
+    def interrupted(self, tasks: List[Any], kill: bool) -> None:
+        if tasks:
+            what = "killing" if kill else "Ctrl-C: stopping"
+            _log().warning("bgtask: %s %s: %s", what, _count(tasks), _describe(tasks))
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("bgtask")
+
+
+def _count(tasks: List[Any], noun: str = "task") -> str:
+    return f"{len(tasks)} {noun}{'s' if len(tasks) != 1 else ''}"
+
+
+def _describe(tasks: List[Any]) -> str:
+    """``'name' (pid 42, running for 3.2 s)``, for each task."""
+    now = time.monotonic()
+    parts = []
+    for task in tasks:
+        pid = f"pid {task._pid}" if task._pid is not None else "pending"
+        parts.append(f"{task._name!r} ({pid}, running for {now - task._started:.1f} s)")
+    return ", ".join(parts)
 
 
 def _stop_all(reason: str) -> bool:
@@ -246,6 +321,12 @@ def _stop_all(reason: str) -> bool:
     tasks = [t for t in live_tasks() if not t._exited]
     if not tasks:
         return False
+    waited = [t for t in tasks if not t.is_daemon and not t._scoped]
+    if waited:  # the wait's timeout passed, or there was none (shutdown(wait=False))
+        _log().warning("bgtask: stopping %s still running: %s", _count(waited), _describe(waited))
+    daemons = [t for t in tasks if t not in waited]
+    if daemons:
+        _log().info("bgtask: stopping %s: %s", _count(daemons, "daemon task"), _describe(daemons))
     for task in tasks:
         task._request_stop(reason)
     longest = max((t._grace for t in tasks if t._graceful), default=0.0)
@@ -266,31 +347,6 @@ def _stop_all(reason: str) -> bool:
     return interrupted
 
 
-# The modules whose state a forked copy of the program must let go of, in this order. The fork
-# hooks look them up instead of importing them: a module another thread was importing at the
-# fork is locked for good in the copy, and one never imported holds nothing to let go of.
-_FORK_AWARE = (
-    "bgtask._decorator",
-    "bgtask._limits",
-    "bgtask._offload",
-    "bgtask._process",
-    "bgtask._launch",
-    "bgtask._ray",
-    "bgtask._monitor",
-)
-
-
-def _before_fork() -> None:
-    """No thread of bgtask's should be copied into a fork it has no reason to be in."""
-    _stop_idle_monitor()
-
-
-def _stop_idle_monitor() -> None:
-    stop = getattr(sys.modules.get("bgtask._monitor"), "stop_idle_thread", None)
-    if stop is not None:
-        stop()
-
-
 def _after_fork_in_child() -> None:
     """A forked copy of the program owns none of the original's tasks, zygote or threads."""
     global _lock
@@ -298,7 +354,6 @@ def _after_fork_in_child() -> None:
     for task in _live:
         task._forget_in_child()
     _live.clear()
-    for name in _FORK_AWARE:
-        forget = getattr(sys.modules.get(name), "forget_in_child", None)
-        if forget is not None:
-            forget()
+
+
+forks.register(after_in_child=_after_fork_in_child, order=forks.TASKS)

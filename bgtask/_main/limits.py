@@ -8,7 +8,7 @@
     a task of the limiter ends (monitor thread) ──> Limiter._release()
                └ the oldest pending task gets the place: the starter thread starts it
 
-A pending task is started by the offload thread of starts (``_offload``): the monitor thread,
+A pending task is started by the offload thread of starts (``_monitor.offload``): the monitor thread,
 which reports ends, must not start tasks itself (a start may wait for the zygote, whose reports
 arrive through the monitor). A start made in the monitor thread (a log handler's) or in a
 signal handler that interrupted a start is handed over the same way: the task returns pending
@@ -24,7 +24,8 @@ import threading
 import weakref
 from typing import Any, Callable, Optional
 
-from . import _offload
+from .._monitor import offload as _offload
+from .._shared import forks
 
 Start = Callable[[], None]
 
@@ -202,3 +203,6 @@ def forget_in_child() -> None:
     """In a forked copy: the pending tasks and the places are the original's."""
     for limiter in list(_limiters):
         limiter._forget_in_child()
+
+
+forks.register(after_in_child=forget_in_child, order=forks.MAIN)

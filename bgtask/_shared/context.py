@@ -23,15 +23,15 @@ Both sides import this module: the task runtimes fill the context, and the main 
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Deque, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
-from . import _wire
-from ._stop import StopEvent, _StopRequest
+from . import forks, is_bgtask_file
+from . import wire as _wire
+from .stop import StopEvent, _StopRequest
 
 
 def _c_signal() -> Tuple[Callable[[int, Any], Any], Callable[[int], Any]]:
@@ -92,7 +92,7 @@ class Context:
     ``send`` then sends nothing and ``has_channel`` is ``False``.
     """
 
-    __slots__ = ("_later", "_lock", "_writing", "channel", "parent_pid", "state")
+    __slots__ = ("_later", "_lock", "_writing", "at_end", "channel", "parent_pid", "state")
 
     def __init__(
         self, state: TaskState, channel: Optional[socket.socket] = None, parent_pid: int = 0
@@ -105,6 +105,13 @@ class Context:
         self._lock = threading.RLock()
         self._writing = False
         self._later: Deque[Tuple[int, bytes]] = collections.deque()
+        # Run by the runtime once the function returned, before the task reports its end is
+        # complete: the main side adds the end of the tasks this task started (_main.lifecycle).
+        self.at_end: List[Callable[[], None]] = []
+
+    def run_at_end(self) -> None:
+        for hook in self.at_end:
+            hook()
 
     @property
     def has_channel(self) -> bool:
@@ -188,7 +195,7 @@ def stop_event() -> StopEvent:
     """
     context = current
     if context is None:
-        from ._errors import BgTaskError
+        from .errors import BgTaskError
 
         raise BgTaskError(
             "stop_event() was called outside a bgtask task; it is only available in the process "
@@ -273,7 +280,6 @@ class atomic:
 
 _depth = 0  # how many atomic() blocks the main thread is in
 _interrupted = False  # a Ctrl-C came during the outermost one
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _defer_interrupt(signum: int, frame: Any) -> None:
@@ -328,7 +334,7 @@ def _raise_in_caller(error: BaseException) -> None:
 
 
 def _is_ours(frame: Any) -> bool:
-    return bool(os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _HERE)
+    return is_bgtask_file(frame.f_code.co_filename)
 
 
 def forget_in_child() -> None:
@@ -337,3 +343,6 @@ def forget_in_child() -> None:
     _depth = 0
     if current is not None:
         current.forked()
+
+
+forks.register(after_in_child=forget_in_child, order=forks.TASKS)

@@ -1,6 +1,6 @@
 """Starting tasks with a ``multiprocessing`` context: start methods "fork", "spawn", "forkserver".
 
-The task process runs the same runtime as under the zygote (``_child.run``); its channel is an
+The task process runs the same runtime as under the zygote (``_runtime.child.run``); its channel is an
 argument of the ``multiprocessing.Process``. Its exit is seen, in the monitor thread:
 
 - under "fork" and "spawn" (this program is the parent) through a pidfd where the platform has
@@ -19,12 +19,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import _monitor, _platform, _process, _wire
-from ._process import TaskProcess
-from ._wire import Settings
+from .._monitor import loop as _monitor
+from .._monitor import process as _process
+from .._monitor.process import TaskProcess
+from .._shared import platform as _platform
+from .._shared import wire as _wire
+from .._shared.wire import Settings
 
 if TYPE_CHECKING:
-    from ._serialization import Payload
+    from .._shared.serialization import Payload
 
 # How soon to look again for the exit status of a process whose sentinel fired.
 REAP_RETRY_S = 0.001
@@ -146,6 +149,6 @@ _mp_lock = threading.Lock()
 
 
 def _run_task(sock: socket.socket, settings: Settings) -> None:
-    from . import _child
+    from .._runtime import child as _child
 
     _child.run(sock, settings)

@@ -27,9 +27,12 @@ import uuid
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _monitor, _ray_task, _wire
-from ._errors import BgTaskError
-from ._process import _NOBODY, Consumer
+from .._monitor import loop as _monitor
+from .._monitor.process import _NOBODY, Consumer
+from .._shared import forks
+from .._shared import wire as _wire
+from .._shared.errors import BgTaskError
+from . import ray_worker as _ray_task
 
 BACKENDS = (None, "local", "ray")
 # What ``ray_options=`` may set, and the Ray option each becomes.
@@ -247,7 +250,7 @@ def forget_in_child() -> None:
 
 
 class RayProcess:
-    """A task submitted to Ray, followed as a ``TaskProcess`` is (see ``_process``).
+    """A task submitted to Ray, followed as a ``TaskProcess`` is (see ``_monitor.process``).
 
     Every field is the monitor thread's once ``watch()`` handed the record over; Ray's own
     callback thread only schedules work there.
@@ -378,3 +381,6 @@ class RayProcess:
         except Exception:  # noqa: BLE001 (the cluster is gone)
             pass
         self._monitor.release()
+
+
+forks.register(after_in_child=forget_in_child, order=forks.LAUNCHERS)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pickle
 from typing import Any, List, Optional, Tuple
 
-from . import _wire
-from ._errors import (
+from .._shared import wire as _wire
+from .._shared.errors import (
     BgTaskError,
     RemoteTraceback,
     SerializationError,
@@ -97,7 +97,7 @@ def _decode(
     exitcode: Optional[int],
     stop_reason: Optional[str],
 ) -> Tuple[Any, Optional[BaseException]]:
-    from ._serialization import loads, unpack_exception
+    from .._shared.serialization import loads, unpack_exception
 
     error: BaseException
     if outcome == "returned":

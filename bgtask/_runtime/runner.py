@@ -13,21 +13,21 @@
         stopped                        the stop exception goes on to the runtime, which
                                        reports STOPPED with where() and exits by SIGTERM
 
-``_child`` (a task process) sends the message on the task's channel and exits with the code;
-``_ray_task`` (a Ray worker) returns both. The task side only: the wire format, pickling and
+``_runtime.child`` (a task process) sends the message on the task's channel and exits with the code;
+``_backends.ray_worker`` (a Ray worker) returns both. The task side only: the wire format, pickling and
 the stop state.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Callable, List, Optional, Tuple
 
-from . import _wire
-from ._serialization import dumps_value, loads_call, pack_exception, type_name
-from ._stop import _StopRequest
-from ._taskctx import TaskState
+from .._shared import is_bgtask_file
+from .._shared import wire as _wire
+from .._shared.context import TaskState
+from .._shared.serialization import dumps_value, loads_call, pack_exception, type_name
+from .._shared.stop import _StopRequest
 
 Send = Callable[[int, bytes], None]
 Outcome = Tuple[int, bytes, int]  # the message's kind, its body, the process's exit code
@@ -154,8 +154,7 @@ def stopped(stop: BaseException) -> bytes:
     """The body of a STOPPED message: where the user's code was (bgtask's frames left out)."""
     import traceback
 
-    here = os.path.dirname(__file__)
-    frames = [f for f in traceback.extract_tb(stop.__traceback__) if os.path.dirname(f.filename) != here]
+    frames = [f for f in traceback.extract_tb(stop.__traceback__) if not is_bgtask_file(f.filename)]
     return data("".join(traceback.format_list(frames)))
 
 

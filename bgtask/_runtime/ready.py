@@ -6,7 +6,7 @@
     main:  task.wait_ready() returns port    (the monitor hands the message to the Task)
 
 The message goes out on the task's channel, the one its outcome takes later, so it always
-arrives before the outcome. It goes through the task's context (``_taskctx``), whole; this
+arrives before the outcome. It goes through the task's context (``_shared.context``), whole; this
 module is imported by ``import bgtask``, so it imports nothing else of bgtask at the top.
 """
 
@@ -35,8 +35,8 @@ def ready(value: Any = None) -> None:
         SerializationError: ``value`` cannot be pickled.
     """
     global _sent
-    from . import _taskctx
-    from ._errors import BgTaskError
+    from .._shared import context as _taskctx
+    from .._shared.errors import BgTaskError
 
     context = _taskctx.current
     if context is None or not context.has_channel:
@@ -44,13 +44,13 @@ def ready(value: Any = None) -> None:
             "ready() was called outside a bgtask task; it is only available in the process of a "
             "function decorated with @background"
         )
-    from ._serialization import dumps_value, type_name
-    from ._wire import READY
+    from .._shared.serialization import dumps_value, type_name
+    from .._shared.wire import READY
 
     try:
         data = dumps_value(value)
     except Exception as exc:
-        from ._errors import SerializationError
+        from .._shared.errors import SerializationError
 
         raise SerializationError(
             f"ready(): the value (a {type_name(value)}) cannot be pickled: {exc}"

@@ -1,4 +1,4 @@
-"""Starting tasks through bgtask's zygote: the main program's side of it (see ``_zygote``).
+"""Starting tasks through bgtask's zygote: the main program's side of it (see ``_backends.zygote``).
 
 ::
 
@@ -26,13 +26,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import _green, _monitor, _process, _wire
-from ._process import TaskProcess
-from ._taskctx import atomic
-from ._wire import Settings
+from .._monitor import loop as _monitor
+from .._monitor import process as _process
+from .._monitor.process import TaskProcess
+from .._shared import PACKAGE_DIR
+from .._shared import green as _green
+from .._shared import wire as _wire
+from .._shared.context import atomic
+from .._shared.wire import Settings
 
 if TYPE_CHECKING:
-    from ._serialization import Payload
+    from .._shared.serialization import Payload
 
 # How long the exit procedure waits for a zygote to exit after its control socket closed.
 ZYGOTE_EXIT_WAIT_S = 2.0
@@ -215,7 +219,7 @@ class SparePool:
         self.changed.notify_all()
 
 
-_BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._zygote import main; main({fd})"
+_BOOT = "import sys; sys.path.insert(0, {path!r}); from bgtask._backends.zygote import main; main({fd})"
 
 
 def _environ_snapshot() -> Dict[Any, Any]:
@@ -254,7 +258,7 @@ class ZygoteClient:
         self.last_env = _environ_snapshot()  # what the zygote starts with
         self.last_path = list(sys.path)
         self.stdio = _stdio_identity()
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_parent = os.path.dirname(PACKAGE_DIR)
         # A copy of this program forked meanwhile must not hold the control socket: the zygote
         # would not see the main program's end.
         with _process.new_channel() as (mine, theirs):

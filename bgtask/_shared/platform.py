@@ -33,7 +33,7 @@ _libc: Any = None
 def check_supported() -> None:
     """Raise ``BgTaskError`` on a platform bgtask does not support yet."""
     if IS_WINDOWS:
-        from ._errors import BgTaskError
+        from .errors import BgTaskError
 
         raise BgTaskError(
             "bgtask does not support Windows yet: it needs fork(), process groups and POSIX "

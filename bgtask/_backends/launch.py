@@ -2,7 +2,7 @@
 
 ::
 
-    _decorator._start ──> get(method).start(settings, payload) ──> TaskProcess ──> Task
+    _main.call.start_call ──> for_options(options).start(settings, payload) ──> process ──> Task
                              │ ZygoteLauncher (_launch_zygote, the default): take a spare the
                              │   zygote handed over, tell the zygote it is now this task, write
                              │   the settings and the payload to it
@@ -19,10 +19,12 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional, Protocol
 
+from .._shared import forks
+
 if TYPE_CHECKING:
-    from ._process import TaskProcess
-    from ._serialization import Payload
-    from ._wire import Settings
+    from .._monitor.process import TaskProcess
+    from .._shared.serialization import Payload
+    from .._shared.wire import Settings
 
 
 class Launcher(Protocol):
@@ -56,11 +58,11 @@ def get(method: Optional[str]) -> Launcher:
             launcher = _launchers.get(method)
             if launcher is None:
                 if method is None:
-                    from ._launch_zygote import ZygoteLauncher
+                    from .zygote_client import ZygoteLauncher
 
                     launcher = ZygoteLauncher()
                 else:
-                    from ._launch_mp import MultiprocessingLauncher
+                    from .mp import MultiprocessingLauncher
 
                     launcher = MultiprocessingLauncher(method)
                 _launchers[method] = launcher
@@ -73,8 +75,9 @@ def for_options(options: Dict[str, Any]) -> Launcher:
     A program that never asked for Ray never imports the backend (nor, through it, the task
     runtime): ``use_ray()`` and a Ray task's runner import it first.
     """
-    if options.get("backend") == "ray" or "bgtask._ray" in sys.modules or "bgtask._ray_task" in sys.modules:
-        from . import _ray
+    ray_imported = "bgtask._backends.ray" in sys.modules or "bgtask._backends.ray_worker" in sys.modules
+    if options.get("backend") == "ray" or ray_imported:
+        from . import ray as _ray
 
         if _ray.wants_ray(options):
             return _ray.launcher()  # type: ignore[return-value]
@@ -98,7 +101,7 @@ def why_not_started(exc: OSError) -> str:
     """What a user reads when a task could not start: the error, and what to look at."""
     import errno
 
-    from ._launch_zygote import ZygoteGone
+    from .zygote_client import ZygoteGone
 
     if isinstance(exc, ZygoteGone):
         return f"{exc}: bgtask's zygote process exited at its start (see its standard error)"
@@ -107,3 +110,6 @@ def why_not_started(exc: OSError) -> str:
     if exc.errno in (errno.EAGAIN, errno.ENOMEM):
         return f"{exc} (no process left: see `ulimit -u`, or the memory and pids limits)"
     return str(exc)
+
+
+forks.register(after_in_child=forget_in_child, order=forks.LAUNCHERS)

@@ -32,8 +32,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from ._errors import RemoteTraceback, SerializationError, TaskError, set_cause
-from ._wire import Body, Pieces
+from .errors import RemoteTraceback, SerializationError, TaskError, set_cause
+from .wire import Body, Pieces
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 

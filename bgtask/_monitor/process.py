@@ -33,7 +33,11 @@ import threading
 import time
 from typing import Any, Callable, Iterator, List, Optional, Protocol, Set, Tuple, Union
 
-from . import _green, _monitor, _platform, _wire
+from .._shared import forks
+from .._shared import green as _green
+from .._shared import platform as _platform
+from .._shared import wire as _wire
+from . import loop as _monitor
 
 # A signaller delivers a signal through the launcher (the zygote, or the parent's own kill);
 # it returns False when the launcher cannot (its zygote is gone), and the process then signals
@@ -348,7 +352,7 @@ _NOBODY = _Nobody()
 
 
 def _adopt_queued(body: Union[bytes, bytearray]) -> None:
-    from . import _queue
+    from .. import _queue
 
     try:
         _queue.adopt(body)
@@ -358,7 +362,7 @@ def _adopt_queued(body: Union[bytes, bytearray]) -> None:
 
 def _handle_record(body: Union[bytes, bytearray]) -> None:
     """A task's logging record, to this program's handlers; whatever they raise stays here."""
-    from . import _logs
+    from .._shared import logs as _logs
 
     try:
         _logs.handle(body)
@@ -429,3 +433,6 @@ def forget_in_child() -> None:
     for channel in _starting:
         channel.close()
     _starting.clear()
+
+
+forks.register(after_in_child=forget_in_child, order=forks.PROCESSES)

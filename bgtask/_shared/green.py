@@ -31,7 +31,7 @@ def check(start_method: Optional[str]) -> None:
     """
     patcher = sys.modules.get("eventlet.patcher")
     if patcher is not None and patcher.is_monkey_patched("thread"):
-        from ._errors import BgTaskError
+        from .errors import BgTaskError
 
         raise BgTaskError(
             "bgtask does not support programs that eventlet monkey-patched (its threads and "
@@ -39,14 +39,14 @@ def check(start_method: Optional[str]) -> None:
         )
     partial = _partly_patched()
     if partial:
-        from ._errors import BgTaskError
+        from .errors import BgTaskError
 
         raise BgTaskError(
             "bgtask supports programs that gevent patched as patch_all() does (threads, sockets "
             f"and select together); this one patched {partial}"
         )
     if start_method is not None and is_gevent_patched():
-        from ._errors import BgTaskError
+        from .errors import BgTaskError
 
         raise BgTaskError(
             f"start_method={start_method!r} is not supported in a program that gevent "

@@ -21,8 +21,8 @@ one of:
     failed     bgtask could not unpickle the call in the task, or pickle the result there
     cancelled  cancel() came first                                -> CancelledError
 
-Everything about the process comes from its ``TaskProcess`` (``_process``), in the monitor
-thread, through the transitions of ``TaskCore`` (``_task_core``), the class this one adds the
+Everything about the process comes from its ``TaskProcess`` (``_monitor.process``), in the monitor
+thread, through the transitions of ``TaskCore`` (``_main.state``), the class this one adds the
 public methods to. Done-callbacks run there, or in the thread that calls ``cancel()``, or at once in the
 caller when the task is already done. The result is unpickled in the thread that asks for it,
 outside any lock, once.
@@ -47,10 +47,10 @@ from typing import (
     final,
 )
 
-from . import _monitor
-from ._errors import BgTaskError, SerializationError
-from ._limits import Limiter
-from ._task_core import _NO_ITEM, _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
+from .._monitor import loop as _monitor
+from .._shared.errors import BgTaskError, SerializationError
+from .limits import Limiter
+from .state import _NO_ITEM, _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
 
 R = TypeVar("R")
 Y = TypeVar("Y")
@@ -293,6 +293,7 @@ class Task(TaskCore[R]):
         not wait for a task: that raises ``BgTaskError``.
         """
         self._check_owner()
+        self._retrieved = True  # the callback sees the outcome
         with self._condition:
             if self._state not in (FINISHED, CANCELLED_AND_NOTIFIED):
                 self._done_callbacks.append(fn)
@@ -438,7 +439,7 @@ class StreamTask(Task[R], Generic[Y, R]):
             raise error
 
     def _decode_item(self, body: Any) -> Y:
-        from ._serialization import loads
+        from .._shared.serialization import loads
 
         try:
             item: Y = loads(body)

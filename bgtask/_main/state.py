@@ -1,10 +1,10 @@
 """The state under a ``Task``: what its process's end sets, and the waits its methods share.
 
-``Task`` (``_task``) is the public handle; this base class holds its fields and everything that
+``Task`` (``_main.task``) is the public handle; this base class holds its fields and everything that
 is not public: the transitions the monitor thread drives through the ``TaskProcess``
 (``_outcome_sent``, ``_ready_sent``, ``_ended``), the stop requests of ``stop()``, timeouts and
 the exit procedure, and the waits (for the outcome, the exit, readiness, and from asyncio) that
-the public methods are built on. The states and transitions are drawn in ``_task``.
+the public methods are built on. The states and transitions are drawn in ``_main.task``.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import time
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Tuple, TypeVar
 
-from . import _lifecycle, _monitor, _offload
-from ._errors import BgTaskError, describe_exit
-from ._outcome import STOP_REASONS, classify, decode
-from ._taskctx import atomic
+from .._monitor import loop as _monitor
+from .._monitor import offload as _offload
+from .._shared.context import atomic
+from .._shared.errors import BgTaskError, describe_exit
+from . import lifecycle as _lifecycle
+from .outcome import STOP_REASONS, classify, decode
 
 if TYPE_CHECKING:
-    from ._limits import Limiter
-    from ._process import TaskProcess
+    from .._monitor.process import TaskProcess
+    from .limits import Limiter
 
 R = TypeVar("R")
 
@@ -70,12 +72,16 @@ class TaskCore(concurrent.futures.Future[R]):
         self._watchers: List[Callable[[], None]] = []  # woken at any change (asyncio waiters)
         self._started = time.monotonic()
         self._ended_at = 0.0
-        self._origin: Optional[str] = None  # where the call was made, when tracked (_lifecycle)
+        self._origin: Optional[str] = None  # where the call was made, when tracked (_main.lifecycle)
         self._items: Optional[Deque[Any]] = None  # a stream's items not yet read (StreamTask)
         self._items_size = 0
         self._readers = 0  # loops over the stream in progress: only they hold the task back
         self._throttled = False  # the channel is not read until the program reads items
         self._end_waiters = 0  # threads waiting for the end (result(), join()...): no throttle
+        # Whether anyone looked at the outcome (result(), exception(), await, a done-callback,
+        # concurrent.futures.wait): a failure nobody looked at is logged once (see _unretrieved).
+        self._retrieved = False
+        self._reported = False
 
     # -- checks ----------------------------------------------------------------------
 
@@ -128,6 +134,7 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
         self._check_owner()
+        self._retrieved = True
         if self._state in UNFINISHED:
             self._let_others_run(timeout)
         with self._unthrottled(), self._condition:
@@ -179,7 +186,7 @@ class TaskCore(concurrent.futures.Future[R]):
 
     def _take_item(self) -> Tuple[Any, bool]:
         """Under the condition: the stream's next item as it came (``_NO_ITEM`` if none), and
-        whether its channel must be read again (call ``_process.resume()`` outside the lock)."""
+        whether its channel must be read again (call ``_monitor.process.resume()`` outside the lock)."""
         items = self._items
         if not items:
             return _NO_ITEM, False
@@ -276,7 +283,7 @@ class TaskCore(concurrent.futures.Future[R]):
         """A pending task's process could not start (no descriptor or process left...)."""
         error: BaseException = exc
         if isinstance(exc, OSError):
-            from ._launch import why_not_started
+            from .._backends.launch import why_not_started
 
             error = BgTaskError(f"could not start task {self._name!r}: {why_not_started(exc)}")
             error.__cause__ = exc
@@ -419,6 +426,10 @@ class TaskCore(concurrent.futures.Future[R]):
         if decoded is not None:
             self._decoded = decoded
         self._state = CANCELLED_AND_NOTIFIED if outcome == "cancelled" else FINISHED
+        if self._waiters or self._done_callbacks:
+            self._retrieved = True  # concurrent.futures.wait() or a callback sees the outcome
+        elif outcome in _FAILURES:
+            _lifecycle.unretrieved.add(self)
         for waiter in self._waiters:
             if outcome == "cancelled":
                 waiter.add_cancelled(self)
@@ -456,9 +467,52 @@ class TaskCore(concurrent.futures.Future[R]):
         if callbacks:
             _offload.callbacks.post(lambda: _run_callbacks(callbacks, self))
 
+    def _report_unretrieved(self) -> None:
+        """Log a failure nobody retrieved, once (logger ``bgtask.unretrieved``), as asyncio logs
+        "Task exception was never retrieved". From the garbage collector, or at the program's end."""
+        if self._retrieved or self._reported or self._outcome not in _FAILURES or os.getpid() != self._owner:
+            return
+        self._reported = True
+        body = self._body
+        if self._outcome == "raised" and isinstance(body, tuple) and len(body) == 4:
+            kind = body[1][len("builtins.") :] if body[1].startswith("builtins.") else body[1]
+            what, details = f"raised {kind}: {body[2]}", body[3]
+        elif self._outcome == "crashed":
+            what, details = f"crashed: {describe_exit(self._exitcode)}", body if isinstance(body, str) else ""
+        else:
+            what, details = "could not run", _failure_text(body, self._decoded)
+        try:
+            import logging
+
+            logging.getLogger("bgtask.unretrieved").error(
+                "bgtask: task %r (pid %s) %s, and nothing retrieved its outcome%s",
+                self._name,
+                self._pid,
+                what,
+                f"\n{details}".rstrip() if details else "",
+            )
+        except Exception:  # noqa: BLE001 (at the interpreter's end, logging may be gone)
+            pass
+
+    def __del__(self) -> None:
+        if not self._retrieved and self._outcome in _FAILURES:
+            self._report_unretrieved()
+
     def _forget_in_child(self) -> None:
         """In a forked copy: this handle is the original's; its timer is not ours."""
         self._timeout = None
+
+
+# The outcomes that are failures: logged when nothing retrieved them.
+_FAILURES = ("raised", "crashed", "failed")
+
+
+def _failure_text(body: Any, decoded: Any) -> str:
+    if decoded is not None and decoded[1] is not None:
+        return f"{type(decoded[1]).__name__}: {decoded[1]}"
+    if isinstance(body, tuple):
+        return " ".join(str(part) for part in body[1:] if isinstance(part, str))
+    return ""
 
 
 _NOT_READY: Any = object()
@@ -466,8 +520,8 @@ _NO_ITEM: Any = object()
 
 
 def _decode_ready(body: Any, name: str) -> Any:
-    from ._errors import SerializationError
-    from ._serialization import loads
+    from .._shared.errors import SerializationError
+    from .._shared.serialization import loads
 
     try:
         return loads(body)

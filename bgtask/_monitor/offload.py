@@ -26,6 +26,8 @@ import collections
 import threading
 from typing import Callable, Deque, Optional
 
+from .._shared import forks
+
 Work = Callable[[], None]
 
 
@@ -126,3 +128,6 @@ def forget_in_child() -> None:
     monitor_thread = None
     callbacks.forget_in_child()
     starts.forget_in_child()
+
+
+forks.register(after_in_child=forget_in_child, order=forks.OFFLOAD)

@@ -9,7 +9,7 @@
                                         · each multiprocessing sentinel (other start methods)
                                         · timers: task timeouts, stop escalation
 
-Everything that decides a task's end runs here (``_process.TaskProcess``), so those decisions
+Everything that decides a task's end runs here (``_monitor.process.TaskProcess``), so those decisions
 need no lock. The monitor never unpickles user data (that happens in the thread that asks for a
 result) and runs no user code besides done-callbacks; whatever a callback raises, a
 ``SystemExit`` included, is logged and the monitor goes on.
@@ -30,7 +30,8 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-from . import _offload
+from .._shared import forks
+from . import offload as _offload
 
 Callback = Callable[[], None]
 
@@ -328,3 +329,6 @@ def forget_in_child() -> None:
         _monitor.close_in_child()
     _monitor = None
     _monitor_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+forks.register(before=stop_idle_thread, after_in_child=forget_in_child, order=forks.MONITOR)

@@ -28,10 +28,11 @@ import sys
 import threading
 from typing import Any, Dict, Tuple
 
-from . import _taskctx, _wire
-from ._runner import run_call, stopped
-from ._stop import _StopRequest
-from ._taskctx import Context, TaskState
+from .._runtime.runner import run_call, stopped
+from .._shared import context as _taskctx
+from .._shared import wire as _wire
+from .._shared.context import Context, TaskState
+from .._shared.stop import _StopRequest
 
 # Set while a task runs in this process: bgtask calls made by the task go to Ray as well.
 in_task = False
@@ -156,7 +157,8 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
             if stop and not done[0]:
                 os.kill(pid, STOP_SIGNAL)  # the handler runs in the main thread, as locally
 
-    previous_context = _taskctx.install(Context(state))  # no channel: nothing is sent home
+    context = Context(state)  # no channel: nothing is sent home
+    previous_context = _taskctx.install(context)
     previous_handler = signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal)
     in_task = True
     try:
@@ -166,7 +168,7 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
         except _StopRequest as stop:
             state.running_done()
             kind, data, code = _wire.STOPPED, stopped(stop), -signal.SIGTERM
-        _finish_nested()  # a stop now raises nothing: the function is no longer running
+        context.run_at_end()  # a stop now raises nothing: the function is no longer running
     finally:
         try:
             with guard:
@@ -192,10 +194,3 @@ def _close_event(state: TaskState) -> None:
             except OSError:
                 pass
     event._r = event._w = -1
-
-
-def _finish_nested() -> None:
-    """Tasks this task started: the non-daemon ones waited for, the daemon ones stopped."""
-    lifecycle = sys.modules.get("bgtask._lifecycle")
-    if lifecycle is not None and lifecycle.live_tasks():
-        lifecycle.shutdown(wait=True)

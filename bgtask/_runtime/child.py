@@ -18,7 +18,7 @@ spare), ``stdio`` (standard output and error arrive as descriptors with the call
 ``parent`` (the main program's pid), ``watch_parent`` (watch the channel for the main program's
 death: no zygote does it),
 ``run_atexit`` and ``logging`` (the main program's logging levels and warnings filters, for the
-relay of ``_logs``; absent when the task logs on its own).
+relay of ``_shared.logs``; absent when the task logs on its own).
 
 The process ends when the function returns: threads it left behind end with it. This module is
 the child side of bgtask and imports nothing of the parent side (its import cost is start-up
@@ -35,12 +35,16 @@ import sys
 import threading
 from typing import Any, List, NoReturn, Set
 
-from . import _logs, _platform, _taskctx, _wire
-from ._runner import run_call, stopped
-from ._serialization import MAX_DESCRIPTORS
-from ._stop import _StopRequest
-from ._taskctx import Context, TaskState, set_handler
-from ._wire import Settings
+from .._shared import context as _taskctx
+from .._shared import forks
+from .._shared import logs as _logs
+from .._shared import platform as _platform
+from .._shared import wire as _wire
+from .._shared.context import Context, TaskState, set_handler
+from .._shared.serialization import MAX_DESCRIPTORS
+from .._shared.stop import _StopRequest
+from .._shared.wire import Settings
+from .runner import run_call, stopped
 
 SIG_DFL = int(signal.SIG_DFL)  # a plain int: the C function does not take the enum everywhere
 
@@ -126,7 +130,7 @@ def prepare_process() -> None:
     # Terminal Ctrl-C is for the main program to act on. A Python-level handler, not SIG_IGN,
     # so that programs this task runs with exec get the default disposition back.
     set_handler(signal.SIGINT, _ignore_signal)
-    os.register_at_fork(after_in_child=_taskctx.forget_in_child)
+    forks.activate()  # the context lets go of the channel in what the task forks
 
 
 def prepare_streams() -> None:
@@ -234,9 +238,9 @@ def _report_stopped(context: Context, stop: _StopRequest) -> None:
 
 def _finish(settings: Settings) -> None:
     """Do what a normal interpreter exit would, bounded: nested tasks, atexit, streams."""
-    lifecycle = sys.modules.get("bgtask._lifecycle")
-    if lifecycle is not None:
-        lifecycle._at_exit()
+    context = _taskctx.current
+    if context is not None:
+        context.run_at_end()
     if settings.get("run_atexit", True):
         atexit._run_exitfuncs()
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequenc
 if TYPE_CHECKING:
     import socket
 
-# The SETTINGS message: what the task runtime needs besides its call (``_child`` lists the keys).
+# The SETTINGS message: what the task runtime needs besides its call (``_runtime.child`` lists the keys).
 Settings = Dict[str, Any]
 
 MAGIC = b"\xb6\x67"

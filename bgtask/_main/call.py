@@ -1,0 +1,190 @@
+"""A call of a background function: pickle it, start its process, return its ``Task``.
+
+::
+
+    fn(*args) ── start_call: pickle the call now (a bad argument fails here, naming it)
+              └─ start_with: a Task, registered with the lifecycle; started at once through
+                 the backend of its options, or pending in its Limiter (or handed over to the
+                 offload thread where a start must not run now: see limits.must_hand_over)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import types
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+from .._shared import green as _green
+from .._shared import is_bgtask_file
+from .._shared.errors import BgTaskError
+from . import lifecycle as _lifecycle
+from . import limits as _limits
+
+if TYPE_CHECKING:
+    from .task import Task
+
+
+def load_call_path() -> None:
+    """Import what a call needs, once, when a function is decorated (not at ``import bgtask``).
+
+    A call's first imports must not be under way when a signal handler starts a task: the
+    handler would find the modules half made.
+    """
+    global _call_path_loaded
+    if not _call_path_loaded:
+        from .._shared import serialization  # noqa: F401
+        from . import task  # noqa: F401
+
+        _call_path_loaded = True
+
+
+_call_path_loaded = False
+
+
+def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
+    # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
+    from .._shared.serialization import dumps_call
+
+    _refuse_during_bootstrap()
+    _green.check(options["start_method"])
+    payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
+    try:
+        return start_with(fn, payload, options)
+    except BaseException:
+        payload.close()
+        raise
+
+
+def start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -> Task[Any]:
+    from .._backends import launch as _launch
+    from .task import StreamTask, Task
+
+    name = options["name"] or getattr(fn, "__qualname__", None) or repr(fn)
+    stream = _is_generator_function(fn)
+    kind = StreamTask if stream else Task
+    limiter = options["limit"]
+    if limiter is None and _limits.must_hand_over():
+        limiter = _limits.handed_over()  # it starts in the offload thread, a moment later
+    task: Task[Any] = kind(
+        name, daemon=options["daemon"], graceful=options["graceful"], grace=options["grace"], limiter=limiter
+    )
+    task._scoped = options.get("scoped", False)
+    if _lifecycle.track_origins:
+        task._origin = _call_site()
+    try:
+        cwd: Optional[str] = os.getcwd()
+    except OSError:
+        cwd = None
+    settings = {
+        "name": name,
+        "daemon": options["daemon"],
+        "graceful": options["graceful"],
+        "grace": options["grace"],
+        "cwd": cwd,
+        "argv": list(sys.argv),
+        "parent": os.getpid(),
+    }
+    if stream:
+        settings["stream"] = True
+    if options["ray_options"]:
+        settings["ray_options"] = options["ray_options"]
+    if task._scoped:
+        settings["scoped"] = True
+    if options["relay_logging"]:
+        from .._shared import logs as _logs
+
+        settings["logging"] = _logs.snapshot()
+    _lifecycle.register(task)
+
+    def start() -> None:
+        with _limits.starting():  # a signal handler that starts a task meanwhile hands it over
+            launch()
+
+    def launch() -> None:
+        process = None
+        try:
+            process = _launch.for_options(options).start(settings, payload)
+            process.keep = payload.keep
+            task._attach(process)
+        except BaseException as exc:
+            if limiter is None:
+                _lifecycle.unregister(task)
+            if process is not None and task._process is None:
+                process.abandon()  # interrupted between the start and the hand-over
+            if isinstance(exc, OSError):
+                raise BgTaskError(f"could not start task {name!r}: {_launch.why_not_started(exc)}") from exc
+            raise
+        finally:
+            payload.close()  # the duplicates of what went with the call, sent or not
+        if options["start_method"] is not None:
+            _lifecycle.run_before_multiprocessing()
+        elif "ray" in sys.modules:
+            _lifecycle.run_before_ray()
+        if options["timeout"] is not None:
+            task._arm_timeout(options["timeout"])
+
+    if limiter is None:
+        start()
+    else:
+        from .limits import Call
+
+        try:
+            limiter._submit(task, Call(start, payload.close))  # at once if there is a place, else pending
+        except BaseException:
+            if task._process is None:  # it never started (else the monitor follows it as usual)
+                _lifecycle.unregister(task)
+            raise
+    return task
+
+
+# Code flags of generator and asynchronous generator functions (inspect.CO_*, without inspect).
+_GENERATOR_FLAGS = 0x20 | 0x200
+
+
+def _is_generator_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a generator: its task streams what it yields."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif hasattr(fn, "__func__"):
+            fn = fn.__func__
+        elif hasattr(fn, "__wrapped__"):  # functools.wraps: the function it wraps
+            fn = fn.__wrapped__
+        else:
+            break
+    code = getattr(fn, "__code__", None)
+    return code is not None and bool(code.co_flags & _GENERATOR_FLAGS)
+
+
+def _call_site() -> str:
+    """Where the user's code called the background function: ``file:line in function``.
+
+    Frames of bgtask and of ``contextlib`` (a ``with`` helper that starts the task) are skipped.
+    """
+    import contextlib
+
+    skipped = {os.path.abspath(contextlib.__file__)}
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not is_bgtask_file(path) and path not in skipped:
+            break
+        frame = frame.f_back
+    if frame is None:
+        return "an unknown place"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def _refuse_during_bootstrap() -> None:
+    # Under spawn and forkserver, multiprocessing imports the main module again in the child;
+    # a script without a __main__ guard would start its tasks again from there.
+    mp_process = sys.modules.get("multiprocessing.process")
+    if mp_process is not None and getattr(mp_process.current_process(), "_inheriting", False):
+        raise BgTaskError(
+            "a task was started while multiprocessing imported the main module in a child "
+            "process (start_method 'spawn' or 'forkserver'); protect the script's entry point "
+            "with `if __name__ == '__main__':`, or use the default start method, which needs no "
+            "guard"
+        )
