@@ -42,6 +42,7 @@ so a task starts without paying for it. ARCHITECTURE.md draws a call's path::
 
 from typing import TYPE_CHECKING, Any, List, Optional
 
+from ._main.call import set_initializer
 from ._main.decorator import Background, background, preload
 from ._main.lifecycle import shutdown
 from ._main.limits import Limiter
@@ -73,6 +74,7 @@ __all__ = [
     "background",
     "preload",
     "ready",
+    "set_initializer",
     "shutdown",
     "stop_event",
     "use_ray",

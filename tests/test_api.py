@@ -34,6 +34,7 @@ EXPECTED = {
     "background",
     "preload",
     "ready",
+    "set_initializer",
     "shutdown",
     "stop_event",
     "use_ray",

@@ -87,8 +87,15 @@ def ident(x):
     return x
 
 started = []
+busy = []
 def handler(signum, frame):
-    started.append(ident("h"))       # may land while the main thread is inside a start
+    if busy:                         # a handler interrupted by its own signal: let it finish
+        return
+    busy.append(1)
+    try:
+        started.append(ident("h"))   # may land while the main thread is inside a start
+    finally:
+        busy.clear()
 signal.signal(signal.SIGUSR1, handler)
 
 stop = threading.Event()

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 
 import pytest
 
+import bgtask
 from bgtask import TaskStopped, background, stop_event
 
 from .helpers import pid_alive, run_script, wait_until
@@ -381,3 +382,32 @@ def _command(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def _late_watcher() -> str:
+    bgtask.ready()
+    time.sleep(0.5)  # between ready() and stop_event(): a stop lands here
+    bgtask.stop_event().wait()
+    return "clean"
+
+
+def test_graceful_event_never_raises_the_stop(start_method: Optional[str], daemon: bool) -> None:
+    """graceful="event": a stop before the task's first stop_event() sets the event, raises nothing."""
+    task = background(_late_watcher, daemon=daemon, graceful="event", start_method=start_method)()
+    task.wait_ready(timeout=60)
+    task.stop(timeout=60)
+    assert task.result(timeout=0) == "clean"
+
+
+def test_graceful_true_raises_a_stop_that_comes_before_stop_event(start_method: Optional[str]) -> None:
+    """graceful=True: a stop before the task asked for its event is raised in the task."""
+    task = background(_late_watcher, graceful=True, start_method=start_method)()
+    task.wait_ready(timeout=60)
+    task.stop(timeout=60)
+    assert isinstance(task.exception(timeout=0), bgtask.TaskStopped)
+
+
+def test_graceful_takes_a_bool_or_event() -> None:
+    """Any other value of graceful is a TypeError at decoration."""
+    with pytest.raises(TypeError, match="graceful"):
+        background(graceful="yes")(_late_watcher)  # type: ignore[call-overload]

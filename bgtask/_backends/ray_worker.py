@@ -141,7 +141,7 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
     pid = os.getpid()
     board.started.remote(key, pid)
     stop_requested = board.wait.remote(key)  # submitted before release(): see StopBoard
-    state = TaskState(settings["graceful"])
+    state = TaskState(settings["graceful"])  # "event": a cooperative task from its first line
     # Until the call is loaded: a worker outlives its task, and an import a stop tore halfway
     # would stay broken for every later task (C extensions do not load twice).
     state.running = False

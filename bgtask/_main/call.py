@@ -14,8 +14,9 @@ import functools
 import os
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from .._runtime.runner import WithInitializers
 from .._shared import green as _green
 from .._shared import is_bgtask_file
 from .._shared.errors import BgTaskError
@@ -49,12 +50,47 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
 
     _refuse_during_bootstrap()
     _green.check(options["start_method"])
-    payload = dumps_call(fn, args, kwargs)  # fails here, before any process starts
+    initializers = [*_program_initializers, *options.get("initializers", ())]
+    shipped = WithInitializers(fn, initializers) if initializers else fn
+    payload = dumps_call(shipped, args, kwargs)  # fails here, before any process starts
     try:
         return start_with(fn, payload, options)
     except BaseException:
         payload.close()
         raise
+
+
+# What set_initializer() gave: run in every task this program starts, before its function.
+_program_initializers: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+
+
+def set_initializer(initializer: Optional[Callable[..., Any]], initargs: Iterable[Any] = ()) -> None:
+    """Run ``initializer(*initargs)`` in every task this program starts from now on, first.
+
+    For what every task needs before its function runs: logging that does not go through the
+    standard library (structlog, loguru), an error reporter's client (Sentry), a database pool.
+    It runs before a function's own ``initializer``; ``None`` removes it. Like the function,
+    it travels pickled with each call (cloudpickle: a closure or a lambda will do). Whatever it
+    raises is the task's outcome, with its traceback. Tasks a task starts run it only if that
+    task sets it too.
+
+    Raises:
+        TypeError: ``initializer`` is neither callable nor ``None``.
+    """
+    _program_initializers[:] = [] if initializer is None else [checked_initializer(initializer, initargs)]
+
+
+set_initializer.__module__ = "bgtask"
+
+
+def checked_initializer(
+    initializer: Any, initargs: Iterable[Any], where: str = "set_initializer()"
+) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
+    if not callable(initializer):
+        raise TypeError(f"{where}: initializer must be callable, not {type(initializer).__name__}")
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+        raise TypeError(f"{where}: initargs must be a tuple of arguments, not {type(initargs).__name__}")
+    return initializer, tuple(initargs)
 
 
 def start_with(fn: Callable[..., Any], payload: Any, options: Dict[str, Any]) -> Task[Any]:

@@ -25,6 +25,7 @@ from typing import (
     Generic,
     Iterable,
     Iterator,
+    Literal,
     Optional,
     TypeVar,
     Union,
@@ -33,7 +34,7 @@ from typing import (
 
 from .._shared import forks
 from .._shared.platform import check_supported
-from .call import load_call_path, start_call
+from .call import checked_initializer, load_call_path, start_call
 from .limits import Limiter
 
 if TYPE_CHECKING:
@@ -229,9 +230,15 @@ def preload(*modules: str) -> None:
     launcher.add_preload(list(modules))
 
 
+WHERE = "background()"
+
+
 def _check_options(options: Dict[str, Any]) -> None:
     """Wrong types raise ``TypeError``, wrong values ``ValueError``, as the stdlib does."""
-    for flag in ("daemon", "graceful", "relay_logging"):
+    graceful = options["graceful"]
+    if not (isinstance(graceful, bool) or graceful == "event"):
+        raise TypeError(f"background(): graceful must be a bool or 'event', not {graceful!r}")
+    for flag in ("daemon", "relay_logging"):
         if not isinstance(options[flag], bool):
             raise TypeError(f"background(): {flag} must be a bool, not {type(options[flag]).__name__}")
     for key, zero_ok in (("grace", True), ("timeout", False)):
@@ -308,7 +315,7 @@ def background(fn: Callable[P, R], /) -> Background[P, R]: ...
 def background(
     *,
     daemon: bool = False,
-    graceful: bool = False,
+    graceful: Union[bool, Literal["event"]] = False,
     grace: float = 5.0,
     name: Optional[str] = None,
     start_method: Optional[str] = None,
@@ -317,6 +324,8 @@ def background(
     limit: Union[int, Limiter, None] = None,
     backend: Optional[str] = None,
     ray_options: Optional[Dict[str, Any]] = None,
+    initializer: Optional[Callable[..., Any]] = None,
+    initargs: Iterable[Any] = (),
 ) -> Callable[[Callable[P, R]], Background[P, R]]: ...
 
 
@@ -325,7 +334,7 @@ def background(
     /,
     *,
     daemon: bool = False,
-    graceful: bool = False,
+    graceful: Union[bool, Literal["event"]] = False,
     grace: float = 5.0,
     name: Optional[str] = None,
     start_method: Optional[str] = None,
@@ -334,6 +343,8 @@ def background(
     limit: Union[int, Limiter, None] = None,
     backend: Optional[str] = None,
     ray_options: Optional[Dict[str, Any]] = None,
+    initializer: Optional[Callable[..., Any]] = None,
+    initargs: Iterable[Any] = (),
 ) -> Union[Background[P, R], Callable[[Callable[P, R]], Background[P, R]]]:
     """Make a function start a new process each time it is called.
 
@@ -347,6 +358,9 @@ def background(
             until it finishes.
         graceful: stopping the task lets it clean up: its ``stop_event()`` is set, or an
             exception is raised inside it so that its ``finally`` and ``with`` blocks run.
+            ``"event"``: the task watches its stop event from its first line; a stop only
+            sets it and never raises, however early it comes (a service that calls ``ready()``
+            before ``stop_event()`` cannot be interrupted between the two).
         grace: seconds a graceful task gets to finish once asked to stop, before its process
             group is killed.
         name: the task's name (default: the function's qualified name).
@@ -365,6 +379,11 @@ def background(
         ray_options: for Ray: ``num_cpus`` (default 1, 0 for a daemon task), ``num_gpus``,
             ``memory``, ``resources``, ``runtime_env``, ``scheduling_strategy``, and
             ``fresh_worker`` (``True``: a worker process of its own, which exits after it).
+        initializer: called as ``initializer(*initargs)`` in the task before the function
+            (after the program's own, ``bgtask.set_initializer``), as
+            ``ProcessPoolExecutor`` names it: configure logging, a client, a pool. Whatever it
+            raises is the task's outcome, with its traceback.
+        initargs: the initializer's arguments.
 
     Raises:
         BgTaskError: on Windows, which bgtask does not support yet.
@@ -380,6 +399,7 @@ def background(
         "limit": limit,
         "backend": backend,
         "ray_options": ray_options,
+        "initializers": [] if initializer is None else [checked_initializer(initializer, initargs, WHERE)],
     }
     _check_options(options)
     check_supported()

@@ -99,7 +99,7 @@ class Limiter:
             else:
                 self._pending[task] = call
         if now and hand_over:
-            _offload.starts.post(lambda: _start_pending(self, task, call))
+            _offload.starts.post(lambda: _start_pending(self, task, call), inline=False)
         elif now:
             try:
                 call.start()
@@ -169,6 +169,8 @@ class starting:
 
     def __exit__(self, *exc: object) -> None:
         _starting.depth -= 1
+        if _starting.depth == 0 and _offload.starts.stranded:
+            _offload.starts.run_stranded()  # handed over meanwhile, with no thread to take it
 
 
 _starting = threading.local()

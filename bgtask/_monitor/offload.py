@@ -41,8 +41,13 @@ class _Offload:
         self.thread: Optional[threading.Thread] = None
         self.stranded = False  # work waits that no thread could be started for
 
-    def post(self, work: Work) -> None:
-        """Run ``work`` in the offload thread, after what was posted before it."""
+    def post(self, work: Work, inline: bool = True) -> None:
+        """Run ``work`` in the offload thread, after what was posted before it.
+
+        Where no thread can be started, the work runs here and now if ``inline`` (and this is
+        not the monitor thread); else it waits (``stranded``) for a thread that can run it:
+        the next post's, the end of the start it interrupted, or the exit procedure.
+        """
         with self.lock:
             self.queue.append(work)
             if self.thread is not None:
@@ -51,8 +56,8 @@ class _Offload:
             try:
                 thread.start()
             except RuntimeError:  # no thread left, or the interpreter is shutting down
-                if in_monitor_thread():
-                    self.stranded = True  # the exit procedure (main thread) runs it
+                self.stranded = True
+                if not inline or in_monitor_thread():
                     return
             else:
                 self.thread = thread

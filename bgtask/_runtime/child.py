@@ -60,7 +60,7 @@ def run(sock: socket.socket, settings: Settings, prepared: bool = False) -> NoRe
         # Under spawn it arrives inheritable: the task's children must not hold it open, or
         # the main program would not see the task's end on it.
         sock.set_inheritable(False)
-    state = TaskState(settings["graceful"])
+    state = TaskState(settings["graceful"])  # "event": a cooperative task from its first line
     context = Context(state, sock, settings.get("parent", 0))
     _taskctx.install(context)
     try:

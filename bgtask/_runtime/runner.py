@@ -81,6 +81,25 @@ def run_call(body: Any, fds: List[int], state: TaskState, stream: Optional[Send]
         return _wire.FAILED, data(("result", what, *packet[1:])), 0
 
 
+class WithInitializers:
+    """A task's function with the initializers that run before it, in the task (see
+    ``bgtask.set_initializer`` and ``@background(initializer=...)``)."""
+
+    __slots__ = ("fn", "initializers")
+
+    def __init__(self, fn: Any, initializers: List[Tuple[Any, Tuple[Any, ...]]]) -> None:
+        self.fn = fn
+        self.initializers = initializers
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for initializer, initargs in self.initializers:
+            initializer(*initargs)
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> Any:
+        return WithInitializers, (self.fn, self.initializers)
+
+
 def call(fn: Any, args: Any, kwargs: Any, stream: Optional[Send]) -> Any:
     """``fn(*args, **kwargs)``; a coroutine runs under ``asyncio.run``, a stream is sent."""
     result = fn(*args, **kwargs)

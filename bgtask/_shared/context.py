@@ -56,12 +56,15 @@ class TaskState:
 
     __slots__ = ("atomic", "cooperative", "event", "graceful", "pending", "running", "stopping")
 
-    def __init__(self, graceful: bool) -> None:
+    def __init__(self, graceful: Any) -> None:
         self.event = StopEvent()
-        self.cooperative = False  # the task asked for its stop event
+        # The task asked for its stop event (or said so at decoration: graceful="event").
+        self.cooperative = graceful == "event"
+        if self.cooperative:
+            self.event._open()
         self.stopping = False  # a stop was requested
         self.running = True  # the function has not returned yet: a stop may still be raised
-        self.graceful = graceful
+        self.graceful = bool(graceful)
         self.atomic = False  # the main thread is inside atomic(): a stop waits for its end
         self.pending = False  # a stop came meanwhile: raised at the end of the block
 

@@ -159,6 +159,27 @@ def decode(kind: int, body: Union[bytes, bytearray]) -> Any:
 # -- framing -----------------------------------------------------------------------------------
 
 
+# The largest message a channel takes: a header announcing more is a corrupt channel. Bodies over
+# LAZY_BODY are received into anonymous memory the kernel provides page by page as the bytes
+# arrive, not allocated and zero-filled at the header: 11 bytes that announce gigabytes cost
+# nothing until the gigabytes come.
+MAX_MESSAGE = 64 * 2**30
+LAZY_BODY = 2**20
+
+
+def _body_buffer(size: int) -> Any:
+    if size > MAX_MESSAGE:
+        raise ProtocolError(f"a message of {size} bytes was announced, over the bound of {MAX_MESSAGE}")
+    if size <= LAZY_BODY:
+        return bytearray(size)
+    import mmap
+
+    try:
+        return mmap.mmap(-1, size)
+    except OSError as exc:  # the system would not reserve that much address space
+        raise MemoryError(str(exc)) from exc
+
+
 class ProtocolError(Exception):
     """Bytes on a channel that are not bgtask's messages (a task wrote to the wrong descriptor)."""
 
@@ -378,7 +399,7 @@ class MessageReader:
                     if len(self._head) == HEADER.size:
                         self._kind, size = _unpack_header(self._head)
                         self._head = bytearray()
-                        self._body = bytearray(size)
+                        self._body = _body_buffer(size)
                         self._view = memoryview(self._body)
                         self._got = 0
                         if size == 0:

@@ -135,3 +135,18 @@ async def check_many_async() -> None:
     task = await double.astart(1)
     assert_type(task, Task[int])
     await double.astart("x")  # type: ignore[arg-type]
+
+
+def _setup(level: int) -> None: ...
+
+
+@bgtask.background(daemon=True, graceful="event", initializer=_setup, initargs=(20,))
+def watcher(path: str) -> bool:
+    return bgtask.stop_event().wait()
+
+
+def check_setup() -> None:
+    assert_type(watcher("x"), Task[bool])
+    bgtask.set_initializer(_setup, (10,))
+    bgtask.set_initializer(None)
+    bgtask.background(graceful="yes")  # type: ignore[call-overload]
