@@ -7,11 +7,11 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from bgtask import TaskCrashed, TaskStopped, background, stop_event
+from bgtask import TaskCrashed, TaskError, TaskStopped, background, stop_event
 
 from .helpers import wait_until
 
@@ -68,6 +68,12 @@ def test_records_reach_the_main_programs_handlers(
     ]
     assert all(r.name == LOGGER and r.processName == "reporter" and r.process == pid for r in collected)
     assert "KeyError: 'broken'" in (collected[1].exc_text or "")
+    exc_info = collected[1].exc_info
+    assert exc_info is not None
+    assert exc_info[0] is KeyError
+    assert isinstance(exc_info[1], KeyError)
+    assert "it failed" not in str(exc_info[1])
+    assert "raise KeyError" in str(exc_info[1].__cause__)  # the task's traceback
     formatted = logging.Formatter("%(message)s").format(collected[1])
     assert "Traceback" in formatted
     assert "KeyError" in formatted
@@ -345,3 +351,54 @@ def test_several_inherited_root_handlers_are_all_left_out_under_fork(tmp_path: P
             root.removeHandler(handler)
             handler.close()
     assert [path.read_text().splitlines() for path in files] == [["once"], ["once"]]
+
+
+def test_an_exception_that_cannot_come_back_is_a_stand_in_in_exc_info(
+    collected: List[logging.LogRecord],
+) -> None:
+    """A logged exception that cannot be pickled arrives as a TaskError naming its type."""
+
+    @background
+    def report() -> None:
+        class Local(Exception):
+            def __reduce__(self) -> Any:
+                raise TypeError("no")
+
+        try:
+            raise Local("kept message")
+        except Local:
+            logging.getLogger(LOGGER).exception("it failed")
+
+    report().result(60)
+    assert wait_until(lambda: len(collected) == 1)
+    exc_info = collected[0].exc_info
+    assert exc_info is not None
+    assert isinstance(exc_info[1], TaskError)
+    assert "Local" in str(exc_info[1])
+    assert "kept message" in str(exc_info[1])
+
+
+def _logs_from_forked_processes() -> int:
+    import multiprocessing
+
+    log = logging.getLogger(LOGGER)
+    pid = os.fork()
+    if pid == 0:
+        log.warning("from os.fork()")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(log.warning, ["from a pool worker"] * 4)
+    log.warning("from the task")
+    return os.getpid()
+
+
+def test_records_of_processes_a_task_forks_reach_the_main_program(
+    start_method: Optional[str], daemon: bool, collected: List[logging.LogRecord]
+) -> None:
+    """os.fork() and a multiprocessing pool inside a task: their records arrive, each whole."""
+    task_pid = background(_logs_from_forked_processes, daemon=daemon, start_method=start_method)().result(60)
+    assert wait_until(lambda: len(collected) == 6)
+    messages = sorted(r.getMessage() for r in collected)
+    assert messages == ["from a pool worker"] * 4 + ["from os.fork()", "from the task"]
+    assert {r.process for r in collected if r.getMessage() != "from the task"}.isdisjoint({task_pid})

@@ -696,3 +696,101 @@ if __name__ == "__main__":
         assert "Traceback" not in script.stderr()
     finally:
         script.close()
+
+
+LISTENERS = r"""
+import os, socket, bgtask
+
+def listening(pids):
+    inodes = {}
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/net/{name}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    inodes[fields[9]] = fields[1]
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        sockets = [link[8:-1] for link in links if link.startswith("socket:[")]
+        found += [inodes[inode] for inode in sockets if inode in inodes]
+    return found
+
+def tree(root):
+    children = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+        children.setdefault(int(ppid), []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+bgtask.use_ray()
+
+@bgtask.background
+def where():
+    return os.getpid()
+
+where().result(120)
+addresses = listening(tree(os.getpid()))
+loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+on_loopback = all(address.split(":")[0] in loopback for address in addresses)
+print("listeners", len(addresses), "all loopback", on_loopback, flush=True)
+"""
+
+
+def test_a_private_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
+    """use_ray() with no address: every port of the cluster it starts is on the loopback address."""
+    env = {key: value for key, value in dict(script_env(), **ENV).items() if key != "RAY_ADDRESS"}
+    result = run_script(tmp_path, LISTENERS, timeout=RESULT_S, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    words = result.stdout.split()
+    assert words[0] == "listeners", result.stdout
+    assert int(words[1]) >= 3  # the GCS, the raylet, a worker at least
+    assert words[-1] == "True", result.stdout
+
+
+def _set_marker(value: str) -> None:
+    os.environ["BGTASK_RAY_INIT"] = value
+
+
+def _read_marker() -> str:
+    return os.environ.pop("BGTASK_RAY_INIT", "absent")  # popped: workers are reused
+
+
+def _late_watcher() -> str:
+    ready_at = time.monotonic()
+    while time.monotonic() - ready_at < 0.5:  # a stop lands here, before stop_event()
+        time.sleep(0.01)
+    stop_event().wait()
+    return "clean"
+
+
+def test_initializers_run_on_ray(cluster: str) -> None:
+    """The program's initializer and the function's run on the Ray worker, before the function."""
+    bgtask.set_initializer(_set_marker, ("program",))
+    try:
+        plain = background(backend="ray")(_read_marker)
+        own = background(backend="ray", initializer=_set_marker, initargs=("own",))(_read_marker)
+        assert plain().result(RESULT_S) == "program"
+        assert own().result(RESULT_S) == "own"
+    finally:
+        bgtask.set_initializer(None)
+
+
+def test_graceful_event_on_ray(cluster: str) -> None:
+    """graceful="event" on Ray: a stop before the task's first stop_event() only sets it."""
+    task = background(backend="ray", graceful="event")(_late_watcher)()
+    wait_until(lambda: task.pid is not None, timeout=RESULT_S)
+    task.stop(timeout=RESULT_S)
+    assert task.result(timeout=RESULT_S) == "clean"

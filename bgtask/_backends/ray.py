@@ -124,6 +124,11 @@ class RayLauncher:
                 if not ray.is_initialized():
                     kwargs = dict(_init)
                     address = kwargs.pop("address", None) or os.environ.get("RAY_ADDRESS") or "local"
+                    if address == "local":
+                        # A private cluster: every port it opens listens on the loopback
+                        # address only (Ray binds every interface otherwise, without
+                        # authentication): nobody else can use it.
+                        kwargs.setdefault("_node_ip_address", "127.0.0.1")
                     kwargs.setdefault("include_dashboard", False)
                     kwargs.setdefault("logging_level", "WARNING")
                     # ray.init() replaces the program's SIGTERM handler (with sys.exit):

@@ -16,7 +16,6 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from .._runtime.runner import WithInitializers
 from .._shared import green as _green
 from .._shared import is_bgtask_file
 from .._shared.errors import BgTaskError
@@ -46,6 +45,7 @@ _call_path_loaded = False
 
 def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str, Any]) -> Task[Any]:
     # Imported on first use: `import bgtask` stays cheap, and so does the zygote.
+    from .._runtime.runner import WithInitializers
     from .._shared.serialization import dumps_call
 
     _refuse_during_bootstrap()

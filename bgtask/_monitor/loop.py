@@ -10,9 +10,12 @@
                                         · timers: task timeouts, stop escalation
 
 Everything that decides a task's end runs here (``_monitor.process.TaskProcess``), so those decisions
-need no lock. The monitor never unpickles user data (that happens in the thread that asks for a
-result) and runs no user code besides done-callbacks; whatever a callback raises, a
-``SystemExit`` included, is logged and the monitor goes on.
+need no lock. Nothing that can block runs here: the monitor unpickles no result (that happens
+in the thread that asks for it; only a log record's exception, at most 64 KiB pickled, is
+rebuilt here) and runs no done-callback (the offload threads do, ``_monitor.offload``). The one
+user code it runs is the main program's log handlers, for tasks' records, in their order; a
+start they make is handed over, a wait they make raises ``BgTaskError``. Whatever it runs
+raises, a ``SystemExit`` included, is logged and the monitor goes on.
 
 The thread starts with the first task and stays. Each started process holds it (``hold()``)
 until its end is known; when the program forks with no task running and nothing queued, the

@@ -216,6 +216,8 @@ class TaskProcess:
                     continue
                 if kind == _wire.LOG:
                     _handle_record(body)
+                elif kind == _wire.WARNING:
+                    _reissue_warning(body)
                 elif kind == _wire.READY:
                     consumer._ready_sent(body)
                 elif kind == _wire.QUEUED:
@@ -358,6 +360,12 @@ def _adopt_queued(body: Union[bytes, bytearray]) -> None:
         _queue.adopt(body)
     except Exception:  # noqa: BLE001 (a task's bytes: they must not stop the monitor)
         pass
+
+
+def _reissue_warning(body: Union[bytes, bytearray]) -> None:
+    from .._shared import logs as _logs
+
+    _logs.reissue(body)
 
 
 def _handle_record(body: Union[bytes, bytearray]) -> None:

@@ -180,7 +180,12 @@ def _apply_settings(settings: Settings, context: Context) -> None:
     _platform.set_process_name(name if name != _platform.ZYGOTE_NAME else f"task:{name}")
     logs = settings.get("logging")
     if logs is not None:
-        _logs.install(logs, lambda data: context.send(_wire.LOG, data), name)
+        _logs.install(
+            logs,
+            lambda data: context.send(_wire.LOG, data),
+            lambda data: context.send(_wire.WARNING, data),
+            name,
+        )
     else:
         _logs.uninstall()
     mp_process = sys.modules.get("multiprocessing.process")

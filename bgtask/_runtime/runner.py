@@ -48,6 +48,7 @@ def run_call(body: Any, fds: List[int], state: TaskState, stream: Optional[Send]
     except BaseException as exc:
         return _wire.FAILED, data(("load", *pack_exception(exc))), 1
     del body
+    _into_main(fn)
     state.running = True
     if state.stopping and not state.cooperative:  # asked to stop while the call was loaded
         raise _StopRequest()
@@ -98,6 +99,38 @@ class WithInitializers:
 
     def __reduce__(self) -> Any:
         return WithInitializers, (self.fn, self.initializers)
+
+
+def _into_main(fn: Any) -> None:
+    """Put the functions and classes of the main script that the call brought (by value) into
+    this process's ``__main__``, under their names.
+
+    A pool the task starts (``multiprocessing``, ``concurrent.futures``) pickles a ``__main__``
+    function by name, as in the script itself: the name must lead to this very object. A name
+    of ``__main__`` that holds another object of the same kind and name (the script's own,
+    under "fork") is replaced by the one the call brought; any other is left alone.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        return
+    namespace = vars(main)
+    functions = [fn.fn, *(init for init, _ in fn.initializers)] if isinstance(fn, WithInitializers) else [fn]
+    for function in functions:
+        if getattr(function, "__module__", None) != "__main__":
+            continue
+        found = {getattr(function, "__name__", ""): function}
+        found.update(getattr(function, "__globals__", {}))
+        for name, value in found.items():
+            if getattr(value, "__module__", None) != "__main__" or not isinstance(value, (type, _FUNCTION)):
+                continue
+            if getattr(value, "__qualname__", None) != name:
+                continue  # nested, or bound to another name: pickled by reference under its own
+            present = namespace.get(name)
+            if present is None or (type(present) is type(value) and present is not value):
+                namespace[name] = value
+
+
+_FUNCTION = type(_into_main)
 
 
 def call(fn: Any, args: Any, kwargs: Any, stream: Optional[Send]) -> Any:

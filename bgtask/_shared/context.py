@@ -17,19 +17,21 @@ thread only, so other threads need nothing.
 (a handler that logs): the nested message waits until the outer one is out, then follows it.
 
 Both sides import this module: the task runtimes fill the context, and the main program uses
-``atomic()`` around its own messages. It imports only the stop event and the wire format.
+``atomic()`` around its own messages. It imports only what is shared (the stop event, the wire
+format, the platform, the fork hooks).
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import signal
 import socket
 import sys
 import threading
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
-from . import forks, is_bgtask_file
+from . import forks, is_bgtask_file, platform
 from . import wire as _wire
 from .stop import StopEvent, _StopRequest
 
@@ -95,7 +97,17 @@ class Context:
     ``send`` then sends nothing and ``has_channel`` is ``False``.
     """
 
-    __slots__ = ("_later", "_lock", "_writing", "at_end", "channel", "parent_pid", "state")
+    __slots__ = (
+        "_later",
+        "_lock",
+        "_peers_lock",
+        "_writing",
+        "at_end",
+        "channel",
+        "log_channel",
+        "parent_pid",
+        "state",
+    )
 
     def __init__(
         self, state: TaskState, channel: Optional[socket.socket] = None, parent_pid: int = 0
@@ -108,6 +120,12 @@ class Context:
         self._lock = threading.RLock()
         self._writing = False
         self._later: Deque[Tuple[int, bytes]] = collections.deque()
+        # Where log records go: the channel in the task; in a process the task forked, the same
+        # channel, for records only (``forked``). Once the task forks, each message goes out
+        # under a lockf lock on this file, shared with the forked processes: whole, never cut
+        # into by a record of theirs.
+        self.log_channel = channel
+        self._peers_lock = -1
         # Run by the runtime once the function returned, before the task reports its end is
         # complete: the main side adds the end of the tasks this task started (_main.lifecycle).
         self.at_end: List[Callable[[], None]] = []
@@ -136,7 +154,7 @@ class Context:
         self._send(_wire.QUEUED, body)
 
     def _send(self, kind: int, body: bytes) -> None:
-        channel = self.channel
+        channel = self.log_channel if kind in _TO_PEERS else self.channel
         if channel is None:
             raise BrokenPipeError("this process has no channel to a main program")
         with atomic(), self._lock:
@@ -144,12 +162,26 @@ class Context:
                 self._later.append((kind, body))
                 return
             self._writing = True
+            locked = self._peers_lock
             try:
+                if locked >= 0:
+                    fcntl.lockf(locked, fcntl.LOCK_EX)
                 _wire.send_message(channel, kind, body)
                 while self._later:
                     _wire.send_message(channel, *self._later.popleft())
             finally:
                 self._writing = False
+                if locked >= 0:
+                    fcntl.lockf(locked, fcntl.LOCK_UN)
+
+    def before_fork(self) -> None:
+        """The task forks: from now on, messages go out under the lock it shares with its
+        forked processes, which relay their log records on its channel."""
+        if self._peers_lock < 0 and self.log_channel is not None:
+            try:
+                self._peers_lock = platform.memory_file("bgtask-channel-lock")
+            except OSError:
+                self.log_channel = None  # no lock, no sharing: the forked processes stay quiet
 
     def parent_fd(self) -> Optional[int]:
         """The channel's descriptor: readable once the main program is gone; ``None`` if none."""
@@ -163,18 +195,17 @@ class Context:
         return fd if fd >= 0 else None
 
     def forked(self) -> None:
-        """In a process the task forked: it is not the task, and must not hold the channel
-        (the main program would not see the task's end), nor a lock another thread held."""
-        channel, self.channel = self.channel, None
+        """In a process the task forked: it is not the task (no ``ready()``, no queue
+        forwarding, no outcome) and holds no lock another thread held; its log records still go
+        to the main program, on the task's channel, under the lock shared with the task."""
+        self.channel = None
         self._lock = threading.RLock()
         self._writing = False
         self._later.clear()
-        if channel is not None:
-            try:
-                channel.close()
-            except OSError:
-                pass
 
+
+# What the processes a task forks send home on its channel: log records and warnings.
+_TO_PEERS = frozenset((_wire.LOG, _wire.WARNING))
 
 current: Optional[Context] = None
 
@@ -340,6 +371,11 @@ def _is_ours(frame: Any) -> bool:
     return is_bgtask_file(frame.f_code.co_filename)
 
 
+def before_fork() -> None:
+    if current is not None:
+        current.before_fork()
+
+
 def forget_in_child() -> None:
     """After a fork: the task's channel is not this process's (see ``Context.forked``)."""
     global _depth
@@ -348,4 +384,4 @@ def forget_in_child() -> None:
         current.forked()
 
 
-forks.register(after_in_child=forget_in_child, order=forks.TASKS)
+forks.register(before=before_fork, after_in_child=forget_in_child, order=forks.TASKS)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -35,6 +36,11 @@ Snapshot = Tuple[int, Dict[str, int], int, bool, List[Any]]
 _UNCHANGED = -0xB6
 _levels: Optional[Tuple[int, Dict[str, int], int]] = None
 _filters: Tuple[Optional[List[Any]], List[Any]] = (None, [])
+
+# The field a relayed record's exception travels in (an exception packet), and the largest
+# pickled exception the main program rebuilds for it (in the monitor thread: small ones only).
+_EXCEPTION = "_bgtask_exception"
+EXCEPTION_UNPICKLE_MAX = 64 * 1024
 
 # Field values a record keeps as they are; any other value travels as its repr().
 _PLAIN = (str, int, float, bool, type(None))
@@ -82,10 +88,31 @@ def _warnings_filters() -> List[Any]:
 
 
 def handle(body: Union[bytes, bytearray]) -> None:
-    """In the monitor: a record a task sent, handed to this program's logger of its name."""
-    record = logging.makeLogRecord(pickle.loads(body))
+    """In the monitor: a record a task sent, handed to this program's logger of its name.
+
+    Its exception comes back as ``exc_info`` (its own type where it unpickles, else a
+    ``TaskError`` stand-in; the task's traceback chained as its cause), for handlers that look
+    at it (Sentry's, structlog's); ``exc_text`` keeps the task's formatted traceback.
+    """
+    fields = pickle.loads(body)
+    packet = fields.pop(_EXCEPTION, None)
+    record = logging.makeLogRecord(fields)
+    if packet is not None:
+        record.exc_info = _exception_info(packet)
     logger = logging.root if record.name == "root" else logging.getLogger(record.name)
     logger.handle(record)
+
+
+def _exception_info(packet: Any) -> Any:
+    from .serialization import unpack_exception
+
+    if packet[0] is not None and len(packet[0]) > EXCEPTION_UNPICKLE_MAX:
+        packet = (None, *packet[1:])  # not unpickled in the monitor thread: a stand-in
+    try:
+        exc = unpack_exception(packet)
+    except BaseException:  # noqa: BLE001 (what an exception's unpickling raises: a stand-in)
+        exc = unpack_exception((None, *packet[1:]))
+    return (type(exc), exc, None)
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -97,13 +124,37 @@ def prepare() -> None:
         logging.root.addHandler(_Relay())
 
 
-def install(snap: Snapshot, send: Callable[[bytes], None], task_name: str) -> None:
-    """In the task: log as the main program would, through ``send``.
+def reissue(body: Union[bytes, bytearray]) -> None:
+    """In the monitor: a warning a task showed, issued again here with its category, message,
+    file and line, so that this program's filters, ``-W``, ``pytest.warns`` and ``recwarn``
+    see it as they see a thread's."""
+    message, module, qualname, filename, lineno = pickle.loads(body)
+    category = _category(module, qualname)
+    if category is UserWarning and (module, qualname) != ("builtins", "UserWarning"):
+        message = f"{qualname}: {message}"  # a category this program cannot name
+    try:
+        warnings.warn_explicit(message, category, filename, lineno)
+    except Warning:
+        pass  # this program's filters now make it an error: there is nothing to raise it in
+
+
+def _category(module: str, qualname: str) -> Any:
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning
+
+
+def install(
+    snap: Snapshot, send: Callable[[bytes], None], send_warning: Callable[[bytes], None], task_name: str
+) -> None:
+    """In the task: log as the main program would, through ``send``; warnings that the
+    filters show go to the main program through ``send_warning``.
 
     Touches only what differs from the snapshot: a task forked by the zygote, whose logging is
     already in place (``prepare()``), writes almost nothing (each write costs a page copy).
     """
-    root_level, levels, disable, captured, filters = snap
+    root_level, levels, disable, _captured, filters = snap
     root = logging.root
     relay = next((h for h in root.handlers if isinstance(h, _Relay)), None)
     if relay is None:
@@ -140,12 +191,37 @@ def install(snap: Snapshot, send: Callable[[bytes], None], task_name: str) -> No
         mutated = getattr(warnings, "_filters_mutated", None)
         if mutated is not None:
             mutated()  # the C side caches the filters' version
-    if captured != (getattr(logging, "_warnings_showwarning", None) is not None):
-        logging.captureWarnings(captured)
+    # Warnings go to the main program, which issues them again (and captures them as records
+    # where it does so itself): the task does not capture them.
+    if getattr(logging, "_warnings_showwarning", None) is not None:
+        logging.captureWarnings(False)
+    global _send
+    _send = send_warning
+    if warnings.showwarning is not _show_in_main:
+        warnings.showwarning = _show_in_main
+
+
+# Where the task's warnings go: set by install(), with the record relay's channel.
+_send: Optional[Callable[[bytes], None]] = None
+_show_locally = warnings.showwarning
+
+
+def _show_in_main(  # noqa: PLR0917 (warnings.showwarning's own signature)
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """The task's ``warnings.showwarning``: the warning goes to the main program."""
+    send = _send
+    if send is None or file is not None:
+        _show_locally(message, category, filename, lineno, file, line)
+        return
+    body = (str(message), category.__module__, category.__qualname__, filename, lineno)
+    send(pickle.dumps(body, pickle.HIGHEST_PROTOCOL))
 
 
 def uninstall() -> None:
     """In a task that logs on its own: no relay (the zygote put one in place ahead)."""
+    global _send
+    _send = None
     for handler in list(logging.root.handlers):
         if isinstance(handler, _Relay):
             logging.root.removeHandler(handler)
@@ -175,12 +251,20 @@ class _Relay(logging.Handler):
         fields: Dict[str, Any] = dict(record.__dict__)
         fields["msg"] = record.getMessage()
         fields["args"] = None
+        packet = None
         if record.exc_info:
             fields["exc_text"] = record.exc_text or self._formatter.formatException(record.exc_info)
+            if record.exc_info[1] is not None:
+                from .serialization import pack_exception
+
+                packet = pack_exception(record.exc_info[1])
         fields["exc_info"] = None
+        fields.pop(_EXCEPTION, None)
         if record.process == os.getpid():  # not a record this task's own task sent on
             fields["processName"] = self.task_name
         for key, value in fields.items():
             if not isinstance(value, _PLAIN):
                 fields[key] = repr(value)
+        if packet is not None:
+            fields[_EXCEPTION] = packet
         return pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)

@@ -385,3 +385,18 @@ def reap(pid: int) -> int:
     """Reap child ``pid`` (it has exited) and return its exit code, ``-N`` for signal N."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def memory_file(name: str, size: int = 0) -> int:
+    """A descriptor of an anonymous file in memory (memfd on Linux; an unlinked temporary
+    file elsewhere), closed on exec."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    if size:
+        os.ftruncate(fd, size)
+    return fd

@@ -52,8 +52,11 @@ LOG = 9
 QUEUED = 10
 # Task -> main program, before its outcome: a value a generator task yielded (cloudpickle).
 ITEM = 11
+# Task -> main program, before its outcome: a warning the task's filters showed, issued again
+# in the main program (pickle of message, category's module and name, filename, line).
+WARNING = 12
 # What a task may send besides its outcome, handled as it arrives.
-ASIDES = frozenset((READY, LOG, QUEUED, ITEM))
+ASIDES = frozenset((READY, LOG, QUEUED, ITEM, WARNING))
 
 
 # -- control messages, main program <-> zygote ------------------------------------------------

@@ -1,0 +1,62 @@
+"""A warning a task shows is issued again in the main program, as a thread's would be."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from bgtask import background
+
+from .helpers import run_script, script_env
+
+
+class TaskWarning(UserWarning):
+    """A category of the tests' own, found again by name in the main program."""
+
+
+def _warns() -> int:
+    warnings.warn("careful", TaskWarning, stacklevel=1)
+    warnings.warn("old", DeprecationWarning, stacklevel=1)
+    return 1
+
+
+def test_pytest_warns_sees_a_tasks_warning(start_method: Optional[str], daemon: bool) -> None:
+    """pytest.warns catches a task's warnings: category, message, the task's file and line."""
+    with pytest.warns(TaskWarning, match="careful") as record, pytest.warns(DeprecationWarning, match="old"):
+        assert background(_warns, daemon=daemon, start_method=start_method)().result(timeout=60) == 1
+    caught = next(w for w in record if issubclass(w.category, TaskWarning))
+    assert caught.filename == __file__
+    assert caught.lineno == _warns.__code__.co_firstlineno + 1
+
+
+def test_recwarn_sees_a_tasks_warning(recwarn: pytest.WarningsRecorder) -> None:
+    """The recwarn fixture records a task's warnings too."""
+    warnings.simplefilter("always")
+    background(_warns)().result(timeout=60)
+    assert [str(w.message) for w in recwarn] == ["careful", "old"]
+
+
+ERROR_FILTER = """
+import warnings, bgtask
+
+@bgtask.background
+def warns():
+    warnings.warn("careful", stacklevel=1)
+    return "went on"
+
+if __name__ == "__main__":
+    try:
+        print(warns().result(timeout=60))
+    except UserWarning as exc:
+        print("raised in the task:", exc)
+"""
+
+
+def test_w_error_makes_a_tasks_warning_its_error(tmp_path: Path) -> None:
+    """Under -W error, the warning is an exception in the task, as the main program's filters say."""
+    env = {**script_env(), "PYTHONWARNINGS": "error"}
+    result = run_script(tmp_path, ERROR_FILTER, env=env)
+    assert result.stdout.strip() == "raised in the task: careful", result.stderr
