@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, List, Optional, Tuple
 
-from .._shared import is_bgtask_file
+from .._shared import context, forks, is_bgtask_file
 from .._shared import wire as _wire
 from .._shared.context import TaskState
 from .._shared.serialization import dumps_value, loads_call, pack_exception, type_name
@@ -48,7 +48,7 @@ def run_call(body: Any, fds: List[int], state: TaskState, stream: Optional[Send]
     except BaseException as exc:
         return _wire.FAILED, data(("load", *pack_exception(exc))), 1
     del body
-    _into_main(fn)
+    state.call = fn  # its __main__ functions go into __main__ if the task forks (_before_fork)
     state.running = True
     if state.stopping and not state.cooperative:  # asked to stop while the call was loaded
         raise _StopRequest()
@@ -101,6 +101,16 @@ class WithInitializers:
         return WithInitializers, (self.fn, self.initializers)
 
 
+def _before_fork() -> None:
+    """The task forks (a pool's workers, say): first, the call's ``__main__`` functions go
+    into ``__main__`` (done then, not at every task's start: each name written, and each object
+    touched, costs a task a copied page of its zygote's memory)."""
+    current = context.current
+    if current is not None and current.state.call is not None:
+        call, current.state.call = current.state.call, None
+        _into_main(call)
+
+
 def _into_main(fn: Any) -> None:
     """Put the functions and classes of the main script that the call brought (by value) into
     this process's ``__main__``, under their names.
@@ -119,7 +129,7 @@ def _into_main(fn: Any) -> None:
         if getattr(function, "__module__", None) != "__main__":
             continue
         found = {getattr(function, "__name__", ""): function}
-        found.update(getattr(function, "__globals__", {}))
+        found.update(getattr(function, "__globals__", {}))  # the names its code uses
         for name, value in found.items():
             if getattr(value, "__module__", None) != "__main__" or not isinstance(value, (type, _FUNCTION)):
                 continue
@@ -131,6 +141,7 @@ def _into_main(fn: Any) -> None:
 
 
 _FUNCTION = type(_into_main)
+forks.register(before=_before_fork, order=forks.TASKS)
 
 
 def call(fn: Any, args: Any, kwargs: Any, stream: Optional[Send]) -> Any:

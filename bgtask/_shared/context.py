@@ -56,7 +56,7 @@ _SIGINT = int(signal.SIGINT)
 class TaskState:
     """What the running task knows about its stop; one per task (per call, on a Ray worker)."""
 
-    __slots__ = ("atomic", "cooperative", "event", "graceful", "pending", "running", "stopping")
+    __slots__ = ("atomic", "call", "cooperative", "event", "graceful", "pending", "running", "stopping")
 
     def __init__(self, graceful: Any) -> None:
         self.event = StopEvent()
@@ -67,6 +67,7 @@ class TaskState:
         self.stopping = False  # a stop was requested
         self.running = True  # the function has not returned yet: a stop may still be raised
         self.graceful = bool(graceful)
+        self.call: Any = None  # the task's function, once loaded (see _runtime.runner)
         self.atomic = False  # the main thread is inside atomic(): a stop waits for its end
         self.pending = False  # a stop came meanwhile: raised at the end of the block
 

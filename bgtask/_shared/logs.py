@@ -122,6 +122,7 @@ def prepare() -> None:
     """In the zygote: the relay handler in place ahead, so that a task only points it home."""
     if not any(isinstance(handler, _Relay) for handler in logging.root.handlers):
         logging.root.addHandler(_Relay())
+    warnings.showwarning = _show_in_main  # shows locally until a task points it home
 
 
 def reissue(body: Union[bytes, bytearray]) -> None:
