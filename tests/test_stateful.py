@@ -3,7 +3,8 @@
 A hypothesis ``RuleBasedStateMachine`` starts tasks (daemon or not, graceful or not, with or
 without a timeout) whose bodies return, raise, crash, hang, start a task of their own or start a
 process in a new session, and then pokes at them: ``stop()``, ``kill()``, ``cancel()``,
-``result()``, ``exception()``, done-callbacks (some of which raise), SIGKILL or SIGTERM to a
+``result()``, ``exception()``, done-callbacks (some of which raise, some start a task and wait for
+it), SIGKILL or SIGTERM to a
 task's pid from outside, SIGKILL to the zygote. After each step it checks the cheap invariants
 (``done()`` never goes back, the first outcome seen never changes, an exited task is done, an
 outcome is one the calls made so far allow, a callback runs at most once); at the end of each
@@ -222,12 +223,17 @@ def _sigkill(pids: Any) -> None:
 class Callback:
     """A done-callback that records its calls, and raises if asked to."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, method: Optional[str] = None) -> None:
         self.kind = kind
+        self.method = method
         self.calls: List[Tuple[bool, str]] = []  # (task.done() during the call, thread)
+        self.started: Any = None  # "start a task": what the task it started returned
 
     def __call__(self, task: Task[Any]) -> None:
         self.calls.append((task.done(), threading.current_thread().name))
+        if self.kind == "start a task":  # and wait for it, in the callback
+            started = background(start_method=self.method, name="from-a-callback")(BODIES["ret"])(42)
+            self.started = started.result(timeout=END_S)
         if self.kind == "raise SystemExit":
             raise SystemExit(7)
         if self.kind == "raise ValueError":
@@ -556,9 +562,9 @@ class TaskMachine(RuleBasedStateMachine):
         assert rec.task.done(), f"{what}() gave {outcome} while done() is False: {rec}"
         self._observe(rec, outcome)
 
-    @rule(rec=tasks, kind=st.sampled_from(["record", "raise SystemExit", "raise ValueError"]))
+    @rule(rec=tasks, kind=st.sampled_from(["record", "raise SystemExit", "raise ValueError", "start a task"]))
     def add_callback(self, rec: Rec, kind: str) -> None:
-        callback = Callback(kind)
+        callback = Callback(kind, self.method)
         rec.callbacks.append(callback)
         was_done = rec.task.done()
         rec.task.add_done_callback(callback)
@@ -723,9 +729,13 @@ class TaskMachine(RuleBasedStateMachine):
                     failures.add(UntruthfulOutcome, f"exitcode {rec.task.exitcode}, not {code}: {rec}", rec)
         callbacks = [(r, c) for r in recs for c in r.callbacks]
         wait_until(lambda: all(c.calls for _, c in callbacks), GONE_S)
+        starting = [c for _, c in callbacks if c.kind == "start a task"]
+        wait_until(lambda: all(c.started == 42 for c in starting), GONE_S)
         for rec, callback in callbacks:
             if len(callback.calls) != 1:
                 failures.add(CallbackCount, f"called {len(callback.calls)} times: {callback}: {rec}", rec)
+            elif callback.kind == "start a task" and callback.started != 42:
+                failures.add(CallbackCount, f"its task did not return: {callback}: {rec}", rec)
         mine = {id(r.task) for r in recs}
         wait_until(lambda: not any(id(t) in mine for t in _lifecycle.live_tasks()), GONE_S)
         if any(id(t) in mine for t in _lifecycle.live_tasks()):
