@@ -86,3 +86,12 @@ def test_an_initializer_must_be_callable() -> None:
         background(initializer=_step, initargs="abc")(_steps_seen)
     with pytest.raises(TypeError, match="initializer"):
         bgtask.set_initializer("nope")  # type: ignore[arg-type]
+
+
+def test_initargs_that_cannot_be_pickled_are_named_at_the_call() -> None:
+    """Initargs that cannot be pickled fail at the call, naming the initializers."""
+    import threading
+
+    fn = background(_steps_seen, initializer=_step, initargs=(threading.Lock(),))
+    with pytest.raises(bgtask.SerializationError, match="initializers of '_steps_seen'"):
+        fn()

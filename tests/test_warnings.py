@@ -60,3 +60,31 @@ def test_w_error_makes_a_tasks_warning_its_error(tmp_path: Path) -> None:
     env = {**script_env(), "PYTHONWARNINGS": "error"}
     result = run_script(tmp_path, ERROR_FILTER, env=env)
     assert result.stdout.strip() == "raised in the task: careful", result.stderr
+
+
+CUSTOM_ERROR_FILTER = """
+import logging, sys, warnings, bgtask
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+
+class MyWarning(UserWarning):
+    pass
+
+warnings.filterwarnings("error", category=MyWarning)   # a category the task is not sent
+
+@bgtask.background
+def warns():
+    warnings.warn("careful", MyWarning, stacklevel=1)
+    return "went on"
+
+if __name__ == "__main__":
+    print(warns().result(timeout=60))
+"""
+
+
+def test_a_warning_that_is_an_error_only_here_is_said_not_lost(tmp_path: Path) -> None:
+    """A warning this program's filters make an error, but the task's did not, is logged."""
+    result = run_script(tmp_path, CUSTOM_ERROR_FILTER)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR bgtask: a task's warning is an error under this program's filters" in result.stdout
+    assert "MyWarning: careful" in result.stdout
+    assert result.stdout.strip().endswith("went on")

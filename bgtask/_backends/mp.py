@@ -149,6 +149,11 @@ _mp_lock = threading.Lock()
 
 
 def _run_task(sock: socket.socket, settings: Settings) -> None:
+    # First: a graceful stop from now on is kept for the task rather than fatal (one that comes
+    # while multiprocessing still starts the process ends it as stopped before it ran).
+    from .._shared import context
+
+    context.set_handler(signal.SIGTERM, context.on_stop_signal)
     from .._runtime import child as _child
 
     _child.run(sock, settings)

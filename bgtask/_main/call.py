@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from .._shared import green as _green
 from .._shared import is_bgtask_file
-from .._shared.errors import BgTaskError
+from .._shared.errors import BgTaskError, SerializationError
 from . import lifecycle as _lifecycle
 from . import limits as _limits
 
@@ -52,7 +52,17 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     _green.check(options["start_method"])
     initializers = [*_program_initializers, *options.get("initializers", ())]
     shipped = WithInitializers(fn, initializers) if initializers else fn
-    payload = dumps_call(shipped, args, kwargs)  # fails here, before any process starts
+    try:
+        payload = dumps_call(shipped, args, kwargs)  # fails here, before any process starts
+    except SerializationError as exc:
+        if shipped is fn:
+            raise
+        dumps_call(fn, args, kwargs).close()  # the call's own error, if it has one, first
+        cause = exc.__cause__ or exc
+        raise SerializationError(
+            f"cannot send the initializers of {getattr(fn, '__qualname__', fn)!r} (set_initializer(), "
+            f"initializer=, initargs=) to the task process: {type(cause).__name__}: {cause}"
+        ) from exc
     try:
         return start_with(fn, payload, options)
     except BaseException:
@@ -71,8 +81,9 @@ def set_initializer(initializer: Optional[Callable[..., Any]], initargs: Iterabl
     standard library (structlog, loguru), an error reporter's client (Sentry), a database pool.
     It runs before a function's own ``initializer``; ``None`` removes it. Like the function,
     it travels pickled with each call (cloudpickle: a closure or a lambda will do). Whatever it
-    raises is the task's outcome, with its traceback. Tasks a task starts run it only if that
-    task sets it too.
+    raises is the task's outcome, with its traceback. It is this process's setting: tasks that
+    a task starts run the one that task has (none under the default start method unless the
+    task sets one; under "fork" the task's copy of this one).
 
     Raises:
         TypeError: ``initializer`` is neither callable nor ``None``.

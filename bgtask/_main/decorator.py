@@ -55,13 +55,13 @@ START_METHODS = (None, "fork", "spawn", "forkserver")
 
 # Guards every Background's set of started tasks: a WeakSet cannot be iterated while another
 # thread adds to it.
-_started_lock = threading.Lock()
+_started_lock = threading.RLock()  # reentrant: a signal handler may start a task meanwhile
 
 
 def forget_in_child() -> None:
     """After a fork: another thread may have held the lock."""
     global _started_lock
-    _started_lock = threading.Lock()
+    _started_lock = threading.RLock()
 
 
 class Background(Generic[P, R]):

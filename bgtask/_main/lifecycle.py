@@ -273,9 +273,10 @@ class _WaitReport:
         now = time.monotonic()
         if now < self.next_at:
             return
-        self.next_at = now + REPORT_EVERY_S
-        left = [t for t in tasks if not t._exited]
+        # Those still running their function: one whose outcome is known is only exiting.
+        left = [t for t in tasks if not t._exited and not t.done()]
         if left:
+            self.next_at = now + REPORT_EVERY_S
             where = "bgtask.shutdown()" if self.reason == "shutdown" else "the end of the program"
             _log().info(
                 "bgtask: %s waits for %s to finish: %s (Ctrl-C stops them, a second Ctrl-C kills them)",

@@ -375,13 +375,6 @@ class TaskCore(concurrent.futures.Future[R]):
         """In the monitor: the process is gone; fix the outcome if not yet, run callbacks."""
         if self._timeout is not None:
             self._timeout.cancel()
-        if self._limiter is not None:
-            try:
-                self._limiter._release()  # its place goes to the next pending task
-            except Exception:  # the monitor must finish this task whatever happens
-                import logging
-
-                logging.getLogger("bgtask").exception("bgtask: the next pending task could not be started")
         outcome, body = classify(messages, self._stop_reason, partial, corrupt)
         if outcome == "crashed" and body is None and exitcode is None:
             body = "bgtask's zygote died before it could report the exit status"
@@ -403,6 +396,15 @@ class TaskCore(concurrent.futures.Future[R]):
             self._finish_locked(outcome, body)
             self._condition.notify_all()
         _lifecycle.unregister(self)
+        if self._limiter is not None:
+            # Its place goes to the next pending task once this one is seen ended: never more
+            # than the limit alive at once, for whoever counts.
+            try:
+                self._limiter._release()
+            except Exception:  # the monitor must finish this task whatever happens
+                import logging
+
+                logging.getLogger("bgtask").exception("bgtask: the next pending task could not be started")
         self._invoke_callbacks()
 
     def _set_outcome(self, outcome: str, body: Any) -> None:

@@ -36,9 +36,12 @@ class _Offload:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lock = threading.Lock()
+        # Reentrant: a signal handler may post while this thread is in here; never held
+        # while a thread starts (see post()).
+        self.lock = threading.RLock()
         self.queue: Deque[Work] = collections.deque()
-        self.thread: Optional[threading.Thread] = None
+        self.thread: Optional[threading.Thread] = None  # set by the thread itself
+        self.spawning = False  # a thread is being started: it will take what is queued
         self.stranded = False  # work waits that no thread could be started for
 
     def post(self, work: Work, inline: bool = True) -> None:
@@ -46,35 +49,38 @@ class _Offload:
 
         Where no thread can be started, the work runs here and now if ``inline`` (and this is
         not the monitor thread); else it waits (``stranded``) for a thread that can run it:
-        the next post's, the end of the start it interrupted, or the exit procedure.
+        the next post's, the end of the start it interrupted, or the exit procedure. A signal
+        handler may post while this thread is in here: nothing is held while a thread starts.
         """
         with self.lock:
             self.queue.append(work)
-            if self.thread is not None:
-                return
-            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:  # no thread left, or the interpreter is shutting down
+            if self.thread is not None or self.spawning:
+                return  # that thread takes it
+            self.spawning = True
+        thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread left, or the interpreter is shutting down
+            with self.lock:
+                self.spawning = False
                 self.stranded = True
-                if not inline or in_monitor_thread():
-                    return
-            else:
-                self.thread = thread
-                return
-        self.run_stranded()
+            if inline and not in_monitor_thread():
+                self.run_stranded()
 
     def run_stranded(self) -> None:
         """Run, in this thread, the work no offload thread could be started for."""
         while True:
             with self.lock:
-                if self.thread is not None or not self.queue:
+                if self.thread is not None or self.spawning or not self.queue:
                     self.stranded = False
                     return
                 work = self.queue.popleft()
             _guard(work)
 
     def _run(self) -> None:
+        with self.lock:
+            self.thread = threading.current_thread()
+            self.spawning = False
         while True:
             with self.lock:
                 if not self.queue:
@@ -85,9 +91,10 @@ class _Offload:
             del work  # not kept alive (with the task it holds) while the thread waits
 
     def forget_in_child(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.queue.clear()
         self.thread = None
+        self.spawning = False
         self.stranded = False
 
 

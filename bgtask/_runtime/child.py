@@ -130,6 +130,9 @@ def prepare_process() -> None:
     # Terminal Ctrl-C is for the main program to act on. A Python-level handler, not SIG_IGN,
     # so that programs this task runs with exec get the default disposition back.
     set_handler(signal.SIGINT, _ignore_signal)
+    # A graceful stop that comes before the call is kept for the task, not fatal (a task that
+    # watches its stop event from its first line still runs, with the event set).
+    set_handler(signal.SIGTERM, _taskctx.on_stop_signal)
     forks.activate()  # the context lets go of the channel in what the task forks
 
 

@@ -212,9 +212,17 @@ current: Optional[Context] = None
 
 
 def install(context: Optional[Context]) -> Optional[Context]:
-    """Make ``context`` this process's (``None``: not a task); returns the one it replaces."""
-    global current
+    """Make ``context`` this process's (``None``: not a task); returns the one it replaces.
+
+    A stop that came before (``_early_stop``) is the task's from the start: its event is set,
+    and the runner does not start a function that did not ask for the event.
+    """
+    global current, _early_stop
     previous, current = current, context
+    if context is not None and _early_stop:
+        _early_stop = False
+        context.state.stopping = True
+        context.state.event._set()
     return previous
 
 
@@ -246,10 +254,20 @@ stop_event.__module__ = "bgtask"
 
 
 def on_stop_signal(signum: int, frame: Any) -> None:
-    """The handler of the signal a stop arrives by (SIGTERM; SIGUSR1 on a Ray worker)."""
+    """The handler of the signal a stop arrives by (SIGTERM; SIGUSR1 on a Ray worker).
+
+    Installed in a task process before its call arrives (``_runtime.child.prepare_process``): a
+    stop that comes before the task has a context is kept for it (``install``).
+    """
+    global _early_stop
     context = current
     if context is not None:
         context.state.on_stop()
+    else:
+        _early_stop = True
+
+
+_early_stop = False  # a stop came before the task's context was installed
 
 
 class atomic:

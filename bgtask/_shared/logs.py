@@ -135,8 +135,18 @@ def reissue(body: Union[bytes, bytearray]) -> None:
         message = f"{qualname}: {message}"  # a category this program cannot name
     try:
         warnings.warn_explicit(message, category, filename, lineno)
-    except Warning:
-        pass  # this program's filters now make it an error: there is nothing to raise it in
+    except Warning as exc:
+        # This program's filters make it an error, the task's did not (a filter about a
+        # category the task could not be sent, or one added since the call): there is nothing
+        # to raise it in here, so it is said, not lost.
+        logging.getLogger("bgtask").error(
+            "bgtask: a task's warning is an error under this program's filters, but the task "
+            "went on (the filter did not reach it): %s:%s: %s: %s",
+            filename,
+            lineno,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _category(module: str, qualname: str) -> Any:
