@@ -428,6 +428,29 @@ def test_an_error_reading_the_input_comes_after_the_results_before_it(ordered: b
     assert sorted(asyncio.run(amap_all())) == [1, 4]
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_item_that_cannot_be_pickled_comes_in_its_turn(ordered: bool) -> None:
+    """map and amap over an item that cannot be pickled: the results before it, then the
+    SerializationError naming the item's index."""
+    import threading
+
+    items = [0, 1, 2, threading.Lock(), 4]
+    results = background(_square).map(items, limit=4, ordered=ordered)
+    got = [next(results) for _ in range(3)]
+    with pytest.raises(bgtask.SerializationError, match="item 3"):
+        next(results)
+    assert sorted(got) == [0, 1, 4]
+
+    async def amap_all() -> List[int]:
+        results = background(_square).amap(items, limit=4, ordered=ordered)
+        seen = [await results.__anext__() for _ in range(3)]
+        with pytest.raises(bgtask.SerializationError, match="item 3"):
+            await results.__anext__()
+        return seen
+
+    assert sorted(asyncio.run(amap_all())) == [0, 1, 4]
+
+
 def test_map_needs_an_iterable() -> None:
     with pytest.raises(TypeError, match="at least one iterable"):
         background(_square).map()
