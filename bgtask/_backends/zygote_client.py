@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 from .._monitor import loop as _monitor
 from .._monitor import process as _process
 from .._monitor.process import TaskProcess
-from .._shared import PACKAGE_DIR
+from .._shared import PACKAGE_DIR, context
 from .._shared import green as _green
 from .._shared import wire as _wire
 from .._shared.context import atomic
@@ -275,6 +275,9 @@ class ZygoteClient:
                 start_new_session=True,
                 close_fds=True,
             )
+            task = context.current
+            if task is not None:  # in a task: its own zygote, which it spares at its end
+                task.helpers.add(self.process.pid)
         self.ctl = mine
         try:
             self.ctl.sendall(_wire.encode(_wire.Boot(self.last_path, list(preload))))

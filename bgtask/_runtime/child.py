@@ -315,8 +315,10 @@ def end_descendants() -> None:
     killed: Set[int] = set()
     while time.monotonic() < deadline:
         pids = [pid for pid in _platform.children() or () if pid not in killed]
-        # The task's own zygote, still stopping its daemon tasks, ends on its own.
-        pids = [pid for pid in pids if _platform.process_name(pid) != _platform.ZYGOTE_NAME]
+        # The task's own zygote (its pid, as this process started it: a child's pid is its own
+        # until reaped, whatever name a process gives itself) ends on its own.
+        helpers = _taskctx.current.helpers if _taskctx.current is not None else set()
+        pids = [pid for pid in pids if pid not in helpers]
         if not pids:
             return
         for pid in pids:

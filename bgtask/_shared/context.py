@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple
 
 from . import forks, is_bgtask_file, platform
 from . import wire as _wire
@@ -105,6 +105,7 @@ class Context:
         "_writing",
         "at_end",
         "channel",
+        "helpers",
         "log_channel",
         "parent_pid",
         "state",
@@ -130,6 +131,8 @@ class Context:
         # Run by the runtime once the function returned, before the task reports its end is
         # complete: the main side adds the end of the tasks this task started (_main.lifecycle).
         self.at_end: List[Callable[[], None]] = []
+        # Processes of bgtask's this task started (its own zygote): spared at its end.
+        self.helpers: Set[int] = set()
 
     def run_at_end(self) -> None:
         for hook in self.at_end:

@@ -1,0 +1,45 @@
+"""A process a task leaves behind is ended with the task, whatever name it gives itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from bgtask import background
+
+from .helpers import pid_alive, wait_until
+
+ESCAPEE = r"""
+import ctypes, sys, time
+if sys.argv[1] == "disguised":
+    ctypes.CDLL(None).prctl(15, b"bgtask-zygote", 0, 0, 0)   # PR_SET_NAME, as bgtask's zygote
+time.sleep(120)
+"""
+
+
+def _spawn(kind: str, mark: str) -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", ESCAPEE, kind], start_new_session=True)
+    Path(mark).write_text(str(child.pid))
+    return child.pid
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/comm"), reason="process names: Linux")
+@pytest.mark.parametrize("kind", ["plain", "disguised"])
+def test_a_process_named_like_the_zygote_ends_with_its_task(
+    start_method: Optional[str], kind: str, tmp_path: Path
+) -> None:
+    """A process a task starts in a new session, named bgtask-zygote or not, ends at the task's end."""
+    mark = tmp_path / "pid"
+    pid = background(_spawn, start_method=start_method)(kind, str(mark)).result(timeout=60)
+    try:
+        assert wait_until(lambda: not pid_alive(pid), timeout=20)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
