@@ -33,6 +33,7 @@ safe from the task's crash; the main program's own backlog lives as long as it d
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import fcntl
@@ -91,6 +92,7 @@ _RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT, _RETIRED_DONE = 16, 24, 32, 40
 # pid, heir pid (who took its items on), put, got, not yet sent, task_done() calls
 _SLOT = struct.Struct("=qqqqqq")
 _SLOTS = 1024
+_SLOT_WORDS = _SLOT.size // 8
 _PAGE = _HEADER.size + _SLOT.size * _SLOTS
 _FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
 _FILE_HEAD = struct.Struct("=cQ")
@@ -98,7 +100,6 @@ _PICKLE_START = 0x80  # every pickle of protocol 2 or later starts with this byt
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever the program imported
 
-_COUNT = struct.Struct("=q")
 _HEIR, _PUT, _GOT, _UNSENT, _DONE = 8, 16, 24, 32, 40  # where a slot's fields are, from its start
 _SHARED_FIELD = {_PUT: _RETIRED_PUT, _GOT: _RETIRED_GOT, _UNSENT: _SHARED_UNSENT, _DONE: _RETIRED_DONE}
 # How often join() looks at the counts again.
@@ -277,6 +278,9 @@ class _Endpoint:
         self.recv_sock = _green.socket_from_fd(recv_fd)
         self.page_fd = page_fd
         self.page = mmap.mmap(page_fd, _PAGE)
+        # The counts, as 8-byte words: each is read and written in one access, so another
+        # process never sees half of a write (struct.pack_into first zeroes what it fills in).
+        self.words = memoryview(self.page).cast("q")
         self.lock = threading.Lock()
         self.page_lock = threading.Lock()
         self.slot = _NO_SLOT  # the offset of this process's slot once claimed, or _SHARED
@@ -287,7 +291,8 @@ class _Endpoint:
         # The sockets close their own descriptors. Not at the interpreter's exit: bgtask's
         # exit procedure, which may still need the queue, runs after this would.
         others = [fd for fd in fds if fd not in (send_fd, recv_fd)]
-        self._finalizer = weakref.finalize(self, _close, self.page, [self.send_sock, self.recv_sock], others)
+        sockets = [self.send_sock, self.recv_sock]
+        self._finalizer = weakref.finalize(self, _close, self.words, self.page, sockets, others)
         self._finalizer.atexit = False
 
     @classmethod
@@ -338,7 +343,7 @@ class _Endpoint:
         return _PageLock(self)
 
     def _state(self) -> int:
-        state: int = _COUNT.unpack_from(self.page, 0)[0]
+        state: int = self.words[0]
         return state
 
     def _ensure_slot(self) -> None:
@@ -349,14 +354,14 @@ class _Endpoint:
 
     def _claim_slot(self) -> int:
         """Under the page lock: a free slot, one of a process that is gone, or ``_SHARED``."""
-        used = _COUNT.unpack_from(self.page, 8)[0]
+        used = self.words[1]
         index = -1
         if used < _SLOTS:
             index = used
-            _COUNT.pack_into(self.page, 8, used + 1)
+            self.words[1] = used + 1
         else:
             for i in range(_SLOTS):
-                pid, heir, put, got, unsent, done = _SLOT.unpack_from(self.page, _offset(i))
+                pid, heir, put, got, unsent, done = self._slot_locked(i)
                 if _gone(pid, heir):
                     # Its counts go to the header's; what it never sent was lost with it.
                     self._add_locked(_RETIRED_PUT, put - unsent)
@@ -366,11 +371,12 @@ class _Endpoint:
                     break
         if index < 0:
             return _SHARED  # beyond the table: this process counts in the header, locked
-        _SLOT.pack_into(self.page, _offset(index), os.getpid(), 0, 0, 0, 0, 0)
+        start = _offset(index) >> 3
+        self.words[start : start + _SLOT_WORDS] = array.array("q", (os.getpid(), 0, 0, 0, 0, 0))
         return _offset(index)
 
     def _add_locked(self, at: int, delta: int) -> None:
-        _COUNT.pack_into(self.page, at, _COUNT.unpack_from(self.page, at)[0] + delta)
+        self.words[at >> 3] += delta
 
     def _count(self, field: int, delta: int) -> None:
         """Add to one of this process's counts. Under ``lock``: no other process writes them."""
@@ -412,7 +418,7 @@ class _Endpoint:
 
     def _put_now(self, message: bytes) -> None:
         with self.lock:
-            if _COUNT.unpack_from(self.page, 0)[0] != _OPEN:
+            if self.words[0] != _OPEN:
                 raise ShutDown("the queue was shut down")
             # Counted before it can be got: a consumer's task_done() never comes before it.
             self._count(_PUT, 1)
@@ -491,8 +497,8 @@ class _Endpoint:
                     self._set_heir_locked(forward[0])
                 self._add_here_locked(_UNSENT, len(messages))
                 if child != _NO_SLOT:
-                    unsent = _COUNT.unpack_from(self.page, child + _UNSENT)[0]
-                    _COUNT.pack_into(self.page, child + _UNSENT, max(0, unsent - len(messages)))
+                    at = (child + _UNSENT) >> 3
+                    self.words[at] = max(0, self.words[at] - len(messages))
             if forward is None:
                 self.backlog.extend(messages)
                 _feeder.wake(self)
@@ -510,7 +516,7 @@ class _Endpoint:
 
     def _set_heir_locked(self, heir: int) -> None:
         if self.slot >= 0:
-            _COUNT.pack_into(self.page, self.slot + _HEIR, heir)
+            self.words[(self.slot + _HEIR) >> 3] = heir
 
     def release_task(self, pid: int) -> None:
         """A task of this process ended, its messages all read: what it still counted as on its
@@ -518,7 +524,7 @@ class _Endpoint:
         with self._locked():
             for i, (spid, heir, _put, _got, unsent, _done) in enumerate(self._slots_locked()):
                 if spid == pid and heir == os.getpid() and unsent > 0:
-                    _COUNT.pack_into(self.page, _offset(i) + _UNSENT, 0)
+                    self.words[(_offset(i) + _UNSENT) >> 3] = 0
         if self._state() == _SHUTTING:
             self._close_writes_if_drained()
 
@@ -627,8 +633,12 @@ class _Endpoint:
                 os.close(fd)
 
     def _slots_locked(self) -> List[Tuple[int, int, int, int, int, int]]:
-        used = _COUNT.unpack_from(self.page, 8)[0]
-        return [_SLOT.unpack_from(self.page, _offset(i)) for i in range(min(used, _SLOTS))]
+        return [self._slot_locked(i) for i in range(min(self.words[1], _SLOTS))]
+
+    def _slot_locked(self, index: int) -> Tuple[int, int, int, int, int, int]:
+        start = _offset(index) >> 3
+        pid, heir, put, got, unsent, done = self.words[start : start + _SLOT_WORDS].tolist()
+        return pid, heir, put, got, unsent, done
 
     def _close_writes_if_drained(self) -> bool:
         """While shutting down: close the writes once no live process holds items on their way.
@@ -640,7 +650,7 @@ class _Endpoint:
             if state != _SHUTTING:
                 return bool(state != _OPEN)
             slots = self._slots_locked()
-            if _COUNT.unpack_from(self.page, _SHARED_UNSENT)[0] > 0 or any(
+            if self.words[_SHARED_UNSENT >> 3] > 0 or any(
                 unsent > 0 and not _gone(pid, heir) for pid, heir, _p, _g, unsent, _d in slots
             ):
                 return False
@@ -653,7 +663,7 @@ class _Endpoint:
             self.send_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # already closed
-        _COUNT.pack_into(self.page, 0, state)
+        self.words[0] = state
         try:
             os.write(self.wake_w, b"\0")
         except OSError:
@@ -686,10 +696,7 @@ class _Endpoint:
         with self._locked():
             state = self._state()
             slots = self._slots_locked()
-            put, got, done = (
-                _COUNT.unpack_from(self.page, field)[0]
-                for field in (_RETIRED_PUT, _RETIRED_GOT, _RETIRED_DONE)
-            )
+            put, got, done = (self.words[field >> 3] for field in (_RETIRED_PUT, _RETIRED_GOT, _RETIRED_DONE))
         for pid, heir, slot_put, slot_got, unsent, slot_done in slots:
             put += slot_put
             got += slot_got
@@ -729,7 +736,7 @@ class _Endpoint:
                 if state != _IMMEDIATE:
                     self._close_writes_locked(_IMMEDIATE)  # qsize() is 0 from now on
             elif state == _OPEN:
-                _COUNT.pack_into(self.page, 0, _SHUTTING)
+                self.words[0] = _SHUTTING
                 try:
                     os.write(self.wake_w, b"\0")  # producers waiting for a place raise now
                 except OSError:
@@ -862,7 +869,8 @@ def _fill_places(fd: int, maxsize: int) -> None:
         raise ValueError(f"Queue(): maxsize {maxsize} is more than this system allows ({written})") from None
 
 
-def _close(page: mmap.mmap, sockets: List[socket.socket], fds: List[int]) -> None:
+def _close(words: memoryview, page: mmap.mmap, sockets: List[socket.socket], fds: List[int]) -> None:
+    words.release()  # the page closes only once no view of it is left
     for sock in sockets:
         sock.close()
     _close_fds(page, fds)

@@ -20,6 +20,7 @@ from bgtask import Queue, ShutDown, background
 from .helpers import Script, pid_alive, run_script, wait_until
 
 RESULT_S = 120.0  # generous: the machines are shared
+JOIN_S = 30.0  # join() returns within this when nothing is wrong, however slow the machine
 
 
 def test_items_go_both_ways_in_order(start_method: Optional[str], daemon: bool) -> None:
@@ -619,3 +620,84 @@ def test_join_waits_for_task_done_in_every_process(start_method: Optional[str]) 
         worker.result(RESULT_S)
     with pytest.raises(ValueError, match="task_done"):
         jobs.task_done()
+
+
+def test_cpython_join_test_with_the_producer_in_a_task(start_method: Optional[str], daemon: bool) -> None:
+    """CPython's join test, the producer a task: two threads get() and task_done() exactly."""
+    q: Queue[int] = Queue()
+    rounds: Queue[int] = Queue()
+    total = [0]
+    lock = threading.Lock()
+    errors: List[BaseException] = []
+
+    @background(start_method=start_method, daemon=daemon)
+    def produce(q: Queue[int], rounds: Queue[int]) -> None:
+        for _ in rounds:
+            for i in range(100):
+                q.put(i)
+            rounds.task_done()  # the round's items are all put
+
+    def worker() -> None:
+        try:
+            while True:
+                x = q.get()
+                if x >= 0:
+                    with lock:
+                        total[0] += x
+                q.task_done()
+                if x < 0:
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    task = produce(q, rounds)
+    try:
+        for r in range(40):
+            rounds.put(r)
+            rounds.join()
+            joined = threading.Event()
+            threading.Thread(target=_join_then_set, args=(q, joined), daemon=True).start()
+            assert joined.wait(JOIN_S), f"join() still waits in round {r}: {errors}"
+            assert errors == []
+            assert total[0] == (r + 1) * sum(range(100))
+        rounds.shutdown()
+        task.result(RESULT_S)
+    finally:
+        task.kill()
+        for _ in threads:
+            q.put(-1)
+        for thread in threads:
+            thread.join(RESULT_S)
+    assert errors == []
+    assert q.unfinished_tasks == 0
+
+
+def _join_then_set(q: Queue[Any], joined: threading.Event) -> None:
+    q.join()
+    joined.set()
+
+
+def test_counts_read_while_a_task_writes_them_are_whole(start_method: Optional[str], daemon: bool) -> None:
+    """qsize() and unfinished_tasks, read in a loop while a task puts and gets: never half a write."""
+    q: Queue[int] = Queue()
+
+    @background(start_method=start_method, daemon=daemon)
+    def put_and_get(q: Queue[int], n: int) -> None:
+        for i in range(n):
+            q.put(i)
+            q.get()
+
+    task = put_and_get(q, 60_000)
+    last, reads, wrong = 0, 0, []
+    while not task.done():
+        size, unfinished = q.qsize(), q.unfinished_tasks
+        reads += 1
+        if size > 1 or unfinished < last:  # one item at most; the put count only grows
+            wrong.append((size, last, unfinished))
+        last = unfinished
+    task.result(RESULT_S)
+    assert (q.qsize(), q.unfinished_tasks) == (0, 60_000)
+    assert wrong == [], f"{len(wrong)} of {reads} reads were wrong, e.g. {wrong[:5]}"
