@@ -8,16 +8,23 @@ these differences, each handled here:
 - no ``os.waitid``: the zygote learns of a child's exit from kqueue before it reaps it (Linux
   without ``waitid`` uses a pidfd per child the same way);
 - no child subreaper: a process that leaves its task's process group and session escapes;
-- no ``/proc``: thread counts come from ``threading``, and a task's children are not listed.
+- no ``/proc``: thread counts come from ``threading``, and a task's children are not listed;
+  a process is told apart from a later one with its pid by the pid alone;
+- ``bgtask.Queue``'s socket is a ``SOCK_DGRAM`` one (no ``SOCK_SEQPACKET`` for Unix sockets):
+  its end is not seen as an empty read, and a full one says ``ENOBUFS`` while ``poll`` says it
+  has room; no ``MSG_NOSIGNAL`` (``SO_NOSIGPIPE`` instead), no ``memfd_create``, no
+  ``F_SETPIPE_SZ``.
 
 Windows is refused with a clear error for now.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 IS_LINUX = sys.platform.startswith("linux")
 IS_WINDOWS = sys.platform == "win32"
@@ -385,3 +392,94 @@ def reap(pid: int) -> int:
     """Reap child ``pid`` (it has exited) and return its exit code, ``-N`` for signal N."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+# -- descriptors and sockets for bgtask.Queue ------------------------------------------------
+
+# A datagram socket pair (on Linux, one whose end is an empty read), and its calls' flags.
+QUEUE_SOCKET_KIND = socket.SOCK_SEQPACKET if IS_LINUX else socket.SOCK_DGRAM
+SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_NOSIGNAL", 0))
+RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+# A send that failed for want of room: EAGAIN (poll says when there is room again); ENOBUFS
+# (macOS: poll says "room" while the peer's buffer is full) clears with time, unseen by poll.
+_ROOM_POLLABLE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+_ROOM_LATER = frozenset((errno.ENOBUFS,))
+
+
+def datagram_socketpair(buffer: int) -> Tuple[socket.socket, socket.socket]:
+    """Two connected Unix datagram sockets that keep each message whole, buffers of ``buffer``.
+
+    The system may cap the buffers lower; a send never raises ``SIGPIPE``.
+    """
+    a, b = socket.socketpair(socket.AF_UNIX, QUEUE_SOCKET_KIND)
+    for sock in (a, b):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, buffer)
+            except OSError:
+                pass
+        if hasattr(socket, "SO_NOSIGPIPE"):  # macOS: no MSG_NOSIGNAL
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
+    return a, b
+
+
+def no_room(error: OSError) -> bool:
+    """Whether a send failed only because the socket has no room now."""
+    return error.errno in _ROOM_POLLABLE or error.errno in _ROOM_LATER
+
+
+def room_is_pollable(error: OSError) -> bool:
+    """For a send with no room: whether ``poll`` tells when there is room again."""
+    return error.errno in _ROOM_POLLABLE
+
+
+def memory_file(name: str, size: int) -> int:
+    """A descriptor of an anonymous file in memory (``memfd``; an unlinked temporary file where
+    there is none), close-on-exec, ``size`` bytes long."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    if size:
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def grow_pipe(fd: int, size: int) -> None:
+    """Ask for a pipe buffer of ``size`` bytes (Linux); the system may give less, or nothing."""
+    import fcntl
+
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is not None:
+        try:
+            fcntl.fcntl(fd, setpipe, size)
+        except OSError:
+            pass
+
+
+def wait_fds(
+    readers: List[int], writers: List[int], timeout: Optional[float], cooperative: bool = False
+) -> List[int]:
+    """Wait until one of the descriptors is ready or ``timeout`` passes; return the ready ones.
+
+    ``poll``, which takes any descriptor number; ``select`` where there is no ``poll``, and where
+    ``cooperative`` (a gevent-patched program: its ``select`` lets other greenlets run).
+    """
+    import select
+
+    if cooperative or not hasattr(select, "poll"):
+        ready_r, ready_w, _ = select.select(readers, writers, [], timeout)
+        return [*ready_r, *ready_w]
+    poller = select.poll()
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    for fd in writers:
+        poller.register(fd, select.POLLOUT)
+    return [fd for fd, _ in poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))]

@@ -40,7 +40,6 @@ import fcntl
 import mmap
 import os
 import pickle
-import select
 import socket
 import struct
 import sys
@@ -106,11 +105,7 @@ _SHARED_FIELD = {_PUT: _RETIRED_PUT, _GOT: _RETIRED_GOT, _UNSENT: _SHARED_UNSENT
 JOIN_POLL_S = 0.005
 _NO_SLOT, _SHARED = -1, -2
 
-_LINUX = sys.platform.startswith("linux")
-_RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _RIGHTS_SPACE = socket.CMSG_SPACE(4)
-_NO_ROOM = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
-_SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_NOSIGNAL", 0))
 _EOF: Any = object()  # what _receive() returns at the end of the socket (Linux)
 
 
@@ -299,18 +294,9 @@ class _Endpoint:
     def create(cls, maxsize: int) -> _Endpoint:
         fds: List[int] = []
         try:
-            kind = socket.SOCK_SEQPACKET if _LINUX else socket.SOCK_DGRAM
-            a, b = socket.socketpair(socket.AF_UNIX, kind)
-            for sock in (a, b):
-                for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-                    except OSError:
-                        pass
-                if hasattr(socket, "SO_NOSIGPIPE"):  # macOS: no MSG_NOSIGNAL
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
+            a, b = _platform.datagram_socketpair(SOCKET_BUFFER)
             fds += [a.detach(), b.detach()]
-            fds.append(_memory_file("bgtask-queue", _PAGE))
+            fds.append(_platform.memory_file("bgtask-queue", _PAGE))
             fds += os.pipe()
             if maxsize:
                 r, w = os.pipe()
@@ -437,19 +423,19 @@ class _Endpoint:
         """
         try:
             if message[0] == _PICKLE_START:
-                self.send_sock.send(message, _SEND_FLAGS)
+                self.send_sock.send(message, _platform.SEND_FLAGS)
             else:
                 size = _FILE_HEAD.unpack(message[: _FILE_HEAD.size])[1]
-                fd = _memory_file("bgtask-item", 0)
+                fd = _platform.memory_file("bgtask-item", 0)
                 try:
                     _write_all(fd, memoryview(message)[_FILE_HEAD.size :])
                     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
-                    self.send_sock.sendmsg([_FILE_HEAD.pack(_FILE_ITEM, size)], rights, _SEND_FLAGS)
+                    self.send_sock.sendmsg([_FILE_HEAD.pack(_FILE_ITEM, size)], rights, _platform.SEND_FLAGS)
                 finally:
                     os.close(fd)
         except OSError as exc:
-            if exc.errno in _NO_ROOM:
-                self.no_buffer = exc.errno == errno.ENOBUFS
+            if _platform.no_room(exc):
+                self.no_buffer = not _platform.room_is_pollable(exc)
                 return False
             if exc.errno == errno.EPIPE:
                 raise ShutDown("the queue was shut down") from None
@@ -611,7 +597,9 @@ class _Endpoint:
     def _receive(self) -> Optional[Any]:
         """One datagram's item as bytes; ``None`` if the socket is empty, ``_EOF`` at its end."""
         try:
-            data, ancdata, _flags, _addr = self.recv_sock.recvmsg(INLINE_MAX + 64, _RIGHTS_SPACE, _RECV_FLAGS)
+            data, ancdata, _flags, _addr = self.recv_sock.recvmsg(
+                INLINE_MAX + 64, _RIGHTS_SPACE, _platform.RECV_FLAGS
+            )
         except BlockingIOError:
             return None
         if not ancdata:
@@ -805,17 +793,9 @@ def _forwarder() -> Optional[Tuple[int, Callable[[bytes], None]]]:
 def _wait_for(readers: List[int], writers: List[int], timeout: Optional[float]) -> List[int]:
     """Wait until one of the descriptors is ready or ``timeout`` passes; the ready ones.
 
-    ``poll``, which takes any descriptor number; under gevent, its cooperative ``select``.
+    Under gevent, cooperatively: the other greenlets run meanwhile.
     """
-    if _green.is_gevent_patched() or not hasattr(select, "poll"):
-        ready_r, ready_w, _ = select.select(readers, writers, [], timeout)
-        return [*ready_r, *ready_w]
-    poller = select.poll()
-    for fd in readers:
-        poller.register(fd, select.POLLIN)
-    for fd in writers:
-        poller.register(fd, select.POLLOUT)
-    return [fd for fd, _ in poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))]
+    return _platform.wait_fds(readers, writers, timeout, cooperative=_green.is_gevent_patched())
 
 
 def _offset(slot: int) -> int:
@@ -834,19 +814,6 @@ def _encode(item: Any) -> bytes:
     return _FILE_HEAD.pack(_FILE_ITEM, len(data)) + data
 
 
-def _memory_file(name: str, size: int) -> int:
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    else:
-        import tempfile
-
-        with tempfile.TemporaryFile() as f:
-            fd = os.dup(f.fileno())
-    if size:
-        os.ftruncate(fd, size)
-    return fd
-
-
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
@@ -854,12 +821,8 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 def _fill_places(fd: int, maxsize: int) -> None:
     """Write one byte per free place; the pipe must hold them all."""
-    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if setpipe is not None and maxsize > 4096:
-        try:
-            fcntl.fcntl(fd, setpipe, maxsize)
-        except OSError:
-            pass
+    if maxsize > 4096:
+        _platform.grow_pipe(fd, maxsize)
     os.set_blocking(fd, False)
     written = 0
     try:
