@@ -27,7 +27,8 @@ nothing of the main side, so a task starts without paying for it)::
       _ready         ready(): the task tells its program it is ready
       _logs          the logging relay: records of tasks go to the main program's handlers
     shared
-      _queue         Queue: items through a datagram socket every process holds
+      _queue/        Queue: items through a datagram socket every process holds (a package:
+                     the API, a process's endpoint, the feeder, the transport, the shared page)
       _green         what a gevent-patched program needs (real sockets for channels and queues)
       _wire          every message between processes, defined once; framing
       _outcome       what a task's messages mean; the errors result() raises

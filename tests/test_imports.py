@@ -25,7 +25,13 @@ TASK_SIDE = {
     "_platform",
     "_serialization",
     "_errors",
-    "_queue",  # shared: a task creates queues, and takes them from its call
+    # shared: a task creates queues, and takes them from its call
+    "_queue",
+    "_queue.api",
+    "_queue.endpoint",
+    "_queue.feeder",
+    "_queue.transport",
+    "_queue.page",
     "_ray_task",  # runs on Ray workers
     "_green",  # shared: the queue's sockets are real ones in a gevent program too
 }
@@ -47,25 +53,48 @@ MAIN_SIDE = {
 }
 
 
-def _imports(module: str) -> Set[str]:
+def _modules() -> Dict[str, Path]:
+    """The package's modules by dotted name below ``bgtask`` (a subpackage: its ``__init__``)."""
+    found = {path.stem: path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    for init in PACKAGE.glob("*/__init__.py"):
+        package = init.parent.name
+        found[package] = init
+        found.update({f"{package}.{path.stem}": path for path in init.parent.glob("*.py") if path != init})
+    return found
+
+
+def _imports(module: str, path: Path) -> Set[str]:
     """Modules of the package that ``module`` imports anywhere: at the top, lazily or typed."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    known = _modules()
+    # What a relative import is relative to: the module's package, as a dotted name.
+    here = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: Set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
+
+    def add(name: str) -> None:
+        while name and name not in known:  # an attribute of a module, or a name in a package
+            name = name.rpartition(".")[0]
+        if name:
+            found.add(name)
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = here.split(".") if here else []
+            base = base[: len(base) - (node.level - 1)]
+            prefix = ".".join([*base, node.module] if node.module else base)
+            for alias in node.names:
+                add(f"{prefix}.{alias.name}" if prefix else alias.name)
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bgtask."):
-            found.add(node.module.split(".")[1])
+            for alias in node.names:
+                add(f"{node.module[len('bgtask.') :]}.{alias.name}")
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("bgtask."))
+            for a in node.names:
+                if a.name.startswith("bgtask."):
+                    add(a.name[len("bgtask.") :])
     return found - {module}
 
 
 def _graph() -> Dict[str, Set[str]]:
-    return {path.stem: _imports(path.stem) for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    return {name: _imports(name, path) for name, path in _modules().items()}
 
 
 def test_the_import_graph_has_no_cycle() -> None:

@@ -1,0 +1,142 @@
+"""How items travel: pickled, one datagram each, large ones in a memory file.
+
+::
+
+    put: item --encode--> pickle (<= INLINE_MAX) -------------------> [ datagram ]
+                          pickle (larger) --> memory file --fd------> [ "F" + size, SCM_RIGHTS ]
+    get: [ datagram ] --receive--> pickle bytes --decode--> item
+
+One item is one datagram, so any number of processes send and receive on the same socket
+with no lock: the kernel hands each datagram to exactly one reader, and keeps each sender's
+datagrams in order. Once the queue's writes are shut down (``shutdown(SHUT_WR)``), every send
+fails in every process, and a reader sees the end (Linux) after what is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import pickle
+import socket
+import struct
+from typing import Any, List, Optional
+
+from .. import _green, _platform, _serialization
+
+# Items whose pickle is larger than this travel in a memory file rather than in the datagram.
+INLINE_MAX = 32 * 1024
+# The socket's buffer: as much as the system lets an unprivileged process have, up to this.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever the program imported
+_FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
+_FILE_HEAD = struct.Struct("=cQ")
+_PICKLE_START = 0x80  # every pickle of protocol 2 or later starts with this byte
+_RIGHTS_SPACE = socket.CMSG_SPACE(4)
+
+EOF: Any = object()  # what receive() returns at the end of the socket (Linux)
+
+
+class WritesClosed(Exception):
+    """The queue's writes are shut down: no send succeeds any more, in any process."""
+
+
+def socketpair() -> List[int]:
+    """The descriptors of a new queue's socket pair: one end to send on, one to receive on."""
+    a, b = _platform.datagram_socketpair(SOCKET_BUFFER)
+    return [a.detach(), b.detach()]
+
+
+def encode(item: Any) -> bytes:
+    """The message for ``item``: its pickle, or a file item's header and then its pickle."""
+    data = pickle.dumps(item, PROTOCOL) if type(item) in _PLAIN else _serialization.dumps_value(item)
+    if len(data) <= INLINE_MAX:
+        return data
+    return _FILE_HEAD.pack(_FILE_ITEM, len(data)) + data
+
+
+def decode(data: Any) -> Any:
+    return pickle.loads(data)
+
+
+class Transport:
+    """This process's ends of a queue's socket pair."""
+
+    def __init__(self, send_fd: int, recv_fd: int) -> None:
+        self.send_sock = _green.socket_from_fd(send_fd)
+        self.recv_sock = _green.socket_from_fd(recv_fd)
+        self.no_buffer = False  # the last send lacked room that poll does not announce (macOS)
+
+    def set_nonblocking(self) -> None:
+        self.send_sock.setblocking(False)
+        self.recv_sock.setblocking(False)
+
+    def sockets(self) -> List[socket.socket]:
+        return [self.send_sock, self.recv_sock]
+
+    def send(self, message: bytes) -> bool:
+        """Hand one item to the socket; ``False`` if it has no room now.
+
+        Raises ``WritesClosed`` once the queue's writes are closed: the kernel decides, for
+        every process at once, whether an item went in before the shutdown or not at all.
+        """
+        try:
+            if message[0] == _PICKLE_START:
+                self.send_sock.send(message, _platform.SEND_FLAGS)
+            else:
+                size = _FILE_HEAD.unpack(message[: _FILE_HEAD.size])[1]
+                fd = _platform.memory_file("bgtask-item", 0)
+                try:
+                    _write_all(fd, memoryview(message)[_FILE_HEAD.size :])
+                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+                    self.send_sock.sendmsg([_FILE_HEAD.pack(_FILE_ITEM, size)], rights, _platform.SEND_FLAGS)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            if _platform.no_room(exc):
+                self.no_buffer = not _platform.room_is_pollable(exc)
+                return False
+            if exc.errno == errno.EPIPE:
+                raise WritesClosed from None
+            raise
+        return True
+
+    def receive(self) -> Optional[Any]:
+        """One datagram's item as bytes; ``None`` if the socket is empty, ``EOF`` at its end."""
+        try:
+            data, ancdata, _flags, _addr = self.recv_sock.recvmsg(
+                INLINE_MAX + 64, _RIGHTS_SPACE, _platform.RECV_FLAGS
+            )
+        except BlockingIOError:
+            return None
+        if not ancdata:
+            return data or EOF  # no item is empty: an empty read is the end (Linux)
+        fds = [
+            fd
+            for level, kind, cdata in ancdata
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in struct.unpack(f"{len(cdata) // 4}i", cdata[: len(cdata) - len(cdata) % 4])
+        ]
+        if not fds:
+            return data  # not an item of bgtask's
+        try:
+            size = _FILE_HEAD.unpack(data)[1]
+            with mmap.mmap(fds[0], size, prot=mmap.PROT_READ) as mapped:
+                return bytes(mapped)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close_writes(self) -> None:
+        """No send succeeds from now on, in any process."""
+        try:
+            self.send_sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already closed
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
