@@ -6,7 +6,9 @@ import gc
 import os
 import pickle
 import queue
+import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -701,3 +703,94 @@ def test_counts_read_while_a_task_writes_them_are_whole(start_method: Optional[s
     task.result(RESULT_S)
     assert (q.qsize(), q.unfinished_tasks) == (0, 60_000)
     assert wrong == [], f"{len(wrong)} of {reads} reads were wrong, e.g. {wrong[:5]}"
+
+
+class _Unreadable:
+    """Pickles, but its unpickling fails (as a class the reader cannot import would)."""
+
+    def __reduce__(self) -> Any:
+        return (int, ("not a number",))
+
+
+@pytest.mark.parametrize("maxsize", [0, 2])
+def test_an_item_that_cannot_be_pickled_is_refused_and_adds_nothing(maxsize: int) -> None:
+    """put() of a lock, a socket or a queue: SerializationError naming its type; nothing is counted."""
+    q: Queue[Any] = Queue(maxsize=maxsize)
+    other: Queue[Any] = Queue()
+    sock = socket.socket()
+    try:
+        bad_items = [(threading.Lock(), "_thread.lock"), (sock, "socket.socket"), (other, "bgtask.Queue")]
+        for bad, name in bad_items:
+            with pytest.raises(bgtask.SerializationError, match=re.escape(name)) as caught:
+                q.put(bad, timeout=1)
+            assert isinstance(caught.value, TypeError)
+        assert (q.qsize(), q.unfinished_tasks) == (0, 0)
+        for i in range(maxsize or 3):  # every place is still free
+            q.put_nowait(i)
+        assert q.qsize() == (maxsize or 3)
+    finally:
+        sock.close()
+    del q, other, bad, bad_items, caught
+    gc.collect()  # the tracebacks above hold the queues in reference cycles
+
+
+def test_a_task_putting_an_item_that_cannot_be_pickled_gets_serialization_error(
+    start_method: Optional[str], daemon: bool
+) -> None:
+    """In a task too: the put raises SerializationError naming the type, and adds nothing."""
+    q: Queue[Any] = Queue(maxsize=1)
+
+    @background(start_method=start_method, daemon=daemon)
+    def put_a_lock(q: Queue[Any]) -> str:
+        try:
+            q.put(threading.Lock())
+        except bgtask.SerializationError as exc:
+            q.put("next")  # the one place is still free
+            return str(exc)
+        return "accepted"
+
+    assert "_thread.lock" in put_a_lock(q).result(RESULT_S)
+    assert q.get(timeout=RESULT_S) == "next"
+    assert (q.qsize(), q.unfinished_tasks) == (0, 1)
+
+
+def test_an_item_that_cannot_be_unpickled_is_dropped_alone(start_method: Optional[str], daemon: bool) -> None:
+    """get() in a task: SerializationError naming the type; the items after it still come."""
+    q: Queue[Any] = Queue(maxsize=3)
+    q.put("before")
+    q.put(_Unreadable())
+    q.put("after")
+
+    @background(start_method=start_method, daemon=daemon)
+    def consume(q: Queue[Any]) -> List[str]:
+        seen = [q.get(timeout=60)]
+        try:
+            q.get(timeout=60)
+        except bgtask.SerializationError as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+        seen.append(q.get(timeout=60))
+        return seen
+
+    before, error, after = consume(q).result(RESULT_S)
+    assert (before, after) == ("before", "after")
+    assert "SerializationError" in error
+    assert "_Unreadable" in error
+    assert "ValueError" in error
+    assert (q.qsize(), q.unfinished_tasks) == (0, 2)  # the dropped item counts as done
+    for i in range(3):  # its place came back
+        q.put_nowait(i)
+
+
+def test_the_main_program_getting_an_item_that_cannot_be_unpickled() -> None:
+    """The same in the main program: SerializationError, also a TypeError; only that item goes."""
+    q: Queue[Any] = Queue()
+    q.put(_Unreadable())
+    q.put(1)
+    with pytest.raises(bgtask.SerializationError, match="_Unreadable") as caught:
+        q.get(timeout=RESULT_S)
+    assert isinstance(caught.value, TypeError)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert q.get(timeout=RESULT_S) == 1
+    assert (q.qsize(), q.unfinished_tasks) == (0, 1)
+    del q, caught
+    gc.collect()

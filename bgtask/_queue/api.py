@@ -33,7 +33,8 @@ class Queue(Generic[T]):
 
     Items are pickled (the stdlib pickler for plain data, cloudpickle otherwise). An item
     cannot hold a descriptor (a socket, a connection, another queue): those travel as task
-    arguments only.
+    arguments only. ``put`` raises ``SerializationError`` for an item that cannot be pickled,
+    and ``get`` for one that cannot be unpickled in its process (that item is dropped).
     """
 
     __module__ = "bgtask"
@@ -54,8 +55,9 @@ class Queue(Generic[T]):
     def put(self, item: T, block: bool = True, timeout: Optional[float] = None) -> None:
         """Put ``item`` in the queue; with ``maxsize``, wait for a free place as ``queue.Queue`` does.
 
-        Raises ``queue.Full`` when there is none (``block=False``, or after ``timeout``), and
-        ``ShutDown`` once the queue is shut down.
+        Raises ``queue.Full`` when there is none (``block=False``, or after ``timeout``),
+        ``ShutDown`` once the queue is shut down, and ``SerializationError`` (nothing is put)
+        for an item that cannot be pickled.
         """
         self._end.put(item, block, _check_timeout(timeout))
 
@@ -66,8 +68,10 @@ class Queue(Generic[T]):
     def get(self, block: bool = True, timeout: Optional[float] = None) -> T:
         """Remove and return an item, waiting for one as ``queue.Queue`` does.
 
-        Raises ``queue.Empty`` when there is none (``block=False``, or after ``timeout``), and
-        ``ShutDown`` once the queue is shut down and empty.
+        Raises ``queue.Empty`` when there is none (``block=False``, or after ``timeout``),
+        ``ShutDown`` once the queue is shut down and empty, and ``SerializationError`` for an
+        item that cannot be unpickled here: that item is dropped (and counts as done for
+        ``join()``), the next ``get`` returns the next one.
         """
         item: T = self._end.get(block, _check_timeout(timeout))
         return item

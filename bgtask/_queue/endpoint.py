@@ -24,7 +24,7 @@ from queue import Empty, Full
 from typing import Any, List, Optional, Tuple
 
 from .. import _platform, _serialization, _taskctx
-from .._errors import ShutDown
+from .._errors import SerializationError, ShutDown
 from .._taskctx import atomic
 from . import feeder, page
 from .feeder import Backlog, wait_for
@@ -198,7 +198,12 @@ class Endpoint:
             self.page.count(GOT, 1)
         if self.maxsize:
             self._give_place()
-        return decode(data)
+        try:
+            return decode(data)
+        except SerializationError:
+            with self.lock:
+                self.page.count(DONE, 1)  # dropped: nobody will mark it done
+            raise
 
     # -- shutdown -----------------------------------------------------------------------------
 

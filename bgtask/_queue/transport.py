@@ -23,6 +23,7 @@ import struct
 from typing import Any, List, Optional
 
 from .. import _green, _platform, _serialization
+from .._errors import SerializationError
 
 # Items whose pickle is larger than this travel in a memory file rather than in the datagram.
 INLINE_MAX = 32 * 1024
@@ -34,6 +35,9 @@ _PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever 
 _FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
 _FILE_HEAD = struct.Struct("=cQ")
 _PICKLE_START = 0x80  # every pickle of protocol 2 or later starts with this byte
+_TYPE_TAIL = struct.Struct("=H2s")  # after a pickle: the length of the type name before it, a mark
+_TAIL_MARK = b"\xbbT"
+_NAME_MAX = 1024
 _RIGHTS_SPACE = socket.CMSG_SPACE(4)
 
 EOF: Any = object()  # what receive() returns at the end of the socket (Linux)
@@ -50,15 +54,54 @@ def socketpair() -> List[int]:
 
 
 def encode(item: Any) -> bytes:
-    """The message for ``item``: its pickle, or a file item's header and then its pickle."""
-    data = pickle.dumps(item, PROTOCOL) if type(item) in _PLAIN else _serialization.dumps_value(item)
+    """The message for ``item``: its pickle, or a file item's header and then its pickle.
+
+    An item of another type than the plain ones carries its type's name after its pickle (which
+    unpickling ignores), for the error of a reader that cannot unpickle it.
+
+    Raises:
+        SerializationError: the item cannot be pickled.
+    """
+    try:
+        if type(item) in _PLAIN:
+            data = pickle.dumps(item, PROTOCOL)
+        else:
+            name = _serialization.type_name(item).encode(errors="replace")[:_NAME_MAX]
+            data = b"".join((_serialization.dumps_value(item), name, _TYPE_TAIL.pack(len(name), _TAIL_MARK)))
+    except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
+        raise SerializationError(
+            f"cannot put an item of type {_serialization.type_name(item)} in a bgtask.Queue: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if len(data) <= INLINE_MAX:
         return data
     return _FILE_HEAD.pack(_FILE_ITEM, len(data)) + data
 
 
 def decode(data: Any) -> Any:
-    return pickle.loads(data)
+    """The item a message's pickle holds.
+
+    Raises:
+        SerializationError: it cannot be unpickled in this process (naming its type).
+    """
+    try:
+        return pickle.loads(data)
+    except Exception as exc:  # unpickling runs the item's own code: any error may come out
+        name = _type_named(data)
+        raise SerializationError(
+            f"cannot get an item{f' of type {name}' if name else ''} from a bgtask.Queue in this "
+            f"process (the item is dropped): unpickling it raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _type_named(data: Any) -> str:
+    """The type name an item carries after its pickle; "" if none."""
+    view = memoryview(data)
+    if len(view) < _TYPE_TAIL.size or bytes(view[-len(_TAIL_MARK) :]) != _TAIL_MARK:
+        return ""  # a pickle ends with its STOP opcode, never with the mark
+    size = _TYPE_TAIL.unpack(view[-_TYPE_TAIL.size :])[0]
+    end = len(view) - _TYPE_TAIL.size
+    return bytes(view[max(0, end - size) : end]).decode(errors="replace")
 
 
 class Transport:
