@@ -794,3 +794,40 @@ def test_the_main_program_getting_an_item_that_cannot_be_unpickled() -> None:
     assert (q.qsize(), q.unfinished_tasks) == (0, 1)
     del q, caught
     gc.collect()
+
+
+def _a_large_item_waits_for_room() -> Tuple[float, bool]:
+    """A queue nobody reads, a large item at the head of this process's backlog: the CPU this
+    process spends in the next two seconds, and whether every item then arrives in order, whole."""
+    q: Queue[bytes] = Queue()
+    n = 0  # 1 KiB items until the socket is full: this process's feeder thread then runs
+    while not any(thread.name == "bgtask-queue-feeder" for thread in threading.enumerate()):
+        q.put(n.to_bytes(4, "big") * 256)
+        n += 1
+    big = bytes(range(256)) * (100 * 4096)  # 100 MiB, behind the small item in the backlog
+    q.put(big)
+    first = q.get(timeout=60)  # room for one: the small item goes in, the large one heads
+    cpu = time.process_time()
+    time.sleep(2.0)  # the window measured: nobody reads
+    spent = time.process_time() - cpu
+    rest = [q.get(timeout=60) for _ in range(n)]
+    in_order = [int.from_bytes(item[:4], "big") for item in [first, *rest[:-1]]] == list(range(n))
+    return spent, in_order and rest[-1] == big and q.qsize() == 0
+
+
+def test_a_large_item_waiting_for_room_in_the_main_program_is_written_once() -> None:
+    """No CPU burns while a large item waits for room in the main program's backlog."""
+    spent, arrived = _a_large_item_waits_for_room()
+    assert arrived
+    assert spent < 0.25, f"{spent:.2f} s of CPU in 2 s while nobody read"
+
+
+def test_a_large_item_waiting_for_room_in_a_task_is_written_once(
+    start_method: Optional[str], daemon: bool
+) -> None:
+    """The same in a task, for a queue it made (its own backlog and feeder thread)."""
+    spent, arrived = background(start_method=start_method, daemon=daemon)(
+        _a_large_item_waits_for_room
+    )().result(RESULT_S)
+    assert arrived
+    assert spent < 0.25, f"{spent:.2f} s of CPU in 2 s while nobody read"

@@ -29,7 +29,7 @@ from .._taskctx import atomic
 from . import feeder, page
 from .feeder import Backlog, wait_for
 from .page import DONE, GOT, IMMEDIATE, OPEN, PUT, SHUT, SHUTTING, STATE_NAMES, Page
-from .transport import EOF, Transport, WritesClosed, decode, encode, socketpair
+from .transport import EOF, Message, Transport, WritesClosed, decode, encode, release, socketpair
 
 # Free places of a bounded queue are bytes in a pipe: it holds this many on every system.
 MAXSIZE_LIMIT = 65536
@@ -136,7 +136,7 @@ class Endpoint:
                 raise Full
             self._wait(self.tokens_r, deadline, Full)  # a stop may end this wait
 
-    def _put_now(self, message: bytes) -> None:
+    def _put_now(self, message: Message) -> None:
         with self.lock:
             if self.page.state != OPEN:
                 raise ShutDown("the queue was shut down")
@@ -144,11 +144,11 @@ class Endpoint:
             self.page.count(PUT, 1)
             try:
                 self.backlog.put(message)
-            except WritesClosed:
+            except BaseException as exc:
                 self.page.count(PUT, -1)  # not put after all
-                raise ShutDown("the queue was shut down") from None
-            except BaseException:
-                self.page.count(PUT, -1)
+                release([message])
+                if isinstance(exc, WritesClosed):
+                    raise ShutDown("the queue was shut down") from None
                 raise
 
     def _give_place(self) -> None:

@@ -33,7 +33,7 @@ from .. import _green, _platform, _taskctx
 from .._errors import ShutDown
 from .._taskctx import atomic
 from .page import NO_SLOT, OPEN, UNSENT, Page
-from .transport import PROTOCOL, Transport, WritesClosed
+from .transport import PROTOCOL, Message, Transport, WritesClosed, from_wire, release, wire
 
 # How long a task's put waits for room in the socket before it hands the item to the main
 # program instead.
@@ -64,17 +64,17 @@ class Backlog:
         self.qid = qid
         self.page = page
         self.transport = transport
-        self.items: Deque[bytes] = collections.deque()
+        self.items: Deque[Message] = collections.deque()
         self.from_parent = False  # received with a call: what the socket cannot take goes up
         self.via_parent = False  # ... and from then on, all of it, to keep this process's order
 
-    def put(self, message: bytes) -> None:
+    def put(self, message: Message) -> None:
         """Under the owner's lock: a new item, counted as put, into the socket or after the others."""
         transport = self.transport
         if self.items or self.via_parent or not (transport.send(message) or self._send_soon(message)):
             self.overflow([message])  # the socket is full
 
-    def _send_soon(self, message: bytes) -> bool:
+    def _send_soon(self, message: Message) -> bool:
         """In a task: wait a little for room, rather than hand the item to the main program.
 
         Consumers that keep up make room within ``ROOM_WAIT_S``: items then keep going straight
@@ -96,7 +96,7 @@ class Backlog:
             if transport.send(message):
                 return True
 
-    def overflow(self, messages: List[bytes], child: int = NO_SLOT) -> None:
+    def overflow(self, messages: List[Message], child: int = NO_SLOT) -> None:
         """Under the owner's lock: items the socket has no room for, counted as on their way.
 
         ``child``: a task's slot, which counted them as on their way until now (``adopt``);
@@ -123,11 +123,13 @@ class Backlog:
                 return
             self.via_parent = True
             try:
-                forward[1](pickle.dumps([(self.qid, page.slot, messages)], PROTOCOL))
+                forward[1](pickle.dumps([(self.qid, page.slot, wire(messages))], PROTOCOL))
             except OSError:
                 with page.locked():
                     page.count_locked(UNSENT, -len(messages))
                 raise ShutDown("the main program of this task ended") from None
+            finally:
+                release(messages)
 
     def adopt(self, lock: threading.Lock, slot: int, messages: List[bytes]) -> None:
         """What a task of this process could not send (see ``overflow``): sent on from here."""
@@ -135,7 +137,7 @@ class Backlog:
             return
         self.page.ensure_slot()
         with lock:
-            self.overflow(messages, child=slot)
+            self.overflow([from_wire(message) for message in messages], child=slot)
 
     def flush(self) -> bool:
         """Send what the backlog holds while the socket has room; ``True`` once it is empty.
@@ -156,6 +158,7 @@ class Backlog:
             except BaseException as exc:
                 # Shut down at once (what was left is dropped), or an error nothing can repair.
                 self.page.count(UNSENT, -len(items))
+                release(items)
                 items.clear()
                 if not isinstance(exc, WritesClosed):
                     raise
@@ -167,6 +170,7 @@ class Backlog:
 
     def forget_in_child(self) -> None:
         """In a forked copy of this process: the backlog is the original's."""
+        release(self.items)  # this copy's descriptors of the original's memory files
         self.items = collections.deque()
         self.keep = None
         self.via_parent = False

@@ -9,7 +9,8 @@
 One item is one datagram, so any number of processes send and receive on the same socket
 with no lock: the kernel hands each datagram to exactly one reader, and keeps each sender's
 datagrams in order. Once the queue's writes are shut down (``shutdown(SHUT_WR)``), every send
-fails in every process, and a reader sees the end (Linux) after what is left.
+fails in every process, and a reader sees the end (Linux) after what is left. A large item's
+memory file is written once, however many sends it takes to find room.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import pickle
 import socket
 import struct
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional, Union
 
 from .. import _green, _platform, _serialization
 from .._errors import SerializationError
@@ -34,7 +35,6 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 _PLAIN = frozenset((bytes, str, int, float))  # pickled by the stdlib, whatever the program imported
 _FILE_ITEM = b"F"  # a datagram that starts so carries a memory file of this length: "F" + 8 bytes
 _FILE_HEAD = struct.Struct("=cQ")
-_PICKLE_START = 0x80  # every pickle of protocol 2 or later starts with this byte
 _TYPE_TAIL = struct.Struct("=H2s")  # after a pickle: the length of the type name before it, a mark
 _TAIL_MARK = b"\xbbT"
 _NAME_MAX = 1024
@@ -53,8 +53,72 @@ def socketpair() -> List[int]:
     return [a.detach(), b.detach()]
 
 
-def encode(item: Any) -> bytes:
-    """The message for ``item``: its pickle, or a file item's header and then its pickle.
+class FileItem:
+    """An item too large for a datagram: its pickle, then the memory file it travels in.
+
+    The file is written at the item's first send and kept for the next ones, while the socket
+    has no room (its descriptor rides on each attempt's datagram; the reader's copy is the
+    same file). ``release()`` closes it once the item is sent or dropped.
+    """
+
+    __slots__ = ("data", "fd", "size")
+
+    def __init__(self, data: Union[bytes, memoryview]) -> None:
+        self.data: Optional[Union[bytes, memoryview]] = data  # None once the file holds it
+        self.fd = -1
+        self.size = len(data)
+
+    def file(self) -> int:
+        """The memory file holding the pickle, written on the first call."""
+        if self.fd < 0:
+            assert self.data is not None
+            fd = _platform.memory_file("bgtask-item", 0)
+            try:
+                _write_all(fd, memoryview(self.data))
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd, self.data = fd, None
+        return self.fd
+
+    def wire(self) -> bytes:
+        """The item as bytes, to hand to another process in a message."""
+        head = _FILE_HEAD.pack(_FILE_ITEM, self.size)
+        if self.data is not None:
+            return head + self.data
+        with mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ) as mapped:
+            return head + mapped[:]
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+Message = Union[bytes, FileItem]  # what encode() makes of an item: a datagram's bytes, or a file
+
+
+def wire(messages: List[Message]) -> List[bytes]:
+    """Messages as bytes, for another process (a task hands them to its main program)."""
+    return [message if type(message) is bytes else message.wire() for message in messages]  # type: ignore[union-attr]
+
+
+def from_wire(data: bytes) -> Message:
+    """A message from ``wire()``."""
+    if data[:1] != _FILE_ITEM:
+        return data
+    return FileItem(memoryview(data)[_FILE_HEAD.size :])
+
+
+def release(messages: Iterable[Message]) -> None:
+    """Messages that will not be sent: their memory files close."""
+    for message in messages:
+        if type(message) is not bytes:
+            message.release()  # type: ignore[union-attr]
+
+
+def encode(item: Any) -> Message:
+    """The message for ``item``: its pickle, or a ``FileItem`` for a large one.
 
     An item of another type than the plain ones carries its type's name after its pickle (which
     unpickling ignores), for the error of a reader that cannot unpickle it.
@@ -73,9 +137,7 @@ def encode(item: Any) -> bytes:
             f"cannot put an item of type {_serialization.type_name(item)} in a bgtask.Queue: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    if len(data) <= INLINE_MAX:
-        return data
-    return _FILE_HEAD.pack(_FILE_ITEM, len(data)) + data
+    return data if len(data) <= INLINE_MAX else FileItem(data)
 
 
 def decode(data: Any) -> Any:
@@ -119,24 +181,21 @@ class Transport:
     def sockets(self) -> List[socket.socket]:
         return [self.send_sock, self.recv_sock]
 
-    def send(self, message: bytes) -> bool:
+    def send(self, message: Message) -> bool:
         """Hand one item to the socket; ``False`` if it has no room now.
 
         Raises ``WritesClosed`` once the queue's writes are closed: the kernel decides, for
         every process at once, whether an item went in before the shutdown or not at all.
         """
         try:
-            if message[0] == _PICKLE_START:
+            if type(message) is bytes:
                 self.send_sock.send(message, _platform.SEND_FLAGS)
             else:
-                size = _FILE_HEAD.unpack(message[: _FILE_HEAD.size])[1]
-                fd = _platform.memory_file("bgtask-item", 0)
-                try:
-                    _write_all(fd, memoryview(message)[_FILE_HEAD.size :])
-                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
-                    self.send_sock.sendmsg([_FILE_HEAD.pack(_FILE_ITEM, size)], rights, _platform.SEND_FLAGS)
-                finally:
-                    os.close(fd)
+                item: FileItem = message  # type: ignore[assignment]
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", item.file()))]
+                head = _FILE_HEAD.pack(_FILE_ITEM, item.size)
+                self.send_sock.sendmsg([head], rights, _platform.SEND_FLAGS)
+                item.release()  # the reader has the file now
         except OSError as exc:
             if _platform.no_room(exc):
                 self.no_buffer = not _platform.room_is_pollable(exc)
