@@ -122,8 +122,12 @@ def set_process_name(name: str) -> None:
             pass
 
 
-def process_running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has; Linux tells, from ``/proc``)."""
+def process_running(pid: int, start: int = 0) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has; Linux tells, from ``/proc``).
+
+    ``start``: what ``process_start_time`` said of the process meant; one that got its pid
+    since (pids are reused) is not it. 0: any process with that pid.
+    """
     if pid <= 0:
         return False
     try:
@@ -131,16 +135,31 @@ def process_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    if sys.platform.startswith("linux"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            state = stat.rindex(b")") + 2  # the command name may hold spaces and parentheses
-            return stat[state : state + 1] != b"Z"
-        except (OSError, ValueError):
-            return False
+        pass
+    if IS_LINUX:
+        fields = _stat(pid)
+        return fields is not None and fields[0] != b"Z" and (not start or int(fields[19]) == start)
     return True
+
+
+def process_start_time(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (Linux); 0 if unknown.
+
+    With the pid, it names one process: a later one that gets the same pid starts later.
+    """
+    fields = _stat(pid) if IS_LINUX else None
+    return int(fields[19]) if fields is not None else 0
+
+
+def _stat(pid: int) -> Optional[List[bytes]]:
+    """The fields of ``/proc/PID/stat`` after the command name (the state first), or ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The command name may hold spaces and parentheses: split after the last ")".
+        return stat[stat.rindex(b")") + 2 :].split()
+    except (OSError, ValueError):
+        return None
 
 
 def process_name(pid: int) -> Optional[str]:

@@ -831,3 +831,31 @@ def test_a_large_item_waiting_for_room_in_a_task_is_written_once(
     )().result(RESULT_S)
     assert arrived
     assert spent < 0.25, f"{spent:.2f} s of CPU in 2 s while nobody read"
+
+
+@pytest.mark.parametrize("maxsize", [0, 1])
+def test_a_producer_killed_inside_put_leaves_nothing_behind(
+    start_method: Optional[str], daemon: bool, maxsize: int
+) -> None:
+    """Killed while its put writes a large item: once it is gone, the item either arrived or
+    was never counted; its place is free again and join() returns."""
+    q: Queue[bytes] = Queue(maxsize=maxsize)
+
+    @background(start_method=start_method, daemon=daemon)
+    def produce(q: Queue[bytes]) -> None:
+        q.put(b"x" * 300_000_000)  # counted, then written into its memory file: a long while
+
+    task = produce(q)
+    assert wait_until(lambda: q.qsize() == 1, timeout=RESULT_S)  # counted: on its way
+    task.kill()
+    task.join(RESULT_S)
+    try:
+        arrived = len(q.get_nowait()) == 300_000_000  # sent before it was killed after all
+        q.task_done()
+    except queue.Empty:
+        arrived = False
+    assert (q.qsize(), q.unfinished_tasks) == (0, 0), f"arrived: {arrived}"
+    q.join()
+    for i in range(maxsize or 3):  # its place is free again
+        q.put_nowait(i.to_bytes(1, "big"))
+    assert q.qsize() == (maxsize or 3)

@@ -28,7 +28,7 @@ from .._errors import SerializationError, ShutDown
 from .._taskctx import atomic
 from . import feeder, page
 from .feeder import Backlog, wait_for
-from .page import DONE, GOT, IMMEDIATE, OPEN, PUT, SHUT, SHUTTING, STATE_NAMES, Page
+from .page import DONE, GOT, IMMEDIATE, INFLIGHT, OPEN, PLACES, PUT, SHUT, SHUTTING, STATE_NAMES, Page
 from .transport import EOF, Message, Transport, WritesClosed, decode, encode, release, socketpair
 
 # Free places of a bounded queue are bytes in a pipe: it holds this many on every system.
@@ -37,6 +37,8 @@ MAXSIZE_LIMIT = 65536
 DRAIN_POLL_S = 0.005
 # How often join() looks at the counts again.
 JOIN_POLL_S = 0.005
+# How often a put waiting for a place looks for places that a process that is gone held.
+PLACES_CHECK_S = 0.5
 
 
 class Endpoint:
@@ -53,7 +55,7 @@ class Endpoint:
         send_fd, recv_fd, page_fd, self.wake_r, self.wake_w = fds[:5]
         self.tokens_r, self.tokens_w = fds[5:7] if maxsize else (-1, -1)
         self.transport = Transport(send_fd, recv_fd)
-        self.page = Page(page_fd)
+        self.page = Page(page_fd, self.tokens_w)
         self.lock = threading.Lock()
         self.backlog = Backlog(self, qid, self.page, self.transport)
         # The sockets close their own descriptors. Not at the interpreter's exit: bgtask's
@@ -113,43 +115,71 @@ class Endpoint:
         message = encode(item)
         self.page.ensure_slot()
         if not self.maxsize:
-            with atomic():  # in a task, a stop meanwhile is raised once the item is in
-                self._put_now(message)
+            with atomic(), self.lock:  # in a task, a stop meanwhile is raised once the item is in
+                self._put_now(message, placed=False)
             return
         deadline = None if timeout is None else time.monotonic() + timeout
+        checked = time.monotonic()
         while True:
             with atomic():  # the place taken and the item put in one step
-                try:
-                    taken = bool(os.read(self.tokens_r, 1))
-                except BlockingIOError:
-                    taken = False
-                if taken:
-                    try:
-                        self._put_now(message)
-                    except BaseException:
-                        self._give_place()
-                        raise
+                if self._put_in_a_place(message):
                     return
             if self.page.state != OPEN:
                 raise ShutDown("the queue was shut down")
+            now = time.monotonic()
+            if (not block or now - checked >= PLACES_CHECK_S) and self.page.retire_gone():
+                checked = now
+                continue  # places held by a process that is gone came back
             if not block:
                 raise Full
-            self._wait(self.tokens_r, deadline, Full)  # a stop may end this wait
+            self._wait(self.tokens_r, deadline, Full, step=PLACES_CHECK_S)  # a stop may end this
 
-    def _put_now(self, message: Message) -> None:
+    def _put_in_a_place(self, message: Message) -> bool:
+        """Take a free place and put the item in it; ``False`` if there is none."""
+        page = self.page
         with self.lock:
-            if self.page.state != OPEN:
-                raise ShutDown("the queue was shut down")
-            # Counted before it can be got: a consumer's task_done() never comes before it.
-            self.page.count(PUT, 1)
+            page.mark(PLACES, 1)  # from here, a place this process may hold
             try:
-                self.backlog.put(message)
-            except BaseException as exc:
-                self.page.count(PUT, -1)  # not put after all
-                release([message])
-                if isinstance(exc, WritesClosed):
-                    raise ShutDown("the queue was shut down") from None
+                taken = bool(os.read(self.tokens_r, 1))
+            except BlockingIOError:
+                taken = False
+            if not taken:
+                page.mark(PLACES, -1)
+                return False
+            try:
+                self._put_now(message, placed=True)
+            except BaseException:
+                self._give_place()
+                page.mark(PLACES, -1)
                 raise
+        return True
+
+    def _put_now(self, message: Message, placed: bool) -> None:
+        """Under ``lock``: count the item as put, then send it (or keep it, or hand it on).
+
+        ``placed``: it has a place (a bounded queue), which it holds from now on. While it is
+        sent, it counts as in flight: if this process dies meanwhile, it is not counted as put.
+        """
+        page = self.page
+        if page.state != OPEN:
+            raise ShutDown("the queue was shut down")
+        # Counted before it can be got: a consumer's task_done() never comes before it.
+        page.count(PUT, 1)
+        page.mark(INFLIGHT, 1)
+        if placed:
+            page.mark(PLACES, -1)
+        try:
+            if self.backlog.put(message):
+                page.mark(INFLIGHT, -1)  # in the socket
+        except BaseException as exc:
+            page.count(PUT, -1)  # not put after all
+            page.mark(INFLIGHT, -1)
+            if placed:
+                page.mark(PLACES, 1)  # the caller gives the place back
+            release([message])
+            if isinstance(exc, WritesClosed):
+                raise ShutDown("the queue was shut down") from None
+            raise
 
     def _give_place(self) -> None:
         try:
@@ -189,15 +219,20 @@ class Endpoint:
             if state == SHUTTING:
                 # Items are on their way from a backlog: wait for them, and look again now and
                 # then in case their process died.
-                self._wait(self.transport.recv_sock.fileno(), deadline, Empty, step=DRAIN_POLL_S)
+                self._wait(self.transport.recv_sock.fileno(), deadline, Empty, step=DRAIN_POLL_S, wake=False)
             else:
                 self._wait(self.transport.recv_sock.fileno(), deadline, Empty)
 
     def _got(self, data: Any) -> Any:
+        page = self.page
         with self.lock:
-            self.page.count(GOT, 1)
+            page.count(GOT, 1)
+            if self.maxsize:
+                page.mark(PLACES, 1)  # a place this process owes until it gave it back
         if self.maxsize:
             self._give_place()
+            with self.lock:
+                page.mark(PLACES, -1)
         try:
             return decode(data)
         except SerializationError:
@@ -258,18 +293,23 @@ class Endpoint:
     def release_task(self, pid: int) -> None:
         """A task of this process ended, its messages all read: what it still counted as on its
         way through this process will not come (it died before it sent it). Stop waiting."""
-        with self.page.locked():
-            self.page.release_locked(pid, os.getpid())
+        self.page.release(pid)
         self.after_flush()
 
     # -- waiting ------------------------------------------------------------------------------
 
     def _wait(
-        self, fd: int, deadline: Optional[float], timed_out: type, step: Optional[float] = None
+        self,
+        fd: int,
+        deadline: Optional[float],
+        timed_out: type,
+        step: Optional[float] = None,
+        wake: bool = True,
     ) -> None:
-        """Wait until ``fd`` is readable, the queue is shut down, or this task's program died."""
+        """Wait until ``fd`` is readable, the queue is shut down (``wake``), this task's
+        program died, or ``step`` passed."""
         parent = _parent_channel()
-        readers = [fd] if step is not None else [fd, self.wake_r]
+        readers = [fd, self.wake_r] if wake else [fd]
         if parent is not None:
             readers.append(parent)
         left = None if deadline is None else deadline - time.monotonic()

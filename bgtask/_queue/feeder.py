@@ -32,7 +32,7 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
 from .. import _green, _platform, _taskctx
 from .._errors import ShutDown
 from .._taskctx import atomic
-from .page import NO_SLOT, OPEN, UNSENT, Page
+from .page import INFLIGHT, NO_SLOT, OPEN, UNSENT, Page
 from .transport import PROTOCOL, Message, Transport, WritesClosed, from_wire, release, wire
 
 # How long a task's put waits for room in the socket before it hands the item to the main
@@ -67,12 +67,16 @@ class Backlog:
         self.items: Deque[Message] = collections.deque()
         self.from_parent = False  # received with a call: what the socket cannot take goes up
         self.via_parent = False  # ... and from then on, all of it, to keep this process's order
+        self.heir = (0, 0)  # the main program items were handed to
 
-    def put(self, message: Message) -> None:
-        """Under the owner's lock: a new item, counted as put, into the socket or after the others."""
+    def put(self, message: Message) -> bool:
+        """Under the owner's lock: a new item, counted as put and in flight, into the socket or
+        after the others. ``True``: it is in the socket; else it counts as unsent now."""
         transport = self.transport
         if self.items or self.via_parent or not (transport.send(message) or self._send_soon(message)):
             self.overflow([message])  # the socket is full
+            return False
+        return True
 
     def _send_soon(self, message: Message) -> bool:
         """In a task: wait a little for room, rather than hand the item to the main program.
@@ -100,10 +104,11 @@ class Backlog:
         """Under the owner's lock: items the socket has no room for, counted as on their way.
 
         ``child``: a task's slot, which counted them as on their way until now (``adopt``);
-        else they are new, already counted as put.
+        else they are new, already counted as put and in flight.
         """
         forward = _forwarder() if self.from_parent else None
         page = self.page
+        n = len(messages)
         with atomic():  # counted and handed on in one step (adopt() has no other guard)
             with page.locked():
                 # Under the page lock: a shutdown closes the writes only once no live process
@@ -111,11 +116,12 @@ class Backlog:
                 if child == NO_SLOT and page.state != OPEN:
                     raise ShutDown("the queue was shut down")
                 if forward is not None:
-                    page.set_heir_locked(forward[0])
+                    page.set_heir_locked(self._heir(forward[0]))
                 if child == NO_SLOT:
-                    page.count_locked(UNSENT, len(messages))
+                    page.count_locked(UNSENT, n)
+                    page.mark(INFLIGHT, -n)  # no longer in flight: kept, or handed on
                 else:
-                    page.hand_over_locked(child, len(messages))
+                    page.hand_over_locked(child, n)
             if forward is None:
                 self.items.extend(messages)
                 self.keep = self.owner()
@@ -126,10 +132,17 @@ class Backlog:
                 forward[1](pickle.dumps([(self.qid, page.slot, wire(messages))], PROTOCOL))
             except OSError:
                 with page.locked():
-                    page.count_locked(UNSENT, -len(messages))
+                    page.count_locked(UNSENT, -n)
+                    page.mark(INFLIGHT, n)  # in flight again, for the caller to take back
                 raise ShutDown("the main program of this task ended") from None
             finally:
                 release(messages)
+
+    def _heir(self, pid: int) -> Tuple[int, int]:
+        """The main program items are handed to: its pid and start time (read once)."""
+        if self.heir[0] != pid:
+            self.heir = (pid, _platform.process_start_time(pid))
+        return self.heir
 
     def adopt(self, lock: threading.Lock, slot: int, messages: List[bytes]) -> None:
         """What a task of this process could not send (see ``overflow``): sent on from here."""

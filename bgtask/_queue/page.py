@@ -4,18 +4,26 @@ A memory file every process holding the queue maps, read and written as 8-byte w
 access each: another process never sees half of a write)::
 
     header  state | slots in use | retired put | retired got | shared unsent | retired done
-    slot 0  pid | heir | put | got | unsent | done          one per process that used the queue
-    slot 1  ...
+    slot 0  pid | start | heir | heir start | put | got | unsent | done | in flight | places
+    slot 1  ...                                 one per process that used the queue
     ...     (1,024 slots; a process beyond them counts in the header, under the lock)
 
+- A slot names its process by pid and start time: a process that got the pid later is
+  another one.
 - *put*, *got*, *done* (``task_done()`` calls): what the process did; ``qsize()`` and
   ``unfinished_tasks`` are sums over the slots and the header.
-- *unsent*: items the process counted as put that are not in the socket yet: in its backlog
-  (the main program) or handed to its main program (a task), which then takes them over
-  (*heir*: that program's pid). What a process that is gone, heir too, never sent is lost.
+- *in flight*: items the process counted as put and is sending now. *unsent*: items it
+  counted as put that wait for room (its backlog), or that it handed to its main program
+  (a task), which then takes them over (*heir*: that program).
+- *places* (a bounded queue): places the process may have taken from the pipe of free places
+  and not yet handed to an item it put, or owes back for an item it got.
+- When a process is gone (and its heir too, for what it handed over), what it had in flight
+  or unsent is lost: ``retire`` takes those items off its put count and gives their places
+  back, with the places it held. Its parent does it as soon as it saw the task end
+  (``release``); anyone else once it finds the process gone.
 - A process writes its own slot's counts alone (its threads under its endpoint's lock); a
-  word written by one process and read by another needs no lock. Everything that another
-  process writes too (the header, a slot being claimed or taken over) changes under the page
+  word written by one process and read by another needs no lock. Everything another process
+  writes too (the header, a slot being claimed, taken over or retired) changes under the page
   lock: a thread lock for this process's threads, then ``lockf`` for the other processes (the
   kernel releases it if its holder dies).
 """
@@ -27,7 +35,8 @@ import fcntl
 import mmap
 import os
 import threading
-from typing import List, Tuple
+import time
+from typing import Dict, Tuple
 
 from .. import _platform
 
@@ -40,26 +49,28 @@ STATE_NAMES = ("open", "shut down", "shut down", "shut down (immediate)")
 _STATE, _USED, _RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT, _RETIRED_DONE = range(6)
 _HEADER_WORDS = 6
 # A slot's words, from its start.
-PID, HEIR, PUT, GOT, UNSENT, DONE = range(6)
-_SLOT_WORDS = 6
+PID, START, HEIR, HEIR_START, PUT, GOT, UNSENT, DONE, INFLIGHT, PLACES = range(10)
+_SLOT_WORDS = 10
 _SLOTS = 1024
 SIZE = 8 * (_HEADER_WORDS + _SLOT_WORDS * _SLOTS)
 # Where a process beyond the table counts each of its counts, in the header.
 _SHARED_FIELD = {PUT: _RETIRED_PUT, GOT: _RETIRED_GOT, UNSENT: _SHARED_UNSENT, DONE: _RETIRED_DONE}
+# A process seen running is taken to run for this long, before /proc is read again for it.
+ALIVE_FOR_S = 0.02
 
 NO_SLOT, SHARED = -1, -2  # no slot claimed yet; beyond the table (counts in the header)
-
-Slot = Tuple[int, int, int, int, int, int]  # pid, heir, put, got, unsent, done
 
 
 class Page:
     """This process's map of a queue's shared page, and its slot there.
 
     ``slot`` is the word index of this process's slot once claimed, or ``SHARED``.
+    ``places_w``: a bounded queue's pipe of free places, where retired places go back.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, places_w: int = -1) -> None:
         self.fd = fd
+        self.places_w = places_w
         self.map = mmap.mmap(fd, SIZE)
         self.words = memoryview(self.map).cast("q")
         self.lock = threading.Lock()  # this process's threads; lockf keeps out the others
@@ -102,33 +113,29 @@ class Page:
         """A free slot, one of a process that is gone, or ``SHARED``."""
         words = self.words
         used = words[_USED]
-        index = -1
+        start = -1
         if used < _SLOTS:
-            index = used
+            start = _start(used)
             words[_USED] = used + 1
         else:
-            for i in range(_SLOTS):
-                pid, heir, put, got, unsent, done = self._slot_locked(i)
-                if _gone(pid, heir):
-                    # Its counts go to the header's; what it never sent was lost with it.
-                    words[_RETIRED_PUT] += put - unsent
-                    words[_RETIRED_GOT] += got
-                    words[_RETIRED_DONE] += done
-                    index = i
+            for index in range(_SLOTS):
+                at = _start(index)
+                if self._gone(at):
+                    self._retire_locked(at)
+                    # Its counts go to the header's.
+                    words[_RETIRED_PUT] += words[at + PUT]
+                    words[_RETIRED_GOT] += words[at + GOT]
+                    words[_RETIRED_DONE] += words[at + DONE]
+                    start = at
                     break
-        if index < 0:
+        if start < 0:
             return SHARED  # beyond the table: this process counts in the header, locked
-        start = _start(index)
-        words[start : start + _SLOT_WORDS] = array.array("q", (os.getpid(), 0, 0, 0, 0, 0))
+        pid, began = own_identity()
+        words[start : start + _SLOT_WORDS] = array.array("q", (pid, began, 0, 0, 0, 0, 0, 0, 0, 0))
         return start
 
-    def slots_locked(self) -> List[Slot]:
-        return [self._slot_locked(i) for i in range(min(self.words[_USED], _SLOTS))]
-
-    def _slot_locked(self, index: int) -> Slot:
-        start = _start(index)
-        pid, heir, put, got, unsent, done = self.words[start : start + _SLOT_WORDS].tolist()
-        return pid, heir, put, got, unsent, done
+    def _starts(self) -> range:
+        return range(_HEADER_WORDS, _start(min(self.words[_USED], _SLOTS)), _SLOT_WORDS)
 
     @staticmethod
     def valid_slot(slot: int) -> bool:
@@ -154,9 +161,19 @@ class Page:
         slot = self.slot
         self.words[slot + field if slot >= 0 else _SHARED_FIELD[field]] += delta
 
-    def set_heir_locked(self, heir: int) -> None:
-        if self.slot >= 0:
-            self.words[self.slot + HEIR] = heir
+    def mark(self, field: int, delta: int) -> None:
+        """Add to this process's items in flight or places held, under the endpoint's lock.
+
+        Beyond the table, nothing: what such a process holds is not given back if it dies.
+        """
+        slot = self.slot
+        if slot >= 0:
+            self.words[slot + field] += delta
+
+    def set_heir_locked(self, heir: Tuple[int, int]) -> None:
+        slot = self.slot
+        if slot >= 0 and (self.words[slot + HEIR], self.words[slot + HEIR_START]) != heir:
+            self.words[slot + HEIR], self.words[slot + HEIR_START] = heir
 
     def hand_over_locked(self, child: int, n: int) -> None:
         """``n`` items that ``child`` (a slot, or ``SHARED``) counted as unsent are this
@@ -165,33 +182,81 @@ class Page:
         self.words[at] = max(0, self.words[at] - n)
         self.count_locked(UNSENT, n)
 
-    def release_locked(self, pid: int, heir: int) -> None:
-        """Process ``pid`` ended, and its heir ``heir`` read all it handed over: what it still
-        counted as unsent will not come."""
-        for i, (spid, sheir, _put, _got, unsent, _done) in enumerate(self.slots_locked()):
-            if spid == pid and sheir == heir and unsent > 0:
-                self.words[_start(i) + UNSENT] = 0
+    # -- processes that are gone ------------------------------------------------------------
+
+    def release(self, pid: int) -> None:
+        """Process ``pid`` (a task of this process) ended, and this process read all it handed
+        over: what it still had in flight or unsent will not come."""
+        words = self.words
+        with self.locked():
+            for at in self._starts():
+                if words[at + PID] == pid and not _platform.process_running(pid, words[at + START]):
+                    self._retire_locked(at)
+
+    def _retire_locked(self, at: int) -> int:
+        """The slot's process is gone: take what it did not send off its put count, and give
+        back the places of those items and the places it held. Returns how many places."""
+        words = self.words
+        lost = words[at + UNSENT] + words[at + INFLIGHT]
+        places = lost + words[at + PLACES]
+        if not lost and not words[at + PLACES]:
+            return 0
+        words[at + PUT] -= lost
+        words[at + UNSENT] = words[at + INFLIGHT] = words[at + PLACES] = 0
+        if self.places_w < 0 or places <= 0:
+            return 0
+        try:
+            os.write(self.places_w, b"\0" * places)
+        except OSError:
+            pass  # the pipe is full: every place is free already
+        return places
+
+    def retire_gone(self) -> bool:
+        """Retire the slots of processes that are gone; whether places came back."""
+        with self.locked():
+            return self._retire_gone_locked() > 0
+
+    def _retire_gone_locked(self) -> int:
+        """Retire the slots of processes that are gone and held items or places; the places
+        that came back."""
+        words = self.words
+        places = 0
+        for at in self._starts():
+            if (words[at + UNSENT] > 0 or words[at + INFLIGHT] > 0 or words[at + PLACES] > 0) and self._gone(
+                at
+            ):
+                places += self._retire_locked(at)
+        return places
+
+    def _gone(self, at: int) -> bool:
+        """Whether a slot's process, and the process that took its items on, have both ended."""
+        words = self.words
+        return not _running(words[at + PID], words[at + START]) and not _running(
+            words[at + HEIR], words[at + HEIR_START]
+        )
+
+    # -- sums -------------------------------------------------------------------------------
 
     def items_on_their_way_locked(self) -> bool:
         """Whether a live process (or its heir) holds items not yet in the socket."""
-        return self.words[_SHARED_UNSENT] > 0 or any(
-            unsent > 0 and not _gone(pid, heir) for pid, heir, _p, _g, unsent, _d in self.slots_locked()
+        self._retire_gone_locked()
+        words = self.words
+        return words[_SHARED_UNSENT] > 0 or any(
+            words[at + UNSENT] > 0 or words[at + INFLIGHT] > 0 for at in self._starts()
         )
 
     def totals(self) -> Tuple[int, int, int, int]:
-        """Over every process: put (minus what was lost with a process that died), got, done,
-        and the state."""
+        """Over every process: put (but not what was lost with a process that died), got,
+        done, and the state."""
         words = self.words
         with self.locked():
-            state = words[_STATE]
-            slots = self.slots_locked()
+            self._retire_gone_locked()
             put, got, done = words[_RETIRED_PUT], words[_RETIRED_GOT], words[_RETIRED_DONE]
-        for pid, heir, slot_put, slot_got, unsent, slot_done in slots:
-            put += slot_put
-            got += slot_got
-            done += slot_done
-            if unsent > 0 and _gone(pid, heir):
-                put -= unsent  # lost with its process
+            for at in self._starts():
+                put += words[at + PUT]
+                got += words[at + GOT]
+                done += words[at + DONE]
+            state: int = words[_STATE]
         return put, got, done, state
 
 
@@ -229,6 +294,33 @@ def _start(index: int) -> int:
     return _HEADER_WORDS + _SLOT_WORDS * index
 
 
-def _gone(pid: int, heir: int) -> bool:
-    """Whether a slot's process, and the process that took its items on, have both ended."""
-    return not _platform.process_running(pid) and not _platform.process_running(heir)
+_identity: Tuple[int, int] = (0, 0)
+
+
+def own_identity() -> Tuple[int, int]:
+    """This process's pid and start time (read once per process)."""
+    global _identity
+    pid = os.getpid()
+    if _identity[0] != pid:
+        _identity = (pid, _platform.process_start_time(pid))
+    return _identity
+
+
+_alive_until: Dict[Tuple[int, int], float] = {}
+
+
+def _running(pid: int, start: int) -> bool:
+    """``process_running``, taken as true for ``ALIVE_FOR_S`` once seen: the sums that need it
+    run often (``task_done()``, a consumer draining a shut-down queue)."""
+    if pid <= 0:
+        return False
+    now = time.monotonic()
+    if _alive_until.get((pid, start), 0.0) > now:
+        return True
+    if not _platform.process_running(pid, start):
+        _alive_until.pop((pid, start), None)
+        return False
+    if len(_alive_until) > 1024:
+        _alive_until.clear()
+    _alive_until[(pid, start)] = now + ALIVE_FOR_S
+    return True
