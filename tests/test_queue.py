@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import pickle
@@ -859,3 +860,43 @@ def test_a_producer_killed_inside_put_leaves_nothing_behind(
     for i in range(maxsize or 3):  # its place is free again
         q.put_nowait(i.to_bytes(1, "big"))
     assert q.qsize() == (maxsize or 3)
+
+
+def test_a_consumer_at_its_descriptor_limit_leaves_a_large_item_in_the_queue(
+    start_method: Optional[str], daemon: bool
+) -> None:
+    """No descriptor free for a large item's memory file: get() raises OSError(EMFILE) saying
+    so, and the item stays in the queue; once descriptors are free, it comes."""
+    q: Queue[bytes] = Queue()
+    q.put(b"A" * 100_000)  # larger than a datagram: it travels in a memory file
+
+    @background(start_method=start_method, daemon=daemon)
+    def consume_at_the_limit(q: Queue[bytes]) -> Tuple[Any, int]:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        held: List[int] = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            try:
+                while True:  # every descriptor the limit allows is taken
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+            try:
+                outcome: Any = ("got", len(q.get(timeout=60)))
+            except OSError as exc:
+                outcome = (exc.errno, str(exc))
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        return outcome, len(q.get(timeout=60))
+
+    (code, message), size = consume_at_the_limit(q).result(RESULT_S)
+    assert code == errno.EMFILE, message
+    assert "descriptor" in message
+    assert "stays in the queue" in message
+    assert size == 100_000
+    assert (q.qsize(), q.unfinished_tasks) == (0, 1)

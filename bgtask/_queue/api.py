@@ -71,7 +71,9 @@ class Queue(Generic[T]):
         Raises ``queue.Empty`` when there is none (``block=False``, or after ``timeout``),
         ``ShutDown`` once the queue is shut down and empty, and ``SerializationError`` for an
         item that cannot be unpickled here: that item is dropped (and counts as done for
-        ``join()``), the next ``get`` returns the next one.
+        ``join()``), the next ``get`` returns the next one. Raises ``OSError`` (``EMFILE``) when
+        the next item travels in a memory file (it is larger than 32 KiB) and this process has
+        no descriptor free for it: the item stays in the queue.
         """
         item: T = self._end.get(block, _check_timeout(timeout))
         return item

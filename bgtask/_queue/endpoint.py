@@ -29,7 +29,7 @@ from .._taskctx import atomic
 from . import feeder, page
 from .feeder import Backlog, wait_for
 from .page import DONE, GOT, IMMEDIATE, INFLIGHT, OPEN, PLACES, PUT, SHUT, SHUTTING, STATE_NAMES, Page
-from .transport import EOF, Message, Transport, WritesClosed, decode, encode, release, socketpair
+from .transport import EOF, LOST, Message, Transport, WritesClosed, decode, encode, lost_item, socketpair
 
 # Free places of a bounded queue are bytes in a pipe: it holds this many on every system.
 MAXSIZE_LIMIT = 65536
@@ -54,8 +54,8 @@ class Endpoint:
         self.fds = fds
         send_fd, recv_fd, page_fd, self.wake_r, self.wake_w = fds[:5]
         self.tokens_r, self.tokens_w = fds[5:7] if maxsize else (-1, -1)
-        self.transport = Transport(send_fd, recv_fd)
         self.page = Page(page_fd, self.tokens_w)
+        self.transport = Transport(send_fd, recv_fd, self.page)
         self.lock = threading.Lock()
         self.backlog = Backlog(self, qid, self.page, self.transport)
         # The sockets close their own descriptors. Not at the interpreter's exit: bgtask's
@@ -176,7 +176,7 @@ class Endpoint:
             page.mark(INFLIGHT, -1)
             if placed:
                 page.mark(PLACES, 1)  # the caller gives the place back
-            release([message])
+            self.transport.drop([message])
             if isinstance(exc, WritesClosed):
                 raise ShutDown("the queue was shut down") from None
             raise
@@ -234,8 +234,10 @@ class Endpoint:
             with self.lock:
                 page.mark(PLACES, -1)
         try:
+            if data is LOST:
+                raise lost_item()
             return decode(data)
-        except SerializationError:
+        except (SerializationError, OSError):
             with self.lock:
                 self.page.count(DONE, 1)  # dropped: nobody will mark it done
             raise
@@ -252,10 +254,8 @@ class Endpoint:
                 self.page.set_state_locked(SHUTTING)
                 self._wake_all()  # producers waiting for a place raise now
         if immediate:
-            while True:
-                data = self.transport.receive()
-                if data is None or data is EOF:
-                    break
+            while self.transport.discard():
+                pass
         else:
             self._close_writes_if_drained()
 

@@ -33,7 +33,7 @@ from .. import _green, _platform, _taskctx
 from .._errors import ShutDown
 from .._taskctx import atomic
 from .page import INFLIGHT, NO_SLOT, OPEN, UNSENT, Page
-from .transport import PROTOCOL, Message, Transport, WritesClosed, from_wire, release, wire
+from .transport import PROTOCOL, Message, Transport, WritesClosed, from_wire, wire
 
 # How long a task's put waits for room in the socket before it hands the item to the main
 # program instead.
@@ -136,7 +136,7 @@ class Backlog:
                     page.mark(INFLIGHT, n)  # in flight again, for the caller to take back
                 raise ShutDown("the main program of this task ended") from None
             finally:
-                release(messages)
+                self.transport.drop(messages)
 
     def _heir(self, pid: int) -> Tuple[int, int]:
         """The main program items are handed to: its pid and start time (read once)."""
@@ -171,7 +171,7 @@ class Backlog:
             except BaseException as exc:
                 # Shut down at once (what was left is dropped), or an error nothing can repair.
                 self.page.count(UNSENT, -len(items))
-                release(items)
+                self.transport.drop(items)
                 items.clear()
                 if not isinstance(exc, WritesClosed):
                     raise
@@ -183,7 +183,9 @@ class Backlog:
 
     def forget_in_child(self) -> None:
         """In a forked copy of this process: the backlog is the original's."""
-        release(self.items)  # this copy's descriptors of the original's memory files
+        for message in self.items:  # this copy's descriptors of the original's memory files
+            if type(message) is not bytes:
+                message.release()  # type: ignore[union-attr]
         self.items = collections.deque()
         self.keep = None
         self.via_parent = False

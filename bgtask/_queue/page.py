@@ -3,7 +3,7 @@
 A memory file every process holding the queue maps, read and written as 8-byte words (one
 access each: another process never sees half of a write)::
 
-    header  state | slots in use | retired put | retired got | shared unsent | retired done
+    header  state | slots in use | retired put | retired got | shared unsent | retired done | files
     slot 0  pid | start | heir | heir start | put | got | unsent | done | in flight | places
     slot 1  ...                                 one per process that used the queue
     ...     (1,024 slots; a process beyond them counts in the header, under the lock)
@@ -17,6 +17,8 @@ access each: another process never sees half of a write)::
   (a task), which then takes them over (*heir*: that program).
 - *places* (a bounded queue): places the process may have taken from the pipe of free places
   and not yet handed to an item it put, or owes back for an item it got.
+- *files*: at least as many as the items in the socket that travel in a memory file (see
+  ``transport``); more when a process died while it sent one.
 - When a process is gone (and its heir too, for what it handed over), what it had in flight
   or unsent is lost: ``retire`` takes those items off its put count and gives their places
   back, with the places it held. Its parent does it as soon as it saw the task end
@@ -46,8 +48,8 @@ OPEN, SHUTTING, SHUT, IMMEDIATE = 0, 1, 2, 3
 STATE_NAMES = ("open", "shut down", "shut down", "shut down (immediate)")
 
 # The header's words.
-_STATE, _USED, _RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT, _RETIRED_DONE = range(6)
-_HEADER_WORDS = 6
+_STATE, _USED, _RETIRED_PUT, _RETIRED_GOT, _SHARED_UNSENT, _RETIRED_DONE, _FILES = range(7)
+_HEADER_WORDS = 7
 # A slot's words, from its start.
 PID, START, HEIR, HEIR_START, PUT, GOT, UNSENT, DONE, INFLIGHT, PLACES = range(10)
 _SLOT_WORDS = 10
@@ -181,6 +183,17 @@ class Page:
         at = _SHARED_UNSENT if child == SHARED else child + UNSENT
         self.words[at] = max(0, self.words[at] - n)
         self.count_locked(UNSENT, n)
+
+    # -- large items ------------------------------------------------------------------------
+
+    def files_pending(self) -> bool:
+        """Whether an item that travels in a memory file may be in the socket."""
+        return bool(self.words[_FILES] > 0)
+
+    def add_files(self, delta: int) -> None:
+        """Count file items going into the socket (before they are sent), or out of it."""
+        with self.locked():
+            self.words[_FILES] = max(0, self.words[_FILES] + delta)
 
     # -- processes that are gone ------------------------------------------------------------
 

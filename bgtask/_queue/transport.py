@@ -11,6 +11,11 @@ with no lock: the kernel hands each datagram to exactly one reader, and keeps ea
 datagrams in order. Once the queue's writes are shut down (``shutdown(SHUT_WR)``), every send
 fails in every process, and a reader sees the end (Linux) after what is left. A large item's
 memory file is written once, however many sends it takes to find room.
+
+A reader needs a free descriptor for a memory file: without one, the kernel would drop the
+file and still hand over the datagram (``MSG_CTRUNC``), and the item would be lost. While the
+shared page counts file items in the socket, a reader first peeks at the next datagram: if
+its file cannot be taken, ``get`` raises ``OSError(EMFILE)`` and the item stays.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import os
 import pickle
 import socket
 import struct
-from typing import Any, Iterable, List, Optional, Union
+from typing import Any, Iterable, List, Optional, Tuple, Union
 
 from .. import _green, _platform, _serialization
 from .._errors import SerializationError
+from .page import Page
 
 # Items whose pickle is larger than this travel in a memory file rather than in the datagram.
 INLINE_MAX = 32 * 1024
@@ -41,6 +47,12 @@ _NAME_MAX = 1024
 _RIGHTS_SPACE = socket.CMSG_SPACE(4)
 
 EOF: Any = object()  # what receive() returns at the end of the socket (Linux)
+LOST: Any = object()  # ... for an item whose memory file this process had no descriptor for
+_PEEK_FLAGS = _platform.RECV_FLAGS | int(socket.MSG_PEEK)
+_NO_DESCRIPTOR = (
+    "no descriptor is free in this process (EMFILE: its RLIMIT_NOFILE is reached) for the next "
+    "item of the bgtask.Queue, which travels in a memory file (it is larger than 32 KiB)"
+)
 
 
 class WritesClosed(Exception):
@@ -61,12 +73,13 @@ class FileItem:
     same file). ``release()`` closes it once the item is sent or dropped.
     """
 
-    __slots__ = ("data", "fd", "size")
+    __slots__ = ("counted", "data", "fd", "size")
 
     def __init__(self, data: Union[bytes, memoryview]) -> None:
         self.data: Optional[Union[bytes, memoryview]] = data  # None once the file holds it
         self.fd = -1
         self.size = len(data)
+        self.counted = False  # counted in the page's file items, and not sent (yet)
 
     def file(self) -> int:
         """The memory file holding the pickle, written on the first call."""
@@ -108,13 +121,6 @@ def from_wire(data: bytes) -> Message:
     if data[:1] != _FILE_ITEM:
         return data
     return FileItem(memoryview(data)[_FILE_HEAD.size :])
-
-
-def release(messages: Iterable[Message]) -> None:
-    """Messages that will not be sent: their memory files close."""
-    for message in messages:
-        if type(message) is not bytes:
-            message.release()  # type: ignore[union-attr]
 
 
 def encode(item: Any) -> Message:
@@ -167,11 +173,12 @@ def _type_named(data: Any) -> str:
 
 
 class Transport:
-    """This process's ends of a queue's socket pair."""
+    """This process's ends of a queue's socket pair (``page``: the count of file items)."""
 
-    def __init__(self, send_fd: int, recv_fd: int) -> None:
+    def __init__(self, send_fd: int, recv_fd: int, page: Page) -> None:
         self.send_sock = _green.socket_from_fd(send_fd)
         self.recv_sock = _green.socket_from_fd(recv_fd)
+        self.page = page
         self.no_buffer = False  # the last send lacked room that poll does not announce (macOS)
 
     def set_nonblocking(self) -> None:
@@ -194,7 +201,11 @@ class Transport:
                 item: FileItem = message  # type: ignore[assignment]
                 rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", item.file()))]
                 head = _FILE_HEAD.pack(_FILE_ITEM, item.size)
+                if not item.counted:  # counted before it can be in the socket
+                    self.page.add_files(1)
+                    item.counted = True
                 self.send_sock.sendmsg([head], rights, _platform.SEND_FLAGS)
+                item.counted = False  # the reader counts it out
                 item.release()  # the reader has the file now
         except OSError as exc:
             if _platform.no_room(exc):
@@ -205,31 +216,68 @@ class Transport:
             raise
         return True
 
+    def drop(self, messages: Iterable[Message]) -> None:
+        """Messages that will not be sent from here: their memory files close."""
+        for message in messages:
+            if type(message) is not bytes:
+                item: FileItem = message  # type: ignore[assignment]
+                if item.counted:
+                    item.counted = False
+                    self.page.add_files(-1)
+                item.release()
+
     def receive(self) -> Optional[Any]:
-        """One datagram's item as bytes; ``None`` if the socket is empty, ``EOF`` at its end."""
+        """One datagram's item as bytes; ``None`` if the socket is empty, ``EOF`` at its end,
+        ``LOST`` for a file item whose file this process could not take.
+
+        Raises ``OSError(EMFILE)`` when the next item travels in a memory file that this
+        process has no descriptor for: the item stays in the socket.
+        """
+        sock = self.recv_sock
+        if self.page.files_pending() and not self._can_take_next():
+            raise OSError(errno.EMFILE, f"{_NO_DESCRIPTOR}; the item stays in the queue")
         try:
-            data, ancdata, _flags, _addr = self.recv_sock.recvmsg(
-                INLINE_MAX + 64, _RIGHTS_SPACE, _platform.RECV_FLAGS
-            )
+            data, ancdata, flags, _addr = sock.recvmsg(INLINE_MAX + 64, _RIGHTS_SPACE, _platform.RECV_FLAGS)
         except BlockingIOError:
             return None
-        if not ancdata:
-            return data or EOF  # no item is empty: an empty read is the end (Linux)
-        fds = [
-            fd
-            for level, kind, cdata in ancdata
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-            for fd in struct.unpack(f"{len(cdata) // 4}i", cdata[: len(cdata) - len(cdata) % 4])
-        ]
+        fds = _descriptors(ancdata)
+        if data[:1] == _FILE_ITEM:
+            self.page.add_files(-1)
+            if not fds or flags & socket.MSG_CTRUNC:
+                _close_all(fds)
+                return LOST  # the kernel dropped its file: it came between the peek and here
+        elif not data and not fds:
+            return EOF  # no item is empty: an empty read is the end (Linux)
         if not fds:
-            return data  # not an item of bgtask's
+            return data
         try:
             size = _FILE_HEAD.unpack(data)[1]
             with mmap.mmap(fds[0], size, prot=mmap.PROT_READ) as mapped:
                 return bytes(mapped)
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
+
+    def _can_take_next(self) -> bool:
+        """Whether this process can take the next datagram's memory file, if it has one.
+
+        A peek hands over copies of the datagram's descriptors, and leaves it in the socket.
+        """
+        try:
+            _data, ancdata, flags, _addr = self.recv_sock.recvmsg(1, _RIGHTS_SPACE, _PEEK_FLAGS)
+        except BlockingIOError:
+            return True  # empty
+        _close_all(_descriptors(ancdata))
+        return not flags & socket.MSG_CTRUNC
+
+    def discard(self) -> bool:
+        """Drop the next datagram, and its memory file if it has one; whether there was one."""
+        try:
+            data, _ancdata, flags, _addr = self.recv_sock.recvmsg(16, 0, _platform.RECV_FLAGS)
+        except BlockingIOError:
+            return False
+        if data[:1] == _FILE_ITEM and flags & socket.MSG_CTRUNC:
+            self.page.add_files(-1)
+        return bool(data)
 
     def close_writes(self) -> None:
         """No send succeeds from now on, in any process."""
@@ -237,6 +285,25 @@ class Transport:
             self.send_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # already closed
+
+
+def lost_item() -> OSError:
+    """The error of a get whose item's memory file the kernel dropped."""
+    return OSError(errno.EMFILE, f"{_NO_DESCRIPTOR}; the item was lost")
+
+
+def _descriptors(ancdata: List[Tuple[int, int, bytes]]) -> List[int]:
+    return [
+        fd
+        for level, kind, cdata in ancdata
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+        for fd in struct.unpack(f"{len(cdata) // 4}i", cdata[: len(cdata) - len(cdata) % 4])
+    ]
+
+
+def _close_all(fds: List[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
