@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import pickle
 import queue
+import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from bgtask import Queue, ShutDown, background
 from .helpers import Script, pid_alive, run_script, wait_until
 
 RESULT_S = 120.0  # generous: the machines are shared
+JOIN_S = 30.0  # join() returns within this when nothing is wrong, however slow the machine
 
 
 def test_items_go_both_ways_in_order(start_method: Optional[str], daemon: bool) -> None:
@@ -619,3 +623,280 @@ def test_join_waits_for_task_done_in_every_process(start_method: Optional[str]) 
         worker.result(RESULT_S)
     with pytest.raises(ValueError, match="task_done"):
         jobs.task_done()
+
+
+def test_cpython_join_test_with_the_producer_in_a_task(start_method: Optional[str], daemon: bool) -> None:
+    """CPython's join test, the producer a task: two threads get() and task_done() exactly."""
+    q: Queue[int] = Queue()
+    rounds: Queue[int] = Queue()
+    total = [0]
+    lock = threading.Lock()
+    errors: List[BaseException] = []
+
+    @background(start_method=start_method, daemon=daemon)
+    def produce(q: Queue[int], rounds: Queue[int]) -> None:
+        for _ in rounds:
+            for i in range(100):
+                q.put(i)
+            rounds.task_done()  # the round's items are all put
+
+    def worker() -> None:
+        try:
+            while True:
+                x = q.get()
+                if x >= 0:
+                    with lock:
+                        total[0] += x
+                q.task_done()
+                if x < 0:
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    task = produce(q, rounds)
+    try:
+        for r in range(40):
+            rounds.put(r)
+            rounds.join()
+            joined = threading.Event()
+            threading.Thread(target=_join_then_set, args=(q, joined), daemon=True).start()
+            assert joined.wait(JOIN_S), f"join() still waits in round {r}: {errors}"
+            assert errors == []
+            assert total[0] == (r + 1) * sum(range(100))
+        rounds.shutdown()
+        task.result(RESULT_S)
+    finally:
+        task.kill()
+        for _ in threads:
+            q.put(-1)
+        for thread in threads:
+            thread.join(RESULT_S)
+    assert errors == []
+    assert q.unfinished_tasks == 0
+
+
+def _join_then_set(q: Queue[Any], joined: threading.Event) -> None:
+    q.join()
+    joined.set()
+
+
+def test_counts_read_while_a_task_writes_them_are_whole(start_method: Optional[str], daemon: bool) -> None:
+    """qsize() and unfinished_tasks, read in a loop while a task puts and gets: never half a write."""
+    q: Queue[int] = Queue()
+
+    @background(start_method=start_method, daemon=daemon)
+    def put_and_get(q: Queue[int], n: int) -> None:
+        for i in range(n):
+            q.put(i)
+            q.get()
+
+    task = put_and_get(q, 60_000)
+    last, reads, wrong = 0, 0, []
+    while not task.done():
+        size, unfinished = q.qsize(), q.unfinished_tasks
+        reads += 1
+        if size > 1 or unfinished < last:  # one item at most; the put count only grows
+            wrong.append((size, last, unfinished))
+        last = unfinished
+    task.result(RESULT_S)
+    assert (q.qsize(), q.unfinished_tasks) == (0, 60_000)
+    assert wrong == [], f"{len(wrong)} of {reads} reads were wrong, e.g. {wrong[:5]}"
+
+
+class _Unreadable:
+    """Pickles, but its unpickling fails (as a class the reader cannot import would)."""
+
+    def __reduce__(self) -> Any:
+        return (int, ("not a number",))
+
+
+@pytest.mark.parametrize("maxsize", [0, 2])
+def test_an_item_that_cannot_be_pickled_is_refused_and_adds_nothing(maxsize: int) -> None:
+    """put() of a lock, a socket or a queue: SerializationError naming its type; nothing is counted."""
+    q: Queue[Any] = Queue(maxsize=maxsize)
+    other: Queue[Any] = Queue()
+    sock = socket.socket()
+    try:
+        bad_items = [(threading.Lock(), "_thread.lock"), (sock, "socket.socket"), (other, "bgtask.Queue")]
+        for bad, name in bad_items:
+            with pytest.raises(bgtask.SerializationError, match=re.escape(name)) as caught:
+                q.put(bad, timeout=1)
+            assert isinstance(caught.value, TypeError)
+        assert (q.qsize(), q.unfinished_tasks) == (0, 0)
+        for i in range(maxsize or 3):  # every place is still free
+            q.put_nowait(i)
+        assert q.qsize() == (maxsize or 3)
+    finally:
+        sock.close()
+    del q, other, bad, bad_items, caught
+    gc.collect()  # the tracebacks above hold the queues in reference cycles
+
+
+def test_a_task_putting_an_item_that_cannot_be_pickled_gets_serialization_error(
+    start_method: Optional[str], daemon: bool
+) -> None:
+    """In a task too: the put raises SerializationError naming the type, and adds nothing."""
+    q: Queue[Any] = Queue(maxsize=1)
+
+    @background(start_method=start_method, daemon=daemon)
+    def put_a_lock(q: Queue[Any]) -> str:
+        try:
+            q.put(threading.Lock())
+        except bgtask.SerializationError as exc:
+            q.put("next")  # the one place is still free
+            return str(exc)
+        return "accepted"
+
+    assert "_thread.lock" in put_a_lock(q).result(RESULT_S)
+    assert q.get(timeout=RESULT_S) == "next"
+    assert (q.qsize(), q.unfinished_tasks) == (0, 1)
+
+
+def test_an_item_that_cannot_be_unpickled_is_dropped_alone(start_method: Optional[str], daemon: bool) -> None:
+    """get() in a task: SerializationError naming the type; the items after it still come."""
+    q: Queue[Any] = Queue(maxsize=3)
+    q.put("before")
+    q.put(_Unreadable())
+    q.put("after")
+
+    @background(start_method=start_method, daemon=daemon)
+    def consume(q: Queue[Any]) -> List[str]:
+        seen = [q.get(timeout=60)]
+        try:
+            q.get(timeout=60)
+        except bgtask.SerializationError as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+        seen.append(q.get(timeout=60))
+        return seen
+
+    before, error, after = consume(q).result(RESULT_S)
+    assert (before, after) == ("before", "after")
+    assert "SerializationError" in error
+    assert "_Unreadable" in error
+    assert "ValueError" in error
+    assert (q.qsize(), q.unfinished_tasks) == (0, 2)  # the dropped item counts as done
+    for i in range(3):  # its place came back
+        q.put_nowait(i)
+
+
+def test_the_main_program_getting_an_item_that_cannot_be_unpickled() -> None:
+    """The same in the main program: SerializationError, also a TypeError; only that item goes."""
+    q: Queue[Any] = Queue()
+    q.put(_Unreadable())
+    q.put(1)
+    with pytest.raises(bgtask.SerializationError, match="_Unreadable") as caught:
+        q.get(timeout=RESULT_S)
+    assert isinstance(caught.value, TypeError)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert q.get(timeout=RESULT_S) == 1
+    assert (q.qsize(), q.unfinished_tasks) == (0, 1)
+    del q, caught
+    gc.collect()
+
+
+def _a_large_item_waits_for_room() -> Tuple[float, bool]:
+    """A queue nobody reads, a large item at the head of this process's backlog: the CPU this
+    process spends in the next two seconds, and whether every item then arrives in order, whole."""
+    q: Queue[bytes] = Queue()
+    n = 0  # 1 KiB items until the socket is full: this process's feeder thread then runs
+    while not any(thread.name == "bgtask-queue-feeder" for thread in threading.enumerate()):
+        q.put(n.to_bytes(4, "big") * 256)
+        n += 1
+    big = bytes(range(256)) * (100 * 4096)  # 100 MiB, behind the small item in the backlog
+    q.put(big)
+    first = q.get(timeout=60)  # room for one: the small item goes in, the large one heads
+    cpu = time.process_time()
+    time.sleep(2.0)  # the window measured: nobody reads
+    spent = time.process_time() - cpu
+    rest = [q.get(timeout=60) for _ in range(n)]
+    in_order = [int.from_bytes(item[:4], "big") for item in [first, *rest[:-1]]] == list(range(n))
+    return spent, in_order and rest[-1] == big and q.qsize() == 0
+
+
+def test_a_large_item_waiting_for_room_in_the_main_program_is_written_once() -> None:
+    """No CPU burns while a large item waits for room in the main program's backlog."""
+    spent, arrived = _a_large_item_waits_for_room()
+    assert arrived
+    assert spent < 0.25, f"{spent:.2f} s of CPU in 2 s while nobody read"
+
+
+def test_a_large_item_waiting_for_room_in_a_task_is_written_once(
+    start_method: Optional[str], daemon: bool
+) -> None:
+    """The same in a task, for a queue it made (its own backlog and feeder thread)."""
+    spent, arrived = background(start_method=start_method, daemon=daemon)(
+        _a_large_item_waits_for_room
+    )().result(RESULT_S)
+    assert arrived
+    assert spent < 0.25, f"{spent:.2f} s of CPU in 2 s while nobody read"
+
+
+@pytest.mark.parametrize("maxsize", [0, 1])
+def test_a_producer_killed_inside_put_leaves_nothing_behind(
+    start_method: Optional[str], daemon: bool, maxsize: int
+) -> None:
+    """Killed while its put writes a large item: once it is gone, the item either arrived or
+    was never counted; its place is free again and join() returns."""
+    q: Queue[bytes] = Queue(maxsize=maxsize)
+
+    @background(start_method=start_method, daemon=daemon)
+    def produce(q: Queue[bytes]) -> None:
+        q.put(b"x" * 300_000_000)  # counted, then written into its memory file: a long while
+
+    task = produce(q)
+    assert wait_until(lambda: q.qsize() == 1, timeout=RESULT_S)  # counted: on its way
+    task.kill()
+    task.join(RESULT_S)
+    try:
+        arrived = len(q.get_nowait()) == 300_000_000  # sent before it was killed after all
+        q.task_done()
+    except queue.Empty:
+        arrived = False
+    assert (q.qsize(), q.unfinished_tasks) == (0, 0), f"arrived: {arrived}"
+    q.join()
+    for i in range(maxsize or 3):  # its place is free again
+        q.put_nowait(i.to_bytes(1, "big"))
+    assert q.qsize() == (maxsize or 3)
+
+
+def test_a_consumer_at_its_descriptor_limit_leaves_a_large_item_in_the_queue(
+    start_method: Optional[str], daemon: bool
+) -> None:
+    """No descriptor free for a large item's memory file: get() raises OSError(EMFILE) saying
+    so, and the item stays in the queue; once descriptors are free, it comes."""
+    q: Queue[bytes] = Queue()
+    q.put(b"A" * 100_000)  # larger than a datagram: it travels in a memory file
+
+    @background(start_method=start_method, daemon=daemon)
+    def consume_at_the_limit(q: Queue[bytes]) -> Tuple[Any, int]:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        held: List[int] = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            try:
+                while True:  # every descriptor the limit allows is taken
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+            try:
+                outcome: Any = ("got", len(q.get(timeout=60)))
+            except OSError as exc:
+                outcome = (exc.errno, str(exc))
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        return outcome, len(q.get(timeout=60))
+
+    (code, message), size = consume_at_the_limit(q).result(RESULT_S)
+    assert code == errno.EMFILE, message
+    assert "descriptor" in message
+    assert "stays in the queue" in message
+    assert size == 100_000
+    assert (q.qsize(), q.unfinished_tasks) == (0, 1)

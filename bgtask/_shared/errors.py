@@ -3,11 +3,13 @@
 The hierarchy::
 
     Exception
-     └── BgTaskError                  anything bgtask itself reports
-          ├── TaskCrashed             the task process ended without reporting an outcome
-          ├── TaskStopped             stop(), kill(), a timeout or the program's exit ended it first
-          ├── TaskError               the task raised an exception that could not come back as itself
-          └── SerializationError      (also a TypeError) an argument or result could not be pickled
+     ├── BgTaskError                  anything bgtask itself reports
+     │    ├── TaskCrashed             the task process ended without reporting an outcome
+     │    ├── TaskStopped             stop(), kill(), a timeout or the program's exit ended it first
+     │    ├── TaskError               the task raised an exception that could not come back as itself
+     │    └── SerializationError      (also a TypeError) an argument, result or queue item could not
+     │                                be pickled or unpickled
+     └── ShutDown                     a bgtask.Queue was shut down (queue.ShutDown on Python 3.13+)
 
 A task's own exception is re-raised by ``Task.result()`` as itself, not wrapped, with the child's
 traceback chained as its ``__cause__`` (a ``RemoteTraceback``), as ``concurrent.futures`` does.
@@ -17,12 +19,14 @@ Timeouts of *waiting* are the builtin ``TimeoutError``.
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Optional
 
 __all__ = [
     "BgTaskError",
     "RemoteTraceback",
     "SerializationError",
+    "ShutDown",
     "TaskCrashed",
     "TaskError",
     "TaskStopped",
@@ -126,10 +130,22 @@ class SerializationError(BgTaskError, TypeError):
     of its arguments or a variable it captures cannot be pickled; the message names the culprit.
     Raised by ``Task.result()`` when the task's return value could not be pickled in the task or
     unpickled here; by ``ready()`` in a task for a value that cannot be pickled, and by
-    ``Task.wait_ready()`` for one that cannot be unpickled here.
+    ``Task.wait_ready()`` for one that cannot be unpickled here. Raised by ``Queue.put()`` for an
+    item that cannot be pickled (nothing is put), and by ``Queue.get()`` for one that cannot be
+    unpickled in its process (that item is dropped, and counts as done for ``Queue.join()``).
     """
 
     __module__ = "bgtask"
+
+
+if sys.version_info >= (3, 13):
+    from queue import ShutDown
+else:
+
+    class ShutDown(Exception):
+        """Raised by ``put`` and ``get`` on a queue that was shut down (``queue.ShutDown`` on 3.13+)."""
+
+        __module__ = "bgtask"
 
 
 class RemoteTraceback(Exception):

@@ -8,16 +8,23 @@ these differences, each handled here:
 - no ``os.waitid``: the zygote learns of a child's exit from kqueue before it reaps it (Linux
   without ``waitid`` uses a pidfd per child the same way);
 - no child subreaper: a process that leaves its task's process group and session escapes;
-- no ``/proc``: thread counts come from ``threading``, and a task's children are not listed.
+- no ``/proc``: thread counts come from ``threading``, and a task's children are not listed;
+  a process is told apart from a later one with its pid by the pid alone;
+- ``bgtask.Queue``'s socket is a ``SOCK_DGRAM`` one (no ``SOCK_SEQPACKET`` for Unix sockets):
+  its end is not seen as an empty read, and a full one says ``ENOBUFS`` while ``poll`` says it
+  has room; no ``MSG_NOSIGNAL`` (``SO_NOSIGPIPE`` instead), no ``memfd_create``, no
+  ``F_SETPIPE_SZ``.
 
 Windows is refused with a clear error for now.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 IS_LINUX = sys.platform.startswith("linux")
 IS_WINDOWS = sys.platform == "win32"
@@ -115,8 +122,12 @@ def set_process_name(name: str) -> None:
             pass
 
 
-def process_running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has; Linux tells, from ``/proc``)."""
+def process_running(pid: int, start: int = 0) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has; Linux tells, from ``/proc``).
+
+    ``start``: what ``process_start_time`` said of the process meant; one that got its pid
+    since (pids are reused) is not it. 0: any process with that pid.
+    """
     if pid <= 0:
         return False
     try:
@@ -124,16 +135,31 @@ def process_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    if sys.platform.startswith("linux"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            state = stat.rindex(b")") + 2  # the command name may hold spaces and parentheses
-            return stat[state : state + 1] != b"Z"
-        except (OSError, ValueError):
-            return False
+        pass
+    if IS_LINUX:
+        fields = _stat(pid)
+        return fields is not None and fields[0] != b"Z" and (not start or int(fields[19]) == start)
     return True
+
+
+def process_start_time(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (Linux); 0 if unknown.
+
+    With the pid, it names one process: a later one that gets the same pid starts later.
+    """
+    fields = _stat(pid) if IS_LINUX else None
+    return int(fields[19]) if fields is not None else 0
+
+
+def _stat(pid: int) -> Optional[List[bytes]]:
+    """The fields of ``/proc/PID/stat`` after the command name (the state first), or ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The command name may hold spaces and parentheses: split after the last ")".
+        return stat[stat.rindex(b")") + 2 :].split()
+    except (OSError, ValueError):
+        return None
 
 
 def process_name(pid: int) -> Optional[str]:
@@ -387,9 +413,48 @@ def reap(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+# -- descriptors and sockets for bgtask.Queue ------------------------------------------------
+
+# A datagram socket pair (on Linux, one whose end is an empty read), and its calls' flags.
+QUEUE_SOCKET_KIND = socket.SOCK_SEQPACKET if IS_LINUX else socket.SOCK_DGRAM
+SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_NOSIGNAL", 0))
+RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+# A send that failed for want of room: EAGAIN (poll says when there is room again); ENOBUFS
+# (macOS: poll says "room" while the peer's buffer is full) clears with time, unseen by poll.
+_ROOM_POLLABLE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+_ROOM_LATER = frozenset((errno.ENOBUFS,))
+
+
+def datagram_socketpair(buffer: int) -> Tuple[socket.socket, socket.socket]:
+    """Two connected Unix datagram sockets that keep each message whole, buffers of ``buffer``.
+
+    The system may cap the buffers lower; a send never raises ``SIGPIPE``.
+    """
+    a, b = socket.socketpair(socket.AF_UNIX, QUEUE_SOCKET_KIND)
+    for sock in (a, b):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, buffer)
+            except OSError:
+                pass
+        if hasattr(socket, "SO_NOSIGPIPE"):  # macOS: no MSG_NOSIGNAL
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
+    return a, b
+
+
+def no_room(error: OSError) -> bool:
+    """Whether a send failed only because the socket has no room now."""
+    return error.errno in _ROOM_POLLABLE or error.errno in _ROOM_LATER
+
+
+def room_is_pollable(error: OSError) -> bool:
+    """For a send with no room: whether ``poll`` tells when there is room again."""
+    return error.errno in _ROOM_POLLABLE
+
+
 def memory_file(name: str, size: int = 0) -> int:
-    """A descriptor of an anonymous file in memory (memfd on Linux; an unlinked temporary
-    file elsewhere), closed on exec."""
+    """A descriptor of an anonymous file in memory (``memfd``; an unlinked temporary file where
+    there is none), close-on-exec, ``size`` bytes long."""
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
     else:
@@ -398,5 +463,42 @@ def memory_file(name: str, size: int = 0) -> int:
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
     if size:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
     return fd
+
+
+def grow_pipe(fd: int, size: int) -> None:
+    """Ask for a pipe buffer of ``size`` bytes (Linux); the system may give less, or nothing."""
+    import fcntl
+
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is not None:
+        try:
+            fcntl.fcntl(fd, setpipe, size)
+        except OSError:
+            pass
+
+
+def wait_fds(
+    readers: List[int], writers: List[int], timeout: Optional[float], cooperative: bool = False
+) -> List[int]:
+    """Wait until one of the descriptors is ready or ``timeout`` passes; return the ready ones.
+
+    ``poll``, which takes any descriptor number; ``select`` where there is no ``poll``, and where
+    ``cooperative`` (a gevent-patched program: its ``select`` lets other greenlets run).
+    """
+    import select
+
+    if cooperative or not hasattr(select, "poll"):
+        ready_r, ready_w, _ = select.select(readers, writers, [], timeout)
+        return [*ready_r, *ready_w]
+    poller = select.poll()
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    for fd in writers:
+        poller.register(fd, select.POLLOUT)
+    return [fd for fd, _ in poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))]

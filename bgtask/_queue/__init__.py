@@ -1,0 +1,28 @@
+"""``bgtask.Queue``: a queue shared by the main program and any number of tasks.
+
+The items travel through the kernel, never through a third process::
+
+    producers --send--> [ datagram socket (SOCK_SEQPACKET on Linux) ] --recv--> consumers
+                 |                                                        |
+                 +-- what the socket has no room for: in the main program, a backlog that a
+                     feeder thread sends on (one per process, only while a backlog exists);
+                     in a task, a message to its main program, which sends it on
+
+    shared page (a memory file every process maps): the state, and each process's counts
+
+One module per job, imports running down the list::
+
+    api        Queue and ShutDown, iteration; how a queue travels in a call (_rebuild)
+    endpoint   a process's side of a queue: put, get, shutdown, join; places; adopt()
+    feeder     what the socket has no room for: the backlog, the feeder thread, forwarding
+    transport  items as datagrams: pickling, memory files for large ones, send and receive
+    page       the shared page: the state, a slot of counts per process, the page lock
+
+Items a task hands to its main program are safe from the task's crash; the main program's own
+backlog lives as long as it does.
+"""
+
+from .api import Queue, ShutDown, _rebuild
+from .endpoint import adopt
+
+__all__ = ["Queue", "ShutDown", "_rebuild", "adopt"]
