@@ -43,3 +43,22 @@ def test_a_process_named_like_the_zygote_ends_with_its_task(
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def _spawn_then_die(mark: str) -> None:
+    _spawn("disguised", mark)
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of its own: the zygote sweeps
+
+
+def test_the_zygote_sweeps_a_disguised_escapee_of_a_killed_task(tmp_path: Path) -> None:
+    """A task SIGKILLed after leaving a process named bgtask-zygote: the zygote kills that one."""
+    mark = tmp_path / "pid"
+    task = background(_spawn_then_die)(str(mark))
+    task.join(timeout=60)
+    assert wait_until(mark.exists)
+    pid = int(mark.read_text())
+    try:
+        assert wait_until(lambda: not pid_alive(pid), timeout=20)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -342,14 +342,18 @@ MODE = os.environ["BGTASK_TEST_MODE"]
 if MODE == "stop":
     o.stop()
     print("STOPPED", flush=True)
+elif MODE == "kill-outer":
+    os.kill(o.pid, signal.SIGKILL)   # the outer task gets no cleanup; its own zygote goes on
+    print("STOPPED", flush=True)
 threading.Event().wait()
 """
 )
 
 
-@pytest.mark.parametrize("mode", ["stop", "kill-main"])
+@pytest.mark.parametrize("mode", ["stop", "kill-main", "kill-outer"])
 def test_nested_daemon_tasks_stop_with_their_parent(tmp_path: Path, mode: str) -> None:
-    """A daemon task may start daemon tasks; stopping it (or killing main) stops them, cleanly."""
+    """A daemon task may start daemon tasks; stopping it, killing it (its own zygote, which the
+    outer one spares, stops them) or killing main stops them, cleanly."""
     env = script_env()
     env["BGTASK_TEST_MODE"] = mode
     script = Script(tmp_path, NESTED, env=env)
@@ -358,7 +362,7 @@ def test_nested_daemon_tasks_stop_with_their_parent(tmp_path: Path, mode: str) -
         pids.append(int(script.expect("PID")))  # inner, printed from inside the task
         pids.append(int(script.expect("PID")))  # outer
         script.expect("READY")
-        if mode == "stop":
+        if mode in ("stop", "kill-outer"):
             script.expect("STOPPED")
         else:
             os.kill(script.proc.pid, signal.SIGKILL)

@@ -159,6 +159,8 @@ class Zygote:
         self.watcher = _platform.exit_watcher()
         self.subreaper = _platform.set_child_subreaper()
         self.adopted: Set[int] = set()  # zygotes of ended tasks, left to end on their own
+        # The zygotes tasks started, as the main program reported them: pid -> start time.
+        self.helpers: Dict[int, int] = {}
         self.scan_at: Optional[float] = None  # when to look for processes tasks left behind
         self.generation = 0  # bumped by every change of environment or preloaded modules
         # Calls that found no spare and wait: each gets a fork beyond SPARES, so that a burst of
@@ -278,6 +280,8 @@ class Zygote:
             elif isinstance(message, _wire.Want):
                 self.owed = min(self.owed + 1, MAX_OWED)
                 self.paused = False
+            elif isinstance(message, _wire.Helper):
+                self.helpers[message.pid] = message.start
             elif isinstance(message, _wire.Drop):
                 proc = procs.by_serial.get(message.serial)
                 if proc is not None and not proc.task:
@@ -395,7 +399,8 @@ class Zygote:
             if pid in self.procs.by_pid or pid in self.adopted:
                 continue
             self.watcher.watch(pid)  # reaped like any child once it is gone
-            if _platform.process_name(pid) == _platform.ZYGOTE_NAME:
+            start = self.helpers.get(pid)
+            if start is not None and start == _platform.process_start_time(pid):
                 # A task's own zygote: it stops that task's daemon tasks (gracefully) now
                 # that the task is gone, then exits.
                 self.adopted.add(pid)

@@ -31,6 +31,7 @@ from .._monitor import process as _process
 from .._monitor.process import TaskProcess
 from .._shared import PACKAGE_DIR, context
 from .._shared import green as _green
+from .._shared import platform as _platform
 from .._shared import wire as _wire
 from .._shared.context import atomic
 from .._shared.wire import Settings
@@ -276,8 +277,13 @@ class ZygoteClient:
                 close_fds=True,
             )
             task = context.current
-            if task is not None:  # in a task: its own zygote, which it spares at its end
-                task.helpers.add(self.process.pid)
+            if task is not None:
+                # In a task: its own zygote, which it spares at its end, and which the outer
+                # zygote spares when this task is gone (told through the main program).
+                pid = self.process.pid
+                task.helpers.add(pid)
+                start = _platform.process_start_time(pid)
+                task.send(_wire.HELPER, pickle.dumps((pid, start), pickle.HIGHEST_PROTOCOL))
         self.ctl = mine
         try:
             self.ctl.sendall(_wire.encode(_wire.Boot(self.last_path, list(preload))))
@@ -308,7 +314,10 @@ class ZygoteClient:
                 self.processes.pop(serial, None)
                 self.daemons.discard(serial)
 
-        process = TaskProcess(spare.pid, spare.sock, signaller, on_end=forget)
+        def helper(pid: int, start: int) -> None:
+            self.send(_wire.Helper(serial, pid, start))
+
+        process = TaskProcess(spare.pid, spare.sock, signaller, on_end=forget, on_helper=helper)
         try:
             with self.lock:
                 if not self.alive:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -72,6 +73,7 @@ class TaskProcess:
         "_lost",
         "_monitor",
         "_on_end",
+        "_on_helper",
         "_paused",
         "_reader",
         "_reading",
@@ -93,6 +95,7 @@ class TaskProcess:
         *,
         pidfd: Optional[int] = None,
         on_end: Optional[Callable[[], None]] = None,
+        on_helper: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         """``pidfd``: one the launcher opened (this record closes it), else one is opened here."""
         self.pid = pid
@@ -104,6 +107,7 @@ class TaskProcess:
         self.keep: Any = ()  # what its call sent along that must live as long as it does
         self._signaller = signaller
         self._on_end = on_end
+        self._on_helper = on_helper  # the task started a zygote of its own (pid, start time)
         self._reader = _wire.MessageReader()
         self._consumer: Optional[Consumer] = None
         self._early_sent = False
@@ -220,6 +224,9 @@ class TaskProcess:
                     _reissue_warning(body)
                 elif kind == _wire.READY:
                     consumer._ready_sent(body)
+                elif kind == _wire.HELPER:
+                    if self._on_helper is not None:
+                        self._on_helper(*pickle.loads(body))
                 elif kind == _wire.QUEUED:
                     _adopt_queued(body)
                 else:

@@ -55,8 +55,11 @@ ITEM = 11
 # Task -> main program, before its outcome: a warning the task's filters showed, issued again
 # in the main program (pickle of message, category's module and name, filename, line).
 WARNING = 12
+# Task -> main program, before its outcome: the task started a zygote of its own (pickle of its
+# pid and start time), which the outer zygote spares when the task is gone (see Helper).
+HELPER = 13
 # What a task may send besides its outcome, handled as it arrives.
-ASIDES = frozenset((READY, LOG, QUEUED, ITEM, WARNING))
+ASIDES = frozenset((READY, LOG, QUEUED, ITEM, WARNING, HELPER))
 
 
 # -- control messages, main program <-> zygote ------------------------------------------------
@@ -111,6 +114,16 @@ class Drop(NamedTuple):
     serial: int
 
 
+class Helper(NamedTuple):
+    """Main program -> zygote: the task ``serial`` started a zygote of its own, this process:
+    when the task is gone and the process comes to this zygote, it is spared (it stops that
+    task's daemon tasks). Named by what a process cannot set itself: pid and start time."""
+
+    serial: int
+    pid: int
+    start: int
+
+
 class Spare(NamedTuple):
     """Zygote -> main program: a process forked ahead; its task channel is attached."""
 
@@ -140,6 +153,7 @@ _CONTROL: Tuple[Type[Any], ...] = (
     SetEnv,
     Want,
     Drop,
+    Helper,
     Spare,
     Reaped,
     NoSpare,
