@@ -10,12 +10,11 @@ the public methods are built on. The states and transitions are drawn in ``_main
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
 import time
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
-from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple, TypeVar
 
 from .._monitor import loop as _monitor
 from .._monitor import offload as _offload
@@ -23,6 +22,7 @@ from .._shared.context import atomic
 from .._shared.errors import BgTaskError, describe_exit
 from . import lifecycle as _lifecycle
 from .outcome import STOP_REASONS, classify, decode
+from .stream import StreamState
 
 if TYPE_CHECKING:
     from .._monitor.process import TaskProcess
@@ -33,13 +33,8 @@ R = TypeVar("R")
 # The states before the outcome: waiting for a place in its Limiter, and started.
 UNFINISHED = (PENDING, RUNNING)
 
-# A stream's items the program has not read yet: past this many bytes the task waits to send
-# more (its channel is no longer read) until the program has read down to STREAM_LOW.
-STREAM_HIGH = 8 * 1024 * 1024
-STREAM_LOW = 2 * 1024 * 1024
 
-
-class TaskCore(concurrent.futures.Future[R]):
+class TaskCore(StreamState, concurrent.futures.Future[R]):
     """The fields and internal workings of a ``Task``; see the module docstring."""
 
     def __init__(
@@ -166,62 +161,6 @@ class TaskCore(concurrent.futures.Future[R]):
                     self._body = None if outcome == "returned" else body
                 decoded = self._decoded
         return decoded
-
-    @contextlib.contextmanager
-    def _unthrottled(self) -> Iterator[None]:
-        """While the program waits for the end: what the stream sends is read, however much."""
-        if self._items is None:
-            yield
-            return
-        with self._condition:
-            self._end_waiters += 1
-            throttled, self._throttled = self._throttled, False
-        if throttled and self._process is not None:
-            self._process.resume()
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._end_waiters -= 1
-
-    def _take_item(self) -> Tuple[Any, bool]:
-        """Under the condition: the stream's next item as it came (``_NO_ITEM`` if none), and
-        whether its channel must be read again (call ``_monitor.process.resume()`` outside the lock)."""
-        items = self._items
-        if not items:
-            return _NO_ITEM, False
-        body = items.popleft()
-        self._items_size -= len(body)
-        resume = self._throttled and self._items_size <= STREAM_LOW
-        if resume:
-            self._throttled = False
-        return body, resume
-
-    def _reading(self, delta: int) -> bool:
-        """A loop over the stream starts (1) or ends (-1); whether its channel must be read again."""
-        with self._condition:
-            self._readers += delta
-            resume = self._readers == 0 and self._throttled
-            if resume:
-                self._throttled = False
-        return resume
-
-    def _item_sent(self, body: Any) -> bool:
-        """In the monitor: a stream's item arrived; ``True`` when the program should read first."""
-        with self._condition:
-            items = self._items
-            if items is None:
-                return False
-            items.append(body)
-            self._items_size += len(body)
-            full = self._readers > 0 and not self._end_waiters and self._items_size >= STREAM_HIGH
-            if full:
-                self._throttled = True
-            self._condition.notify_all()
-            watchers, self._watchers = self._watchers, []
-        for wake in watchers:
-            wake()
-        return full
 
     def _ready_or_done(self) -> bool:
         return self._ready is not _NOT_READY or self._state not in UNFINISHED
@@ -518,7 +457,6 @@ def _failure_text(body: Any, decoded: Any) -> str:
 
 
 _NOT_READY: Any = object()
-_NO_ITEM: Any = object()
 
 
 def _decode_ready(body: Any, name: str) -> Any:

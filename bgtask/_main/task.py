@@ -50,7 +50,8 @@ from typing import (
 from .._monitor import loop as _monitor
 from .._shared.errors import BgTaskError, SerializationError
 from .limits import Limiter
-from .state import _NO_ITEM, _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
+from .state import _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
+from .stream import NO_ITEM as _NO_ITEM
 
 R = TypeVar("R")
 Y = TypeVar("Y")
