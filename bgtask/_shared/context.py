@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import os
 import signal
 import socket
 import sys
@@ -224,6 +225,11 @@ def install(context: Optional[Context]) -> Optional[Context]:
     previous, current = current, context
     if context is not None and _early_stop:
         _early_stop = False
+        if not context.state.graceful:
+            # Not a stop bgtask asked for (it kills such a task with SIGKILL): a SIGTERM from
+            # outside, which ends the process as it would have without the handler.
+            set_handler(signal.SIGTERM, int(signal.SIG_DFL))
+            os.kill(os.getpid(), signal.SIGTERM)
         context.state.stopping = True
         context.state.event._set()
     return previous
