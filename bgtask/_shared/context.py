@@ -228,8 +228,7 @@ def install(context: Optional[Context]) -> Optional[Context]:
         if not context.state.graceful:
             # Not a stop bgtask asked for (it kills such a task with SIGKILL): a SIGTERM from
             # outside, which ends the process as it would have without the handler.
-            set_handler(signal.SIGTERM, int(signal.SIG_DFL))
-            os.kill(os.getpid(), signal.SIGTERM)
+            _die_by_sigterm()
         context.state.stopping = True
         context.state.event._set()
     return previous
@@ -270,10 +269,18 @@ def on_stop_signal(signum: int, frame: Any) -> None:
     """
     global _early_stop
     context = current
-    if context is not None:
-        context.state.on_stop()
-    else:
+    if context is None:
         _early_stop = True
+    elif signum == signal.SIGTERM and not context.state.graceful:
+        _die_by_sigterm()  # not a stop bgtask asks for (it kills such a task): from outside
+    else:
+        context.state.on_stop()
+
+
+def _die_by_sigterm() -> None:
+    """End this process as SIGTERM would have without a handler."""
+    set_handler(signal.SIGTERM, int(signal.SIG_DFL))
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 _early_stop = False  # a stop came before the task's context was installed
