@@ -58,6 +58,7 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
         self._exitcode: Optional[int] = None
         self._stop_reason: Optional[str] = None
         self._stop_sent: Optional[str] = None  # "soft" or "hard"
+        self._soft_stop_at = 0.0  # when the (graceful) stop signal was sent
         self._outcome: Optional[str] = None
         self._body: Any = None  # the outcome's data, as it came from the task
         self._decoded: Optional[Tuple[Any, Optional[BaseException]]] = None
@@ -290,6 +291,7 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
             if self._state == FINISHED and not hard:
                 if self._stop_sent is None:
                     self._stop_sent = "soft"
+                    self._soft_stop_at = time.monotonic()
                     process.signal(0, self._grace)  # signal 0: nothing now, SIGKILL later
                 return
             hard = hard or not self._graceful
@@ -298,6 +300,8 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
             if self._stop_reason is None and self._state in UNFINISHED:
                 self._stop_reason = reason
             self._stop_sent = "hard" if hard else "soft"
+            if not hard:
+                self._soft_stop_at = time.monotonic()
         if hard:
             process.signal(signal.SIGKILL)
         else:
@@ -317,7 +321,13 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
         outcome, body = classify(messages, self._stop_reason, partial, corrupt)
         if outcome == "crashed" and body is None and exitcode is None:
             body = "bgtask's zygote died before it could report the exit status"
-        graceful_stop = self._graceful and self._stop_sent == "soft"  # not kill(), which is hard
+        # A graceful stop whose grace ran out (not kill(), which is hard; nor a task that killed
+        # itself, or was killed from outside, before its grace was over).
+        graceful_stop = (
+            self._graceful
+            and self._stop_sent == "soft"
+            and time.monotonic() - self._soft_stop_at >= self._grace
+        )
         if outcome == "stopped" and graceful_stop and exitcode == -signal.SIGKILL and body is None:
             import logging
 
