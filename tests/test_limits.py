@@ -31,16 +31,20 @@ def _max_overlap(events: List[Tuple[str, int]]) -> int:
 def test_limit_2_never_runs_more_than_2_processes(start_method: Optional[str], kind: Dict[str, bool]) -> None:
     """Ten calls, at most two processes at any time (their own start and end events say so)."""
     events: Queue[Tuple[str, int]] = Queue()
+    gate: Queue[int] = Queue()
 
     @background(start_method=start_method, limit=2, **kind)
-    def work(events: Queue[Tuple[str, int]]) -> int:
+    def work(events: Queue[Tuple[str, int]], gate: Queue[int]) -> int:
         events.put(("start", os.getpid()))
+        gate.get()  # none ends before the ten calls are made: the handshake, not a sleep
         time.sleep(0.05)
         events.put(("end", os.getpid()))
         return os.getpid()
 
-    tasks = [work(events) for _ in range(10)]
+    tasks = [work(events, gate) for _ in range(10)]
     assert sum(t.pid is None for t in tasks) >= 8  # pending: no process yet
+    for _ in range(10):
+        gate.put(1)
     seen_alive = 0
     while not all(t.done() for t in tasks):
         seen_alive = max(seen_alive, sum(t.is_alive() for t in tasks))
