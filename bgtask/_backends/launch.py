@@ -3,10 +3,10 @@
 ::
 
     _main.call.start_call ──> for_options(options).start(settings, payload) ──> process ──> Task
-                             │ ZygoteLauncher (_launch_zygote, the default): take a spare the
+                             │ ZygoteLauncher (zygote_client, the default): take a spare the
                              │   zygote handed over, tell the zygote it is now this task, write
                              │   the settings and the payload to it
-                             │ MultiprocessingLauncher (_launch_mp: "fork", "spawn",
+                             │ MultiprocessingLauncher (mp: "fork", "spawn",
                              │   "forkserver"): a multiprocessing.Process runs the same runtime
 
 A launcher never touches a ``Task``: it returns the ``TaskProcess`` it made, and reports the

@@ -2,8 +2,8 @@
 
 ::
 
-    task runtime (_child: a local task;      install(Context(state, channel, parent_pid))
-    _ray_task: a Ray worker)                 ───────────────────────────────> current
+    task runtime (_runtime.child: a task     install(Context(state, channel, parent_pid))
+    process; _backends.ray_worker: Ray)      ───────────────────────────────> current
                                                                                  │
     Queue, ready(), the logging relay  ── current.send() / forward() / parent_fd() ┘
     anything with a critical section   ── with atomic(): ...
