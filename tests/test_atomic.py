@@ -65,6 +65,31 @@ def test_a_stop_during_get_delivers_the_item(
     assert (q.qsize(), q.unfinished_tasks) == (0, 0)
 
 
+def _put_and_mark(q: Queue[bytes], mark: str) -> None:
+    for i in range(2):
+        q.put(b"x" * 300_000_000)
+        Path(mark).write_text(f"put {i + 1} returned")
+
+
+@pytest.mark.parametrize("maxsize", [0, 1])
+def test_a_stop_during_put_comes_once_put_returned(
+    start_method: Optional[str], daemon: bool, tmp_path: Path, maxsize: int
+) -> None:
+    """A graceful task stopped while put() sends an item: put() returns, the item arrives, and
+    the stop comes as the task's loop goes round, as after get()."""
+    producer = background(_put_and_mark, daemon=daemon, graceful=True, start_method=start_method)
+    q: Queue[bytes] = Queue(maxsize=maxsize)
+    mark = tmp_path / "mark"
+    task = producer(q, str(mark))
+    assert wait_until(lambda: q.qsize() == 1, timeout=60)  # counted: put() is sending it
+    task.stop()
+    assert isinstance(task.exception(timeout=60), TaskStopped)
+    assert mark.read_text() == "put 1 returned"
+    assert len(q.get(timeout=60)) == 300_000_000
+    q.task_done()
+    assert (q.qsize(), q.unfinished_tasks) == (0, 0)
+
+
 CTRL_C_IN_GET = """
 import os, signal, bgtask
 
@@ -174,3 +199,41 @@ def test_a_ctrl_c_during_result_unpickling_is_raised_and_the_value_kept(tmp_path
     """Ctrl-C while result() unpickles raises KeyboardInterrupt; the next result() has the value."""
     result = run_script(tmp_path, CTRL_C_IN_RESULT)
     assert result.stdout.split() == ["interrupted", "then", "42"], result.stderr
+
+
+def _wait_in_get_with_a_slow_empty_read(q: Queue[Any], mark: str) -> str:
+    """A consumer whose every read of the queue finds nothing, slowly: a stop lands in one."""
+    from bgtask._queue import transport
+
+    read = transport.Transport.receive
+
+    def slow_read(self: Any, bounded: bool) -> Any:
+        Path(mark).touch()
+        time.sleep(0.3)
+        return read(self, bounded)
+
+    transport.Transport.receive = slow_read  # type: ignore[method-assign]
+    try:
+        q.get()
+    finally:
+        transport.Transport.receive = read  # type: ignore[method-assign]
+    return "got an item"
+
+
+def test_a_stop_during_a_get_that_finds_nothing_ends_the_get(
+    start_method: Optional[str], daemon: bool, tmp_path: Path
+) -> None:
+    """A graceful task stopped while get() reads an empty queue: the stop ends the get at once,
+    rather than waiting for an item."""
+    consumer = background(
+        _wait_in_get_with_a_slow_empty_read, daemon=daemon, graceful=True, grace=60, start_method=start_method
+    )
+    q: Queue[Any] = Queue()
+    mark = tmp_path / "reading"
+    task = consumer(q, str(mark))
+    assert wait_until(mark.exists, timeout=60)
+    started = time.monotonic()
+    task.stop()
+    assert isinstance(task.exception(timeout=30), TaskStopped)
+    assert task.exitcode != -signal.SIGKILL  # not killed after its grace: the stop ended it
+    assert time.monotonic() - started < 30

@@ -8,8 +8,11 @@ import os
 import pickle
 import queue
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 import bgtask
 from bgtask import Queue, ShutDown, background
 
-from .helpers import Script, pid_alive, run_script, wait_until
+from .helpers import Script, pid_alive, run_script, script_env, wait_until, write_script
 
 RESULT_S = 120.0  # generous: the machines are shared
 JOIN_S = 30.0  # join() returns within this when nothing is wrong, however slow the machine
@@ -900,3 +903,141 @@ def test_a_consumer_at_its_descriptor_limit_leaves_a_large_item_in_the_queue(
     assert "stays in the queue" in message
     assert size == 100_000
     assert (q.qsize(), q.unfinished_tasks) == (0, 1)
+
+
+def _can_choose_pids() -> bool:
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "r+"):
+            return True
+    except OSError:
+        return False
+
+
+def _process_with_pid(pid: int) -> subprocess.Popen[bytes]:
+    """A new process that gets ``pid`` (free again): the kernel's next pid is set for it."""
+    for _ in range(100):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "600"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()  # another process took the pid first (a shared machine): again
+        proc.wait()
+    raise AssertionError(f"no new process got pid {pid}")
+
+
+@pytest.mark.skipif(not _can_choose_pids(), reason="needs to set /proc/sys/kernel/ns_last_pid (root)")
+def test_a_dead_process_whose_pid_was_reused_holds_no_shutdown(
+    tmp_path: Path, start_method: Optional[str]
+) -> None:
+    """The main program dies holding items on their way after shutdown(), and a new process
+    gets its pid: a task draining the queue still sees its end (a slot names its process by
+    pid and start time)."""
+    script = Script(
+        tmp_path,
+        f"""
+import os, pathlib, queue, time
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+
+@bgtask.background(start_method={start_method!r})  # not a daemon: it outlives its program
+def drain(q):
+    while not (HERE / "go").exists():
+        time.sleep(0.01)
+    n, deadline = 0, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            q.get_nowait()
+            n += 1
+        except queue.Empty:
+            time.sleep(0.01)
+        except bgtask.ShutDown:
+            (HERE / "outcome").write_text(f"ShutDown after {{n}}")
+            return
+    (HERE / "outcome").write_text(f"still waiting after {{n}}")
+
+if __name__ == "__main__":
+    # The main program is a child of the session's leader, not a group's leader: once it is
+    # dead and reaped, its pid is free for another process.
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        print("REAPED", flush=True)
+        time.sleep(600)
+    q = bgtask.Queue()
+    for i in range(20_000):
+        q.put(b"x" * 1024)  # more than the socket holds: the rest waits in this program
+    q.shutdown()  # the items on their way hold it open
+    task = drain(q)
+    print("PIDS", os.getpid(), task.pid, flush=True)
+    time.sleep(600)
+""",
+    )
+    holder = None
+    try:
+        main_pid, task_pid = (int(pid) for pid in script.expect("PIDS", timeout=RESULT_S).split())
+        os.kill(main_pid, signal.SIGKILL)
+        script.expect("REAPED", timeout=RESULT_S)
+        holder = _process_with_pid(main_pid)
+        (tmp_path / "go").touch()
+        outcome = tmp_path / "outcome"
+        assert wait_until(lambda: outcome.exists() and outcome.read_text() != "", timeout=RESULT_S)
+        assert outcome.read_text().startswith("ShutDown after "), outcome.read_text()
+        assert wait_until(lambda: not pid_alive(task_pid), timeout=RESULT_S)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        script.close()
+
+
+def _without_privileges() -> List[str]:
+    """A command prefix that runs a program without the capabilities that lift per-user limits
+    (root has them); nothing where they are not held."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot drop CAP_SYS_RESOURCE")
+    drop = "-sys_resource,-sys_admin"
+    return [setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"]
+
+
+def test_more_large_items_in_flight_than_descriptors_allowed_wait_for_room(
+    tmp_path: Path, start_method: Optional[str], daemon: bool
+) -> None:
+    """Items in memory files beyond the descriptors a user may have in flight (ETOOMANYREFS):
+    puts wait in the backlogs as for a full socket, and every item arrives in order."""
+    write_script(
+        tmp_path,
+        f"""
+import resource
+import bgtask
+
+@bgtask.background(start_method={start_method!r}, daemon={daemon})
+def produce(q, n):
+    for i in range(n):
+        q.put(i.to_bytes(4, "big") * 10_000)  # 40 kB: each travels in a memory file
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    q = bgtask.Queue()
+    produce(q, 300).result(120)
+    for i in range(300, 600):
+        q.put(i.to_bytes(4, "big") * 10_000)
+    got = sorted(int.from_bytes(q.get(timeout=60)[:4], "big") for _ in range(600))
+    print("ARRIVED", got == list(range(600)), q.qsize())
+""",
+    )
+    result = subprocess.run(
+        [*_without_privileges(), sys.executable, str(tmp_path / "script.py")],
+        capture_output=True,
+        text=True,
+        timeout=RESULT_S,
+        cwd=str(tmp_path),
+        env=script_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ARRIVED True 0", result.stderr

@@ -16,6 +16,8 @@ One module per job, imports running down the list::
     endpoint   a process's side of a queue: put, get, shutdown, join; places; adopt()
     feeder     what the socket has no room for: the backlog, the feeder thread, forwarding
     transport  items as datagrams: pickling, memory files for large ones, send and receive
+    places     a bounded queue's free places: a pipe of one byte each
+    ledger     sums over every process; what a process that is gone left (and its places)
     page       the shared page: the state, a slot of counts per process, the page lock
 
 Items a task hands to its main program are safe from the task's crash; the main program's own

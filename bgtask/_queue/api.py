@@ -11,7 +11,8 @@ from typing import Any, Generic, Iterator, Optional, Tuple, TypeVar
 
 from .._shared import serialization as _serialization
 from .._shared.errors import ShutDown
-from .endpoint import MAXSIZE_LIMIT, Endpoint
+from .endpoint import Endpoint
+from .places import MAXSIZE_LIMIT
 
 __all__ = ["Queue", "ShutDown"]
 

@@ -34,7 +34,8 @@ from .._shared import green as _green
 from .._shared import platform as _platform
 from .._shared.context import atomic
 from .._shared.errors import ShutDown
-from .page import INFLIGHT, NO_SLOT, OPEN, UNSENT, Page
+from . import ledger
+from .page import NO_SLOT, OPEN, UNSENT, Page
 from .transport import PROTOCOL, Message, Transport, WritesClosed, from_wire, wire
 
 # How long a task's put waits for room in the socket before it hands the item to the main
@@ -71,14 +72,12 @@ class Backlog:
         self.via_parent = False  # ... and from then on, all of it, to keep this process's order
         self.heir = (0, 0)  # the main program items were handed to
 
-    def put(self, message: Message) -> bool:
+    def put(self, message: Message) -> None:
         """Under the owner's lock: a new item, counted as put and in flight, into the socket or
-        after the others. ``True``: it is in the socket; else it counts as unsent now."""
+        after the others (then it counts as unsent)."""
         transport = self.transport
-        if self.items or self.via_parent or not (transport.send(message) or self._send_soon(message)):
+        if self.items or self.via_parent or not (transport.send(message, True) or self._send_soon(message)):
             self.overflow([message])  # the socket is full
-            return False
-        return True
 
     def _send_soon(self, message: Message) -> bool:
         """In a task: wait a little for room, rather than hand the item to the main program.
@@ -99,7 +98,7 @@ class Backlog:
                 time.sleep(min(left, 0.001))
             else:
                 wait_for([], [transport.send_sock.fileno()], left)
-            if transport.send(message):
+            if transport.send(message, True):
                 return True
 
     def overflow(self, messages: List[Message], child: int = NO_SLOT) -> None:
@@ -120,8 +119,7 @@ class Backlog:
                 if forward is not None:
                     page.set_heir_locked(self._heir(forward[0]))
                 if child == NO_SLOT:
-                    page.count_locked(UNSENT, n)
-                    page.mark(INFLIGHT, -n)  # no longer in flight: kept, or handed on
+                    page.put_kept_locked(n)  # no longer in flight: kept, or handed on
                 else:
                     page.hand_over_locked(child, n)
             if forward is None:
@@ -134,8 +132,7 @@ class Backlog:
                 forward[1](pickle.dumps([(self.qid, page.slot, wire(messages))], PROTOCOL))
             except OSError:
                 with page.locked():
-                    page.count_locked(UNSENT, -n)
-                    page.mark(INFLIGHT, n)  # in flight again, for the caller to take back
+                    page.put_kept_locked(-n)  # in flight again, for the caller to take back
                 raise ShutDown("the main program of this task ended") from None
             finally:
                 self.transport.drop(messages)
@@ -150,7 +147,7 @@ class Backlog:
         """What a task of this process could not send (see ``overflow``): sent on from here."""
         if not Page.valid_slot(slot):
             return
-        self.page.ensure_slot()
+        ledger.claim(self.page)
         with lock:
             self.overflow([from_wire(message) for message in messages], child=slot)
 
@@ -166,7 +163,7 @@ class Backlog:
         with owner.lock:
             try:
                 while items:
-                    if not self.transport.send(items[0]):
+                    if not self.transport.send(items[0], False):
                         return False
                     items.popleft()
                     self.page.count(UNSENT, -1)

@@ -47,6 +47,8 @@ _TYPE_TAIL = struct.Struct("=H2s")  # after a pickle: the length of the type nam
 _TAIL_MARK = b"\xbbT"
 _NAME_MAX = 1024
 _RIGHTS_SPACE = socket.CMSG_SPACE(4)
+_RECV_SIZE = INLINE_MAX + 64
+_SEND_FLAGS, _RECV_FLAGS = _platform.SEND_FLAGS, _platform.RECV_FLAGS
 
 EOF: Any = object()  # what receive() returns at the end of the socket (Linux)
 LOST: Any = object()  # ... for an item whose memory file this process had no descriptor for
@@ -181,6 +183,9 @@ class Transport:
         self.send_sock = _green.socket_from_fd(send_fd)
         self.recv_sock = _green.socket_from_fd(recv_fd)
         self.page = page
+        # The system calls, looked up once: the page marks this process's slot right before.
+        self._send, self._sendmsg = self.send_sock.send, self.send_sock.sendmsg
+        self._recvmsg = self.recv_sock.recvmsg
         self.no_buffer = False  # the last send lacked room that poll does not announce (macOS)
 
     def set_nonblocking(self) -> None:
@@ -190,23 +195,34 @@ class Transport:
     def sockets(self) -> List[socket.socket]:
         return [self.send_sock, self.recv_sock]
 
-    def send(self, message: Message) -> bool:
+    def send(self, message: Message, in_flight: bool) -> bool:
         """Hand one item to the socket; ``False`` if it has no room now.
+
+        ``in_flight``: the item counts as in flight in this process's slot; it stops to as the
+        system call that sends it starts (a kill during the call leaves it counted as sent,
+        which it is unless the socket had no room), and again if it was not sent.
 
         Raises ``WritesClosed`` once the queue's writes are closed: the kernel decides, for
         every process at once, whether an item went in before the shutdown or not at all.
         """
+        page = self.page
         try:
             if type(message) is bytes:
-                self.send_sock.send(message, _platform.SEND_FLAGS)
+                if in_flight:
+                    page.sent(self._send, message, _SEND_FLAGS)
+                else:
+                    self._send(message, _SEND_FLAGS)
             else:
                 item: FileItem = message  # type: ignore[assignment]
                 rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", item.file()))]
-                head = _FILE_HEAD.pack(_FILE_ITEM, item.size)
+                head = [_FILE_HEAD.pack(_FILE_ITEM, item.size)]
                 if not item.counted:  # counted before it can be in the socket
-                    self.page.add_files(1)
+                    page.add_files(1)
                     item.counted = True
-                self.send_sock.sendmsg([head], rights, _platform.SEND_FLAGS)
+                if in_flight:
+                    page.sent(self._sendmsg, head, rights, _SEND_FLAGS)
+                else:
+                    self._sendmsg(head, rights, _SEND_FLAGS)
                 item.counted = False  # the reader counts it out
                 item.release()  # the reader has the file now
         except OSError as exc:
@@ -228,28 +244,29 @@ class Transport:
                     self.page.add_files(-1)
                 item.release()
 
-    def receive(self) -> Optional[Any]:
-        """One datagram's item as bytes; ``None`` if the socket is empty, ``EOF`` at its end,
-        ``LOST`` for a file item whose file this process could not take.
+    def receive(self, bounded: bool) -> Optional[Any]:
+        """One datagram's item as bytes, counted as got (``bounded``: and its place as owed
+        back); ``None`` if the socket is empty, ``EOF`` at its end, ``LOST`` for a file item
+        whose file this process could not take (counted as got).
 
         Raises ``OSError(EMFILE)`` when the next item travels in a memory file that this
         process has no descriptor for: the item stays in the socket.
         """
-        sock = self.recv_sock
-        if self.page.files_pending() and not self._can_take_next():
+        page = self.page
+        if page.files_pending() and not self._can_take_next():
             raise OSError(errno.EMFILE, f"{_NO_DESCRIPTOR}; the item stays in the queue")
-        try:
-            data, ancdata, flags, _addr = sock.recvmsg(INLINE_MAX + 64, _RIGHTS_SPACE, _platform.RECV_FLAGS)
-        except BlockingIOError:
+        received = page.received(self._recvmsg, _is_item, bounded, _RECV_SIZE, _RIGHTS_SPACE, _RECV_FLAGS)
+        if received is None:
             return None
+        data, ancdata, flags, _addr = received
+        if not data and not ancdata:
+            return EOF  # no item is empty: an empty read is the end (Linux)
         fds = _descriptors(ancdata)
         if data[:1] == _FILE_ITEM:
             self.page.add_files(-1)
             if not fds or flags & socket.MSG_CTRUNC:
                 _close_all(fds)
                 return LOST  # the kernel dropped its file: it came between the peek and here
-        elif not data and not fds:
-            return EOF  # no item is empty: an empty read is the end (Linux)
         if not fds:
             return data
         try:
@@ -287,6 +304,10 @@ class Transport:
             self.send_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # already closed
+
+
+def _is_item(received: Tuple[bytes, List[Any], int, Any]) -> bool:
+    return bool(received[0] or received[1])  # an empty read is the end
 
 
 def lost_item() -> OSError:

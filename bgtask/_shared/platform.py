@@ -420,9 +420,11 @@ QUEUE_SOCKET_KIND = socket.SOCK_SEQPACKET if IS_LINUX else socket.SOCK_DGRAM
 SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_NOSIGNAL", 0))
 RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 # A send that failed for want of room: EAGAIN (poll says when there is room again); ENOBUFS
-# (macOS: poll says "room" while the peer's buffer is full) clears with time, unseen by poll.
+# (macOS: poll says "room" while the peer's buffer is full) and ETOOMANYREFS (Linux: more
+# descriptors in flight in sockets than the sender may open, counted per user, for a process
+# without CAP_SYS_RESOURCE) clear with time, unseen by poll.
 _ROOM_POLLABLE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
-_ROOM_LATER = frozenset((errno.ENOBUFS,))
+_ROOM_LATER = frozenset(code for code in (errno.ENOBUFS, getattr(errno, "ETOOMANYREFS", 0)) if code)
 
 
 def datagram_socketpair(buffer: int) -> Tuple[socket.socket, socket.socket]:
@@ -469,6 +471,17 @@ def memory_file(name: str, size: int = 0) -> int:
             os.close(fd)
             raise
     return fd
+
+
+def pipe_bytes(fd: int) -> int:
+    """How many bytes wait in a pipe (``FIONREAD``)."""
+    import array
+    import fcntl
+    import termios
+
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count, True)
+    return count[0]
 
 
 def grow_pipe(fd: int, size: int) -> None:
