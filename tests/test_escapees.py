@@ -9,7 +9,7 @@ from typing import Optional
 
 import pytest
 
-from bgtask import background
+from bgtask import TaskCrashed, background
 
 from .helpers import pid_alive, wait_until
 
@@ -62,3 +62,34 @@ def test_the_zygote_sweeps_a_disguised_escapee_of_a_killed_task(tmp_path: Path) 
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="child subreaper: Linux")
+def test_an_escapee_is_gone_once_its_tasks_end_is_known_even_if_the_zygote_dies_then(
+    tmp_path: Path,
+) -> None:
+    """A task SIGKILLed after leaving a process in a new session, its zygote SIGKILLed the moment
+    the task's end is known: that process is gone (the zygote killed it before reporting)."""
+    from bgtask._backends import launch as _launch
+
+    for round_ in range(3):
+        mark = tmp_path / f"pid{round_}"
+        task = background(_spawn_then_die)(str(mark))
+        task.join(timeout=60)
+        assert not task.is_alive()
+        zygote = _launch.get(None).current()
+        assert zygote is not None
+        os.kill(zygote.process.pid, signal.SIGKILL)
+        # The next round's call must not race the zygote's death (it would crash, as documented).
+        assert wait_until(lambda: not zygote.alive, timeout=30)
+        assert task.exitcode == -signal.SIGKILL  # reported by the zygote before it died
+        assert isinstance(task.exception(0), TaskCrashed)
+        assert mark.exists()  # written before the task killed itself
+        pid = int(mark.read_text())
+        try:
+            assert wait_until(lambda: not pid_alive(pid), timeout=20), (
+                f"round {round_}: escapee {pid} survived"
+            )
+        finally:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -38,7 +38,7 @@ import socket
 import struct
 import sys
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .._runtime import child as _child
 from .._shared import context as _taskctx
@@ -52,8 +52,6 @@ SPARES = 2
 MAX_OWED = 8
 # How long the loop waits at most: a lost SIGCHLD or a failed fork costs at most this.
 IDLE_WAIT_S = 1.0
-# How long after a task's end the zygote looks for what it left behind (see _reap).
-ADOPTED_SCAN_S = 0.05
 
 
 class _Proc:
@@ -70,8 +68,9 @@ class _Proc:
         self.grace = 0.0
 
 
-class ProcTable:
-    """The zygote's children, by pid and by serial, and when to kill the slow ones."""
+class Children:
+    """The zygote's children: by pid and by serial, their signals, their reaping, and what
+    tasks left behind when they ended."""
 
     def __init__(self) -> None:
         self.by_pid: Dict[int, _Proc] = {}  # until reaped
@@ -81,8 +80,14 @@ class ProcTable:
         # looks only at these: work per round does not grow with the number of tasks.
         self.kill_at: Dict[int, float] = {}  # by pid
         self._serials = itertools.count(1)
+        self.watcher = _platform.exit_watcher()
+        self.subreaper = _platform.set_child_subreaper()
+        self.adopted: Set[int] = set()  # zygotes of ended tasks, left to end on their own
+        # The zygotes tasks started, as the main program reported them: pid -> start time.
+        self.helpers: Dict[int, int] = {}
 
     def add(self, pid: int) -> _Proc:
+        self.watcher.watch(pid)
         proc = _Proc(next(self._serials), pid)
         self.by_pid[pid] = proc
         self.by_serial[proc.serial] = proc
@@ -99,6 +104,75 @@ class ProcTable:
 
     def tasks_left(self) -> bool:
         return any(p.task for p in self.by_pid.values())
+
+    def signal(self, proc: _Proc, signum: int, escalate_after: Optional[float]) -> None:
+        """Signal a child (SIGKILL: its group), and SIGKILL its group ``escalate_after`` s later."""
+        try:
+            if signum == signal.SIGKILL:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                os.kill(proc.pid, signum)
+        except OSError:
+            pass
+        if escalate_after is not None:
+            kill_at = time.monotonic() + escalate_after
+            if kill_at < self.kill_at.get(proc.pid, kill_at + 1):
+                self.kill_at[proc.pid] = kill_at
+
+    def escalate(self, now: float) -> None:
+        """SIGKILL the groups whose grace is over."""
+        kill_at = self.kill_at
+        for pid, when in list(kill_at.items()):
+            if when <= now:
+                del kill_at[pid]
+                self.signal(self.by_pid[pid], signal.SIGKILL, None)
+
+    def reap(self) -> List[Tuple[_Proc, int]]:
+        """Reap the children that exited, kill what they left, and return the zygote's own
+        children among them (spares and tasks) with their exit codes.
+
+        What a task left outside its group came back here (child subreaper) when it exited,
+        before SIGCHLD: it is killed now, before the end is reported, so a task the main program
+        knows to have ended left nothing running, even if the zygote is killed right after.
+        """
+        ended: List[Tuple[_Proc, int]] = []
+        reaped = False
+        for pid in self.watcher.exited():
+            # The child has exited and is not reaped: its group id cannot be reused yet, so
+            # this reaches only what it left behind in its group.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            exitcode = _platform.reap(pid)
+            self.watcher.forget(pid)
+            self.adopted.discard(pid)
+            proc = self.remove(pid)
+            reaped = True
+            if proc is not None:
+                ended.append((proc, exitcode))
+        if reaped and self.subreaper:
+            self.kill_adopted()  # also what an escapee killed here left in turn
+        return ended
+
+    def kill_adopted(self) -> None:
+        """Kill the processes that left a task's group and came back here when the task ended."""
+        pids = _platform.children(single_threaded=True)
+        for pid in pids or ():
+            if pid in self.by_pid or pid in self.adopted:
+                continue
+            self.watcher.watch(pid)  # reaped like any child once it is gone
+            start = self.helpers.get(pid)
+            if start is not None and start == _platform.process_start_time(pid):
+                # A task's own zygote: it stops that task's daemon tasks (gracefully) now
+                # that the task is gone, then exits.
+                self.adopted.add(pid)
+                continue
+            for kill in (os.killpg, os.kill):  # a child here is not reaped: its ids are its own
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
 
 class OutQueue:
@@ -154,14 +228,8 @@ class Zygote:
         self.ctl: Optional[socket.socket] = ctl
         self.fork = fork
         self.reader = _wire.MessageReader()
-        self.procs = ProcTable()
+        self.procs = Children()
         self.out = OutQueue()
-        self.watcher = _platform.exit_watcher()
-        self.subreaper = _platform.set_child_subreaper()
-        self.adopted: Set[int] = set()  # zygotes of ended tasks, left to end on their own
-        # The zygotes tasks started, as the main program reported them: pid -> start time.
-        self.helpers: Dict[int, int] = {}
-        self.scan_at: Optional[float] = None  # when to look for processes tasks left behind
         self.generation = 0  # bumped by every change of environment or preloaded modules
         # Calls that found no spare and wait: each gets a fork beyond SPARES, so that a burst of
         # calls keeps the zygote forking instead of waiting for its spares to be taken.
@@ -204,25 +272,19 @@ class Zygote:
             # children are not reused before they are reaped, so no report can come too late.
             self._flush()
             self._refill(report=False)
-            self._reap()
-            now = time.monotonic()
-            self._escalate(now)
-            self._scan_adopted(now)
+            for proc, exitcode in self.procs.reap():
+                self._report(_wire.Reaped(proc.serial, exitcode))
+            self.procs.escalate(time.monotonic())
             self._flush()
             self._refill()
-        if self.subreaper:
-            self._kill_adopted()  # the last ones: nothing adopts them after this process
+        if self.procs.subreaper:
+            self.procs.kill_adopted()  # the last ones: nothing adopts them after this process
         os._exit(0)
 
     def _wait(self) -> None:
         timeout = IDLE_WAIT_S
-        if self.procs.kill_at or self.scan_at is not None:
-            now = time.monotonic()
-            if self.procs.kill_at:
-                timeout = min(timeout, min(self.procs.kill_at.values()) - now)
-            if self.scan_at is not None:
-                timeout = min(timeout, self.scan_at - now)
-            timeout = max(0.0, timeout)
+        if self.procs.kill_at:
+            timeout = max(0.0, min(timeout, min(self.procs.kill_at.values()) - time.monotonic()))
         if self.ctl is not None and bool(self.out) != self.writing:
             self.writing = bool(self.out)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.writing else 0)
@@ -276,16 +338,16 @@ class Zygote:
             elif isinstance(message, _wire.Signal):
                 proc = procs.by_serial.get(message.serial)
                 if proc is not None:
-                    self._signal(proc, message.signum, message.escalate_after)
+                    self.procs.signal(proc, message.signum, message.escalate_after)
             elif isinstance(message, _wire.Want):
                 self.owed = min(self.owed + 1, MAX_OWED)
                 self.paused = False
             elif isinstance(message, _wire.Helper):
-                self.helpers[message.pid] = message.start
+                self.procs.helpers[message.pid] = message.start
             elif isinstance(message, _wire.Drop):
                 proc = procs.by_serial.get(message.serial)
                 if proc is not None and not proc.task:
-                    self._signal(proc, signal.SIGKILL, None)
+                    self.procs.signal(proc, signal.SIGKILL, None)
                 self.paused = True
             elif isinstance(message, _wire.SetEnv):
                 os.environ.clear()
@@ -298,7 +360,7 @@ class Zygote:
                 self.generation += 1
                 # Spares forked without the modules: the main program drops them too.
                 for serial in procs.idle:
-                    self._signal(procs.by_serial[serial], signal.SIGKILL, None)
+                    self.procs.signal(procs.by_serial[serial], signal.SIGKILL, None)
         if self.reader.eof:
             self._main_program_gone()
 
@@ -312,19 +374,6 @@ class Zygote:
         proc.graceful = message.graceful
         proc.grace = message.grace
 
-    def _signal(self, proc: _Proc, signum: int, escalate_after: Optional[float]) -> None:
-        try:
-            if signum == signal.SIGKILL:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                os.kill(proc.pid, signum)
-        except OSError:
-            pass
-        if escalate_after is not None:
-            kill_at = time.monotonic() + escalate_after
-            if kill_at < self.procs.kill_at.get(proc.pid, kill_at + 1):
-                self.procs.kill_at[proc.pid] = kill_at
-
     def _main_program_gone(self) -> None:
         """Stop every daemon task (graceful ones get SIGTERM and ``grace`` seconds), kill spares."""
         if self.ctl is not None:
@@ -335,22 +384,13 @@ class Zygote:
         self.out.clear()
         for proc in list(self.procs.by_pid.values()):
             if not proc.task:
-                self._signal(proc, signal.SIGKILL, None)
+                self.procs.signal(proc, signal.SIGKILL, None)
             elif not proc.daemon:
                 continue
             elif proc.graceful:
-                self._signal(proc, signal.SIGTERM, proc.grace)
+                self.procs.signal(proc, signal.SIGTERM, proc.grace)
             else:
-                self._signal(proc, signal.SIGKILL, None)
-
-    def _escalate(self, now: float) -> None:
-        kill_at = self.procs.kill_at
-        if not kill_at:
-            return
-        for pid, when in list(kill_at.items()):
-            if when <= now:
-                del kill_at[pid]
-                self._signal(self.procs.by_pid[pid], signal.SIGKILL, None)
+                self.procs.signal(proc, signal.SIGKILL, None)
 
     def _report(self, message: Any) -> None:
         if self.ctl is not None:
@@ -363,53 +403,6 @@ class Zygote:
             self.out.flush(self.ctl)
         except OSError:
             self._main_program_gone()
-
-    # -- children ---------------------------------------------------------------------------
-
-    def _reap(self) -> None:
-        reaped = False
-        for pid in self.watcher.exited():
-            # The child has exited and is not reaped: its group id cannot be reused yet, so
-            # this reaches only what it left behind in its group.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            exitcode = _platform.reap(pid)
-            self.watcher.forget(pid)
-            self.adopted.discard(pid)
-            reaped = True
-            proc = self.procs.remove(pid)
-            if proc is not None:
-                self._report(_wire.Reaped(proc.serial, exitcode))
-        if reaped and self.subreaper and self.scan_at is None:
-            # What a task left behind, once it is gone: looked for a moment later, once for
-            # all the tasks that end meanwhile (a burst of tasks would scan at every exit).
-            self.scan_at = time.monotonic() + ADOPTED_SCAN_S
-
-    def _scan_adopted(self, now: float) -> None:
-        if self.scan_at is not None and now >= self.scan_at:
-            self.scan_at = None
-            self._kill_adopted()
-
-    def _kill_adopted(self) -> None:
-        """Kill the processes that left a task's group and came back here when the task ended."""
-        pids = _platform.children(single_threaded=True)
-        for pid in pids or ():
-            if pid in self.procs.by_pid or pid in self.adopted:
-                continue
-            self.watcher.watch(pid)  # reaped like any child once it is gone
-            start = self.helpers.get(pid)
-            if start is not None and start == _platform.process_start_time(pid):
-                # A task's own zygote: it stops that task's daemon tasks (gracefully) now
-                # that the task is gone, then exits.
-                self.adopted.add(pid)
-                continue
-            for kill in (os.killpg, os.kill):  # a child here is not reaped: its ids are its own
-                try:
-                    kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
     def _fork_spare(self) -> None:
         """Fork a spare and hand its task channel to the main program."""
@@ -431,7 +424,6 @@ class Zygote:
             os.setpgid(pid, pid)  # also done in the child: whichever runs first wins the race
         except OSError:
             pass
-        self.watcher.watch(pid)
         proc = self.procs.add(pid)
         self.owed = max(0, self.owed - 1)
         message = _wire.encode(_wire.Spare(proc.serial, pid, self.generation))
@@ -452,7 +444,7 @@ class Zygote:
                 pass
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
-        self.watcher.close()
+        self.procs.watcher.close()
         if self.ctl is not None:
             self.ctl.close()
 
