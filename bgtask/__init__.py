@@ -11,7 +11,8 @@ so a task starts without paying for it. ARCHITECTURE.md draws a call's path::
     pytest_plugin        fixtures and the leak check (public)
     _main/               the main program, caller's thread
       decorator, call    @background; a call pickles (serialization), asks a launcher, returns a Task
-      task, state        Task: a Future and a process handle; under it, its state and its waits
+      task, state        Task: a Future and a process handle; under it, its state
+      stopping, waits    what a stop asks of a task; how its methods wait
       stream             a stream task's items on their way, and their backpressure
       outcome            what a task's messages mean; the errors result() raises
       lifecycle          the live tasks, active(); the exit procedure (atexit, shutdown())

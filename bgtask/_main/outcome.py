@@ -6,6 +6,7 @@ The monitor classifies (cheaply, in its thread); the thread that asks for the re
     messages from the task + stop reason + exit code
         -> classify()  -> (outcome, body)      returned | raised | stopped | crashed | failed
         -> decode()    -> (value, exception)   in the thread that calls result()
+        -> describe_failure()                  what the log of a failure nobody retrieved says
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ STOP_REASONS = {
     "cancel": "by cancel()",
     "abandoned": "when the loop over its items was left",
 }
+
+
+# The outcomes that are failures: logged when nothing retrieved them.
+FAILURES = ("raised", "crashed", "failed")
 
 
 def classify(
@@ -147,3 +152,22 @@ def _decode(
         exitcode=exitcode,
         pid=pid,
     )
+
+
+def describe_failure(
+    outcome: Optional[str],
+    body: Any,
+    decoded: Optional[Tuple[Any, Optional[BaseException]]],
+    exitcode: Optional[int],
+) -> Tuple[str, str]:
+    """What a failed outcome was, in a few words, and its details (a traceback, or ``""``)."""
+    if outcome == "raised" and isinstance(body, tuple) and len(body) == 4:
+        kind = body[1][len("builtins.") :] if body[1].startswith("builtins.") else body[1]
+        return f"raised {kind}: {body[2]}", body[3]
+    if outcome == "crashed":
+        return f"crashed: {describe_exit(exitcode)}", body if isinstance(body, str) else ""
+    if decoded is not None and decoded[1] is not None:
+        return "could not run", f"{type(decoded[1]).__name__}: {decoded[1]}"
+    if isinstance(body, tuple):
+        return "could not run", " ".join(str(part) for part in body[1:] if isinstance(part, str))
+    return "could not run", ""

@@ -1,10 +1,17 @@
-"""The state under a ``Task``: what its process's end sets, and the waits its methods share.
+"""The state under a ``Task``: its fields, and the transitions that set its outcome.
 
-``Task`` (``_main.task``) is the public handle; this base class holds its fields and everything that
-is not public: the transitions the monitor thread drives through the ``TaskProcess``
-(``_outcome_sent``, ``_ready_sent``, ``_ended``), the stop requests of ``stop()``, timeouts and
-the exit procedure, and the waits (for the outcome, the exit, readiness, and from asyncio) that
-the public methods are built on. The states and transitions are drawn in ``_main.task``.
+``Task`` (``_main.task``) is the public handle; this base class holds its fields and the
+transitions, which run in the monitor thread, the one writer of outcomes: those the
+``TaskProcess`` drives (``_outcome_sent``, ``_ready_sent``, ``_ended``), and the ends of a task
+that never had a process (stopped while pending, failed to start), posted there from any thread.
+Its parts, each a mixin in a module of its own::
+
+    TaskCore   fields, transitions, done-callbacks, the log of a failure nobody retrieved
+    Stopping   (_main.stopping) the stop requests of stop(), kill(), timeouts, the exit
+    Waits      (_main.waits) the waits for the outcome, the exit, readiness; from asyncio
+    StreamState (_main.stream) a stream's items on their way, and their backpressure
+
+The states and transitions are drawn in ``_main.task``.
 """
 
 from __future__ import annotations
@@ -18,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple, T
 
 from .._monitor import loop as _monitor
 from .._monitor import offload as _offload
-from .._shared.context import atomic
 from .._shared.errors import BgTaskError, describe_exit
 from . import lifecycle as _lifecycle
-from .outcome import STOP_REASONS, classify, decode
-from .stream import StreamState
+from .outcome import FAILURES, STOP_REASONS, classify, describe_failure
+from .stopping import Stopping
+from .waits import NOT_READY, UNFINISHED, Waits
 
 if TYPE_CHECKING:
     from .._monitor.process import TaskProcess
@@ -30,11 +37,8 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-# The states before the outcome: waiting for a place in its Limiter, and started.
-UNFINISHED = (PENDING, RUNNING)
 
-
-class TaskCore(StreamState, concurrent.futures.Future[R]):
+class TaskCore(Stopping, Waits, concurrent.futures.Future[R]):
     """The fields and internal workings of a ``Task``; see the module docstring."""
 
     def __init__(
@@ -63,8 +67,8 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
         self._body: Any = None  # the outcome's data, as it came from the task
         self._decoded: Optional[Tuple[Any, Optional[BaseException]]] = None
         self._timeout: Optional[_monitor.Timer] = None
-        self._ready: Any = _NOT_READY  # what bgtask.ready() sent, as it came from the task
-        self._ready_value: Any = _NOT_READY  # ... unpickled, once
+        self._ready: Any = NOT_READY  # what bgtask.ready() sent, as it came from the task
+        self._ready_value: Any = NOT_READY  # ... unpickled, once
         self._watchers: List[Callable[[], None]] = []  # woken at any change (asyncio waiters)
         self._started = time.monotonic()
         self._ended_at = 0.0
@@ -78,22 +82,6 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
         # concurrent.futures.wait): a failure nobody looked at is logged once (see _unretrieved).
         self._retrieved = False
         self._reported = False
-
-    # -- checks ----------------------------------------------------------------------
-
-    def _check_owner(self) -> None:
-        if os.getpid() != self._owner:
-            raise BgTaskError(
-                f"the handle of task {self._name!r} belongs to process {self._owner}, which "
-                f"started it; it cannot be used in process {os.getpid()} (a forked copy)"
-            )
-
-    def _check_not_monitor(self) -> None:
-        if _monitor.in_monitor_thread():
-            raise BgTaskError(
-                "bgtask's monitor thread (where the main program's log handlers run for records "
-                "of tasks) cannot wait for a task: it is the thread that finishes them; wait elsewhere"
-            )
 
     def _describe_state(self) -> str:
         if self._state == PENDING:
@@ -110,90 +98,6 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
         if self._outcome == "crashed":
             return f"crashed: {describe_exit(self._exitcode)}"
         return f"{'finished: ' if self._outcome != 'cancelled' else ''}{self._outcome}{exiting}"
-
-    # -- waiting ---------------------------------------------------------------------
-
-    def _let_others_run(self, timeout: Optional[float]) -> None:
-        """Before a wait: a Ray task waiting for a task of its own lets Ray lend its CPU out,
-        or two tasks each waiting for their nested one would hold every CPU between them."""
-        block = getattr(self._process, "block", None)
-        if block is not None and not self._exited:
-            block(timeout)
-
-    def _wait_exit(self, timeout: Optional[float]) -> bool:
-        """Wait for the process to exit."""
-        self._let_others_run(timeout)
-        with self._unthrottled(), self._condition:
-            if not self._exited:
-                self._check_not_monitor()
-            return self._condition.wait_for(lambda: self._exited, timeout)
-
-    def _wait_decoded(self, timeout: Optional[float]) -> Tuple[Any, Optional[BaseException]]:
-        self._check_owner()
-        self._retrieved = True
-        if self._state in UNFINISHED:
-            self._let_others_run(timeout)
-        with self._unthrottled(), self._condition:
-            if self._state in UNFINISHED:
-                self._check_not_monitor()
-                if not self._condition.wait_for(lambda: self._state not in UNFINISHED, timeout):
-                    raise TimeoutError(f"task {self._name!r} did not finish within {timeout} s")
-            if self._state == CANCELLED_AND_NOTIFIED:
-                raise concurrent.futures.CancelledError(f"task {self._name!r} was cancelled")
-            if self._decoded is not None:
-                return self._decoded
-            outcome, body = self._outcome, self._body
-        # Unpickled outside the lock: the monitor needs it to finish the task, and other tasks
-        # must not wait for this one's unpickling. Two threads racing here decode twice; the
-        # first to publish wins, so every caller sees the same objects. A Ctrl-C meanwhile is
-        # raised once the outcome is kept (atomic): what the unpickling itself raises is data.
-        with atomic():
-            decoded = decode(
-                outcome or "crashed",
-                body,
-                name=self._name,
-                pid=self._pid,
-                exitcode=self._exitcode,
-                stop_reason=self._stop_reason,
-            )
-            with self._condition:
-                if self._decoded is None:
-                    self._decoded = decoded
-                    self._body = None if outcome == "returned" else body
-                decoded = self._decoded
-        return decoded
-
-    def _ready_or_done(self) -> bool:
-        return self._ready is not _NOT_READY or self._state not in UNFINISHED
-
-    async def _until(self, predicate: Callable[[], bool]) -> None:
-        """Wait in the running event loop until ``predicate()``, checked at each change."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        while True:
-            waiter = loop.create_future()
-
-            def wake(waiter: Any = waiter) -> None:
-                def set_done() -> None:
-                    if not waiter.done():
-                        waiter.set_result(None)
-
-                try:
-                    loop.call_soon_threadsafe(set_done)
-                except RuntimeError:
-                    pass  # the loop is closed: nobody waits any more
-
-            with self._condition:
-                if predicate():
-                    return
-                self._watchers.append(wake)
-            try:
-                await waiter
-            finally:  # cancelled or timed out: nothing of this wait stays with the task
-                with self._condition:
-                    if wake in self._watchers:
-                        self._watchers.remove(wake)
 
     # -- driven by the decorator, the lifecycle and the TaskProcess ------------------
 
@@ -250,62 +154,6 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
             self._invoke_callbacks()
 
         _monitor.get().call_and_wait(end)
-
-    def _arm_timeout(self, seconds: float) -> None:
-        import time
-
-        task_ref = _weak(self)
-
-        def expire() -> None:
-            task = task_ref()
-            if task is not None:
-                task._request_stop("timeout")
-
-        self._timeout = _monitor.get().call_at(time.monotonic() + seconds, expire)
-        if self._exited:  # it ended before the timer was armed: _ended() could not cancel it
-            self._timeout.cancel()
-
-    def _request_stop(self, reason: str, hard: bool = False) -> None:
-        """Ask the task to stop; ``hard`` (or a non-graceful task) kills its group at once.
-
-        Once the outcome is known, a stop sends no signal: the process is on its way out,
-        running its cleanup, and gets ``grace`` seconds for it before its group is killed.
-        """
-        with self._condition:
-            process = self._process
-            if self._exited:
-                return
-            if process is None:
-                limiter = self._limiter
-                if limiter is None:
-                    return  # interrupted before its start: nothing runs
-                if not limiter._discard(self):
-                    # Being started: stopped once it is (by the strongest stop asked for).
-                    earlier = self._early_stop
-                    self._early_stop = (reason, hard or (earlier is not None and earlier[1]))
-                    return
-        if process is None:
-            self._pending_stopped(reason)
-            return
-        with self._condition:
-            if self._state == FINISHED and not hard:
-                if self._stop_sent is None:
-                    self._stop_sent = "soft"
-                    self._soft_stop_at = time.monotonic()
-                    process.signal(0, self._grace)  # signal 0: nothing now, SIGKILL later
-                return
-            hard = hard or not self._graceful
-            if self._stop_sent == "hard" or (self._stop_sent == "soft" and not hard):
-                return
-            if self._stop_reason is None and self._state in UNFINISHED:
-                self._stop_reason = reason
-            self._stop_sent = "hard" if hard else "soft"
-            if not hard:
-                self._soft_stop_at = time.monotonic()
-        if hard:
-            process.signal(signal.SIGKILL)
-        else:
-            process.signal(signal.SIGTERM, self._grace)
 
     def _outcome_sent(self, kind: int, body: Any) -> None:
         """In the monitor: the task sent its outcome; its process is about to exit."""
@@ -379,7 +227,7 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
         self._state = CANCELLED_AND_NOTIFIED if outcome == "cancelled" else FINISHED
         if self._waiters or self._done_callbacks:
             self._retrieved = True  # concurrent.futures.wait() or a callback sees the outcome
-        elif outcome in _FAILURES:
+        elif outcome in FAILURES:
             _lifecycle.unretrieved.add(self)
         for waiter in self._waiters:
             if outcome == "cancelled":
@@ -399,7 +247,7 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
     def _ready_sent(self, body: Any) -> None:
         """In the monitor: the task called ``bgtask.ready()``."""
         with self._condition:
-            if self._ready is not _NOT_READY:
+            if self._ready is not NOT_READY:
                 return
             self._ready = body
             self._condition.notify_all()
@@ -421,17 +269,10 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
     def _report_unretrieved(self) -> None:
         """Log a failure nobody retrieved, once (logger ``bgtask.unretrieved``), as asyncio logs
         "Task exception was never retrieved". From the garbage collector, or at the program's end."""
-        if self._retrieved or self._reported or self._outcome not in _FAILURES or os.getpid() != self._owner:
+        if self._retrieved or self._reported or self._outcome not in FAILURES or os.getpid() != self._owner:
             return
         self._reported = True
-        body = self._body
-        if self._outcome == "raised" and isinstance(body, tuple) and len(body) == 4:
-            kind = body[1][len("builtins.") :] if body[1].startswith("builtins.") else body[1]
-            what, details = f"raised {kind}: {body[2]}", body[3]
-        elif self._outcome == "crashed":
-            what, details = f"crashed: {describe_exit(self._exitcode)}", body if isinstance(body, str) else ""
-        else:
-            what, details = "could not run", _failure_text(body, self._decoded)
+        what, details = describe_failure(self._outcome, self._body, self._decoded, self._exitcode)
         try:
             import logging
 
@@ -446,27 +287,12 @@ class TaskCore(StreamState, concurrent.futures.Future[R]):
             pass
 
     def __del__(self) -> None:
-        if not self._retrieved and self._outcome in _FAILURES:
+        if not self._retrieved and self._outcome in FAILURES:
             self._report_unretrieved()
 
     def _forget_in_child(self) -> None:
         """In a forked copy: this handle is the original's; its timer is not ours."""
         self._timeout = None
-
-
-# The outcomes that are failures: logged when nothing retrieved them.
-_FAILURES = ("raised", "crashed", "failed")
-
-
-def _failure_text(body: Any, decoded: Any) -> str:
-    if decoded is not None and decoded[1] is not None:
-        return f"{type(decoded[1]).__name__}: {decoded[1]}"
-    if isinstance(body, tuple):
-        return " ".join(str(part) for part in body[1:] if isinstance(part, str))
-    return ""
-
-
-_NOT_READY: Any = object()
 
 
 def _decode_ready(body: Any, name: str) -> Any:
@@ -479,12 +305,6 @@ def _decode_ready(body: Any, name: str) -> Any:
         raise SerializationError(
             f"the value task {name!r} passed to ready() cannot be unpickled here: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def _weak(task: TaskCore[Any]) -> Callable[[], Optional[TaskCore[Any]]]:
-    import weakref
-
-    return weakref.ref(task)
 
 
 def _run_callbacks(callbacks: List[Callable[[Any], object]], task: TaskCore[Any]) -> None:

@@ -50,8 +50,10 @@ from typing import (
 from .._monitor import loop as _monitor
 from .._shared.errors import BgTaskError, SerializationError
 from .limits import Limiter
-from .state import _NOT_READY, UNFINISHED, TaskCore, _decode_ready, _run_callback
+from .state import TaskCore, _decode_ready, _run_callback
 from .stream import NO_ITEM as _NO_ITEM
+from .waits import NOT_READY as _NOT_READY
+from .waits import UNFINISHED
 
 R = TypeVar("R")
 Y = TypeVar("Y")
