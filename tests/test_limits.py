@@ -405,6 +405,50 @@ def test_a_map_limit_below_the_functions_own_holds() -> None:
     assert _max_overlap(log) <= 2
 
 
+def _held_first(gate: str, i: int) -> int:
+    """Item 0 waits for the gate file; the others return at once."""
+    while i == 0 and not os.path.exists(gate):
+        time.sleep(0.01)
+    return i
+
+
+@pytest.mark.parametrize("how", ["map", "amap"])
+def test_a_map_waiting_for_its_oldest_item_does_not_spin(how: str, tmp_path: Path) -> None:
+    """Ordered, with a limit below the function's own, while later items are done and the oldest
+    runs: the main program sleeps in its wait (amap used to spin, a CPU at full load)."""
+    gate = tmp_path / "gate"
+    work = background(_held_first, limit=4)
+    window_s = 1.5
+    spent: List[float] = []
+
+    def open_gate_later() -> None:
+        started = time.process_time()
+        time.sleep(window_s)  # the window measured, not an ordering: the map waits on the gate
+        spent.append(time.process_time() - started)
+        gate.touch()
+
+    import threading
+
+    opener = threading.Thread(target=open_gate_later)
+    args = (itertools.repeat(str(gate), 3), range(3))
+    opener.start()
+    try:
+        if how == "map":
+            got = list(work.map(*args, limit=2))
+        else:
+
+            async def collect() -> List[int]:
+                return [i async for i in work.amap(*args, limit=2)]
+
+            got = asyncio.run(collect())
+    finally:
+        gate.touch()
+        opener.join()
+    assert got == [0, 1, 2]
+    # CPU time of the whole main program over the window: a spinning wait takes most of it.
+    assert spent[0] < window_s / 3, f"{spent[0]:.2f} s of CPU in {window_s} s of waiting"
+
+
 @pytest.mark.parametrize("ordered", [True, False])
 def test_an_error_reading_the_input_comes_after_the_results_before_it(ordered: bool) -> None:
     """As the builtin map: the items read before the input failed give their results first."""

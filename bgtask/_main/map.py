@@ -15,10 +15,22 @@ stops them (as a daemon's), rather than waiting for work nobody will read.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
-import queue
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Dict, Iterator, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+)
 
 from .limits import Limiter
 
@@ -62,22 +74,38 @@ def _left(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class _Window:
-    """The calls made ahead of the results read: at most ``size``, the input read as they leave.
+class _Engine:
+    """What a map does, whatever waits: which call to make next, which tasks' ends to wait for,
+    which result comes next, and what is stopped when the loop ends. ``map`` and ``amap`` each
+    drive it with their own way of starting a task and of waiting (a thread blocks; a coroutine
+    awaits), in the same loop::
 
-    ``unfinished``: also at most this many calls not finished yet (a map's limit below the
-    function's own). An error reading the input is raised once the results of the items read
-    before it are out, as the builtin ``map`` does.
+        while True:
+            start every call next_call() gives (started() or failed_to_start() each)
+            task = take(): its result is the next one, if any
+            no task and nothing in flight: done (raise_error())
+            wait until one of watched() is done, or the deadline
+
+    The window holds the calls made ahead of the results read: at most ``size``, the input read
+    as they leave. ``unfinished``: also at most this many calls not finished yet (a map's limit
+    below the function's own). An error reading the input, or starting a call, is raised once
+    the results of the items read before it are out, as the builtin ``map`` does.
     """
 
-    def __init__(self, calls: Iterator[Tuple[Any, ...]], size: int, unfinished: Optional[int] = None) -> None:
+    def __init__(
+        self, calls: Iterator[Tuple[Any, ...]], size: int, unfinished: Optional[int], ordered: bool
+    ) -> None:
         self.calls = calls
         self.size = size
         self.unfinished = unfinished
+        self.ordered = ordered
         self.inflight: Deque[Task[Any]] = collections.deque()
         self.exhausted = False
         self.error: Optional[BaseException] = None
         self.read = 0  # items read from the input
+        # Wake on every task's end (not only the oldest's) where the loop makes the calls that
+        # take the places freed: the limiter does not hold calls ahead for them then.
+        self.wake_on_any = not ordered or unfinished is not None
 
     def next_call(self) -> Optional[Tuple[Any, ...]]:
         """The arguments of the next call to make, or ``None``: the window is full, or the input
@@ -96,6 +124,9 @@ class _Window:
             self.read += 1
         return args
 
+    def started(self, task: Task[Any]) -> None:
+        self.inflight.append(task)
+
     def failed_to_start(self, exc: Exception) -> None:
         """The last call read could not start (its item cannot be pickled, say): like an error
         of the input, raised once the results before it are out, naming the item."""
@@ -107,6 +138,23 @@ class _Window:
             error.__cause__ = exc
         self.error = error
         self.exhausted = True
+
+    def take(self) -> Optional[Task[Any]]:
+        """The task whose result comes next, out of the window, if it is done."""
+        inflight = self.inflight
+        if self.ordered:
+            task = inflight[0] if inflight and inflight[0].done() else None
+        else:
+            task = next((t for t in inflight if t.done()), None)
+        if task is not None:
+            inflight.remove(task)
+        return task
+
+    def watched(self) -> List[Task[Any]]:
+        """The tasks whose end the loop waits for: those not done (an end already seen would
+        wake the loop at once, again and again). Empty if all ended since ``take()``."""
+        tasks = list(self.inflight) if self.wake_on_any else [self.inflight[0]]
+        return [t for t in tasks if not t.done()]
 
     def raise_error(self) -> None:
         """Every call made has been read: the input's error now, if it had one."""
@@ -138,53 +186,42 @@ def map_calls(
     options, size, unfinished, deadline = _prepare(options, limit, timeout)
 
     def generate() -> Iterator[Any]:
-        window = _Window(calls, size, unfinished)
-        inflight = window.inflight
-        finished: queue.SimpleQueue[Task[Any]] = queue.SimpleQueue()
-        # Wake on every task's end (not only the oldest's) where this loop makes the calls that
-        # take the places freed: the limiter does not hold calls ahead for them then.
-        wake_on_any = not ordered or unfinished is not None
-
-        def fill() -> None:
-            while (args := window.next_call()) is not None:
-                try:
-                    task = start(fn, args, {}, options)
-                except Exception as exc:  # noqa: BLE001 (raised in its turn, see _Window)
-                    window.failed_to_start(exc)
-                    return
-                if wake_on_any:
-                    task.add_done_callback(finished.put)
-                inflight.append(task)
-
+        engine = _Engine(calls, size, unfinished, ordered)
         try:
-            fill()
-            while inflight:
-                if ordered:
-                    task = inflight[0]
-                    while wake_on_any and not task.done():
-                        try:
-                            finished.get(timeout=_left(deadline))
-                        except queue.Empty:
-                            raise _timed_out(fn, timeout) from None
-                        fill()
+            while True:
+                while (args := engine.next_call()) is not None:
                     try:
-                        task.exception(_left(deadline))  # its own error is raised below
-                    except TimeoutError:
-                        raise _timed_out(fn, timeout) from None
-                    inflight.popleft()
-                else:
-                    try:
-                        task = finished.get(timeout=_left(deadline))
-                    except queue.Empty:
-                        raise _timed_out(fn, timeout) from None
-                    inflight.remove(task)
-                fill()
-                yield task.result(0)
-            window.raise_error()
+                        engine.started(start(fn, args, {}, options))
+                    except Exception as exc:  # noqa: BLE001 (raised in its turn, see _Engine)
+                        engine.failed_to_start(exc)
+                task = engine.take()
+                if task is not None:
+                    yield task.result(0)
+                elif not engine.inflight:
+                    break
+                elif not _wait(engine.watched(), _left(deadline)):
+                    raise _timed_out(fn, timeout)
+            engine.raise_error()
         finally:
-            window.stop()
+            engine.stop()
 
     return generate()
+
+
+def _wait(tasks: List[Task[Any]], timeout: Optional[float]) -> bool:
+    """Block until one of ``tasks`` is done; whether one is within ``timeout``."""
+    if not tasks:
+        return True
+    if len(tasks) == 1:  # a task's own wait: on Ray, it lends the CPU out meanwhile
+        try:
+            tasks[0].exception(timeout)
+        except TimeoutError:
+            return False
+        except concurrent.futures.CancelledError:
+            pass
+        return True
+    done, _ = concurrent.futures.wait(tasks, timeout, concurrent.futures.FIRST_COMPLETED)
+    return bool(done)
 
 
 async def start_off_loop(call: Callable[[], Task[Any]]) -> Task[Any]:
@@ -221,54 +258,45 @@ def amap_calls(
     ordered: bool,
     timeout: Optional[float],
 ) -> AsyncIterator[Any]:
-    """``map_calls`` for asyncio: tasks started off the event loop, results awaited."""
-    import asyncio
-
+    """``map_calls`` for asyncio: the same engine; tasks started off the event loop, ends awaited."""
     options, size, unfinished, deadline = _prepare(options, limit, timeout)
 
     async def generate() -> AsyncIterator[Any]:
-        window = _Window(calls, size, unfinished)
-        inflight = window.inflight
-        wake_on_any = not ordered or unfinished is not None  # as in map_calls
-
-        async def fill() -> None:
-            while (args := window.next_call()) is not None:
-                try:
-                    task = await _astart(start, fn, args, options)
-                except Exception as exc:  # noqa: BLE001 (raised in its turn, see _Window)
-                    window.failed_to_start(exc)
-                    return
-                inflight.append(task)
-
+        engine = _Engine(calls, size, unfinished, ordered)
         try:
-            await fill()
-            while inflight:
-                watched = list(inflight) if wake_on_any else [inflight[0]]
-                waiting: Set[Any] = {asyncio.ensure_future(t._until(t.done)) for t in watched}
-                try:
-                    done, waiting = await asyncio.wait(
-                        waiting, timeout=_left(deadline), return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    for future in waiting:
-                        future.cancel()
-                if not done:
+            while True:
+                while (args := engine.next_call()) is not None:
+                    try:
+                        engine.started(await _astart(start, fn, args, options))
+                    except Exception as exc:  # noqa: BLE001 (raised in its turn, see _Engine)
+                        engine.failed_to_start(exc)
+                task = engine.take()
+                if task is not None:
+                    yield task.result(0)
+                elif not engine.inflight:
+                    break
+                elif not await _await(engine.watched(), _left(deadline)):
                     raise _timed_out(fn, timeout, "amap")
-                if ordered:
-                    if not inflight[0].done():
-                        await fill()  # a later one ended: its place goes to the next call
-                        continue
-                    task = inflight.popleft()
-                else:
-                    task = next(t for t in inflight if t.done())
-                    inflight.remove(task)
-                await fill()
-                yield task.result(0)
-            window.raise_error()
+            engine.raise_error()
         finally:
-            window.stop()
+            engine.stop()
 
     return generate()
+
+
+async def _await(tasks: List[Task[Any]], timeout: Optional[float]) -> bool:
+    """Wait in the event loop until one of ``tasks`` is done; whether one is within ``timeout``."""
+    import asyncio
+
+    if not tasks:
+        return True
+    waiting: Set[Any] = {asyncio.ensure_future(t._until(t.done)) for t in tasks}
+    try:
+        done, waiting = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in waiting:
+            future.cancel()
+    return bool(done)
 
 
 def _timed_out(fn: Callable[..., Any], timeout: Optional[float], how: str = "map") -> TimeoutError:
