@@ -81,13 +81,13 @@ def test_an_escapee_is_gone_once_its_tasks_end_is_known_even_if_the_zygote_dies_
         assert zygote is not None
         os.kill(zygote.process.pid, signal.SIGKILL)
         # The next round's call must not race the zygote's death (it would crash, as documented).
-        assert wait_until(lambda: not zygote.alive, timeout=30)
+        assert wait_until(lambda z=zygote: not z.alive, timeout=30)
         assert task.exitcode == -signal.SIGKILL  # reported by the zygote before it died
         assert isinstance(task.exception(0), TaskCrashed)
         assert mark.exists()  # written before the task killed itself
         pid = int(mark.read_text())
         try:
-            assert wait_until(lambda: not pid_alive(pid), timeout=20), (
+            assert wait_until(lambda p=pid: not pid_alive(p), timeout=20), (
                 f"round {round_}: escapee {pid} survived"
             )
         finally:

@@ -189,6 +189,29 @@ def test_result_and_exception(backend: str) -> None:
     assert "in fail" in str(caught.value.__cause__)  # the task's own traceback, as the cause
 
 
+def test_large_buffers_go_both_ways(backend: str) -> None:
+    """An argument and a result holding 2 MiB out-of-band buffers (as NumPy arrays do): on
+    Ray they travel in the task's specification and its result, not as descriptors."""
+    import hashlib
+    import pickle
+
+    class Blob:
+        def __init__(self, data: Any) -> None:
+            self.data = data
+
+        def __reduce_ex__(self, protocol: Any) -> Any:
+            return Blob, (pickle.PickleBuffer(self.data),)
+
+    @background(backend=backend)
+    def echo(blob: Blob) -> Any:
+        return Blob(bytearray(blob.data)), hashlib.sha256(blob.data).hexdigest()
+
+    data = bytearray(b"0123456789abcdef" * (128 * 1024))
+    back, digest = echo(Blob(data)).result(RESULT_S)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert bytes(back.data) == bytes(data)
+
+
 def test_a_crash_is_task_crashed(backend: str) -> None:
     @background(backend=backend)
     def crash() -> None:

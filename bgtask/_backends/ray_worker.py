@@ -164,7 +164,8 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
     try:
         threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True).start()
         try:
-            kind, data, code = run_call(body, [], state)
+            kind, sent, code = run_call(body, [], state, by_reference=False)
+            data = sent if isinstance(sent, bytes) else sent.body  # no descriptor: never WithFiles
         except _StopRequest as stop:
             state.running_done()
             kind, data, code = _wire.STOPPED, stopped(stop), -signal.SIGTERM

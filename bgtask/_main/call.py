@@ -52,8 +52,12 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     _green.check(options["start_method"])
     initializers = [*_program_initializers, *options.get("initializers", ())]
     shipped = WithInitializers(fn, initializers) if initializers else fn
+    from .._backends import ray as _ray
+
+    # Large buffers go in memory files, as descriptors; no descriptor reaches a Ray worker.
+    by_reference = not _ray.wants_ray(options)
     try:
-        payload = dumps_call(shipped, args, kwargs)  # fails here, before any process starts
+        payload = dumps_call(shipped, args, kwargs, by_reference)  # fails here, before any process starts
     except SerializationError as exc:
         if shipped is fn:
             raise

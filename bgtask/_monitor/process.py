@@ -38,6 +38,7 @@ from .._shared import forks
 from .._shared import green as _green
 from .._shared import platform as _platform
 from .._shared import wire as _wire
+from .._shared.serialization import MAX_BUFFER_FILES, receive_buffers
 from . import loop as _monitor
 
 # A signaller delivers a signal through the launcher (the zygote, or the parent's own kill);
@@ -108,7 +109,8 @@ class TaskProcess:
         self._signaller = signaller
         self._on_end = on_end
         self._on_helper = on_helper  # the task started a zygote of its own (pid, start time)
-        self._reader = _wire.MessageReader()
+        # A return value's large buffers come as memory files with its message: mapped as it arrives.
+        self._reader = _wire.MessageReader(MAX_BUFFER_FILES, receive_buffers)
         self._consumer: Optional[Consumer] = None
         self._early_sent = False
         self._reading = False

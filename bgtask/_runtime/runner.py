@@ -21,22 +21,26 @@ the stop state.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from .._shared import context, forks, is_bgtask_file
 from .._shared import wire as _wire
 from .._shared.context import TaskState
-from .._shared.serialization import dumps_value, loads_call, pack_exception, type_name
+from .._shared.serialization import dumps_result, dumps_value, loads_call, pack_exception, type_name
 from .._shared.stop import _StopRequest
 
 Send = Callable[[int, bytes], None]
-Outcome = Tuple[int, bytes, int]  # the message's kind, its body, the process's exit code
+Outcome = Tuple[int, Union[bytes, _wire.WithFiles], int]  # the message's kind, its body, the exit code
 
 
-def run_call(body: Any, fds: List[int], state: TaskState, stream: Optional[Send] = None) -> Outcome:
+def run_call(
+    body: Any, fds: List[int], state: TaskState, stream: Optional[Send] = None, by_reference: bool = True
+) -> Outcome:
     """Load the call in ``body``, run it, and return its end as a message and an exit code.
 
-    ``stream`` sends a generator's items as they come (a stream task). While ``state.running``
+    ``stream`` sends a generator's items as they come (a stream task). ``by_reference``: a
+    return value's large buffers go in memory files (the body is then ``WithFiles``); false
+    where no descriptor can follow the message (Ray). While ``state.running``
     is false a stop raises nothing: a Ray worker loads the call so (an import a stop tore would
     stay broken for its later tasks). A stop while the function runs raises ``_StopRequest``
     out of here.
@@ -73,7 +77,7 @@ def run_call(body: Any, fds: List[int], state: TaskState, stream: Optional[Send]
     state.running_done()
     del fn, args, kwargs
     try:
-        return _wire.RESULT, dumps_value(value), 0
+        return _wire.RESULT, dumps_result(value, by_reference), 0
     except BaseException as exc:
         packet = pack_exception(exc)
         what = f"the return value (a {type_name(value)})"

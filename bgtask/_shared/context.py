@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
 
 from . import forks, is_bgtask_file, platform
 from . import wire as _wire
@@ -122,7 +122,7 @@ class Context:
         # that logs while the same thread sends must neither deadlock nor cut into a message.
         self._lock = threading.RLock()
         self._writing = False
-        self._later: Deque[Tuple[int, bytes]] = collections.deque()
+        self._later: Deque[Tuple[int, Any]] = collections.deque()
         # Where log records go: the channel in the task; in a process the task forked, the same
         # channel, for records only (``forked``). Once the task forks, each message goes out
         # under a lockf lock on this file, shared with the forked processes: whole, never cut
@@ -143,12 +143,14 @@ class Context:
     def has_channel(self) -> bool:
         return self.channel is not None
 
-    def send(self, kind: int, body: bytes) -> None:
-        """Send one message home, whole; nothing if the main program is gone."""
+    def send(self, kind: int, body: Union[bytes, _wire.WithFiles]) -> None:
+        """Send one message home, whole; nothing if the main program is gone. The descriptors
+        of a ``WithFiles`` body go with it, and are closed."""
         try:
             self._send(kind, body)
-        except OSError:
-            pass  # the main program is gone (BrokenPipeError) or closed our channel
+        except OSError:  # the main program is gone (BrokenPipeError) or closed our channel
+            if isinstance(body, _wire.WithFiles):
+                _close_files(body)
 
     def forward(self, body: bytes) -> None:
         """Send a queue's items home (a QUEUED message), whole.
@@ -158,7 +160,7 @@ class Context:
         """
         self._send(_wire.QUEUED, body)
 
-    def _send(self, kind: int, body: bytes) -> None:
+    def _send(self, kind: int, body: Union[bytes, _wire.WithFiles]) -> None:
         channel = self.log_channel if kind in _TO_PEERS else self.channel
         if channel is None:
             raise BrokenPipeError("this process has no channel to a main program")
@@ -171,9 +173,9 @@ class Context:
             try:
                 if locked >= 0:
                     fcntl.lockf(locked, fcntl.LOCK_EX)
-                _wire.send_message(channel, kind, body)
+                _send_one(channel, kind, body)
                 while self._later:
-                    _wire.send_message(channel, *self._later.popleft())
+                    _send_one(channel, *self._later.popleft())
             finally:
                 self._writing = False
                 if locked >= 0:
@@ -420,3 +422,24 @@ def forget_in_child() -> None:
 
 
 forks.register(before=before_fork, after_in_child=forget_in_child, order=forks.TASKS)
+
+
+def _send_one(channel: socket.socket, kind: int, body: Union[bytes, _wire.WithFiles]) -> None:
+    if not isinstance(body, _wire.WithFiles):
+        _wire.send_message(channel, kind, body)
+        return
+    try:
+        _wire.send_messages(channel, [(kind, body.body)], body.fds)
+    finally:
+        _close_files(body)
+
+
+def _close_files(body: _wire.WithFiles) -> None:
+    """Close the descriptors of a body, once (sent, or never to be)."""
+    fds = list(body.fds)
+    body.fds.clear()
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -471,6 +472,62 @@ def memory_file(name: str, size: int = 0) -> int:
             os.close(fd)
             raise
     return fd
+
+
+def map_private(fd: int, size: int) -> Any:
+    """A private, writable (copy-on-write) mapping of the first ``size`` bytes of ``fd``, as an
+    object that exports it as a buffer; unmapped once nothing uses it. ``fd`` may be closed.
+
+    ``mmap.mmap`` keeps a duplicate of the descriptor for as long as the mapping lives (until
+    Python 3.13's ``trackfd=False``): a program holding many received arrays would run out of
+    descriptors. So, before 3.13, the C library maps it, seen through a ``ctypes`` array.
+    """
+    import mmap
+
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
+    lib = libc()
+    if lib is None:
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
+    import ctypes
+    import weakref
+
+    mmap_, munmap = _mapping_calls(lib)
+    address = mmap_(None, size, prot, mmap.MAP_PRIVATE, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mmap: {os.strerror(code)}")
+    memory = (ctypes.c_ubyte * size).from_address(address)
+    # Not at the interpreter's exit: objects built on the mapping may still be read then.
+    weakref.finalize(memory, munmap, address, size).atexit = False
+    return memoryview(memory).cast("B")  # ctypes says "<B", which memoryview cannot write
+
+
+_MAP_FAILED = (1 << (8 * struct.calcsize("P"))) - 1  # (void *) -1
+_map_calls: Optional[Tuple[Any, Any]] = None
+
+
+def _mapping_calls(lib: Any) -> Tuple[Any, Any]:
+    global _map_calls
+    if _map_calls is None:
+        import ctypes
+
+        mmap_ = lib.mmap
+        mmap_.restype = ctypes.c_void_p
+        mmap_.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        munmap = lib.munmap
+        munmap.restype = ctypes.c_int
+        munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _map_calls = (mmap_, munmap)
+    return _map_calls
 
 
 def pipe_bytes(fd: int) -> int:

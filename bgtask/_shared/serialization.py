@@ -15,6 +15,15 @@ pickled (:func:`send_along`) and go with it as ``SCM_RIGHTS``; the task takes th
 unpickles (:func:`received`). Anywhere else (a result, a queue item) they are refused by name,
 never sent as a bare number. ``multiprocessing`` manager proxies carry their manager's authkey,
 as ``multiprocessing`` itself does for the children it starts.
+
+Large buffers go by reference: a call is pickled with protocol 5, and each out-of-band buffer
+(``pickle.PickleBuffer``: NumPy arrays, and whatever else exports one) of at least
+``BY_REFERENCE`` bytes is written once into a memory file of its own, which travels with the call
+as a descriptor. The task maps it copy-on-write and the object is built on the mapping: no
+further copy, pages read only where the task reads them, writable without touching the
+caller's memory. The body ends with a 2-byte count of those files (always present, 0 on Ray)::
+
+    pickle (NEXT_BUFFER for each buffer sent by reference) | count   descriptors: ... | files
 """
 
 from __future__ import annotations
@@ -28,12 +37,14 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 
 import cloudpickle
 
+from . import platform as _platform
+from . import wire as _wire
 from .errors import RemoteTraceback, SerializationError, TaskError, set_cause
-from .wire import Body, Pieces
+from .wire import Body, Pieces, WithFiles
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -56,8 +67,14 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
 
 
 # At most this many descriptors travel with one call (Linux takes 253 in one SCM_RIGHTS message;
-# two more may carry the standard streams).
+# two more may carry the standard streams), memory files of large buffers included.
 MAX_DESCRIPTORS = 250
+# A buffer of at least this many bytes goes in a memory file rather than in the pickle: below
+# it, creating, filling and mapping a file costs more than copying through the socket does.
+BY_REFERENCE = 1024 * 1024
+# At most this many of a call's buffers go by reference (the rest in the pickle): the other
+# descriptors a call may carry keep their room.
+MAX_BUFFER_FILES = 64
 
 
 class _Descriptors(threading.local):
@@ -65,6 +82,7 @@ class _Descriptors(threading.local):
     guards: Optional[Dict[int, Any]] = None  # ... the lock to hold while closing one of them
     keep: Optional[List[Any]] = None  # while a call is pickled: what must live as long as its task
     incoming: Optional[List[int]] = None  # while a call is unpickled: what arrived with it
+    files: Optional[List[int]] = None  # while a call is pickled: memory files of its buffers
 
 
 _descriptors = _Descriptors()
@@ -84,7 +102,7 @@ def send_along(fd: int, what: str, guard: Any = None) -> int:
             f"{what} stands for a descriptor of this process: it can be an argument of a task "
             "(or captured by its function), not a result, a queue item or pickled otherwise"
         )
-    if len(outgoing) >= MAX_DESCRIPTORS:
+    if len(outgoing) + len(_descriptors.files or ()) >= MAX_DESCRIPTORS:
         raise TypeError(f"more than {MAX_DESCRIPTORS} descriptors in one call")
     outgoing.append(os.dup(fd))
     if guard is not None and _descriptors.guards is not None:
@@ -189,10 +207,10 @@ def _pickler_class() -> Any:
     return _pickler
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     """Pickle ``obj`` with cloudpickle."""
     buffer = io.BytesIO()
-    _pickler_class()(buffer, protocol=PROTOCOL).dump(obj)
+    _pickler_class()(buffer, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return buffer.getvalue()
 
 
@@ -231,27 +249,160 @@ class _PieceWriter:
         return Pieces(self.pieces, self.size)
 
 
-def _dumps_pieces(obj: Any) -> Body:
-    """Pickle ``obj`` with cloudpickle into bytes, or ``Pieces`` when it holds large bytes."""
+def _dumps_pieces(obj: Any, files: Optional[List[int]] = None) -> Body:
+    """Pickle ``obj`` with cloudpickle into bytes, or ``Pieces`` when it holds large bytes.
+
+    ``files``: large buffers go out of band, each into a memory file appended there.
+    """
     writer = _PieceWriter()
-    _pickler_class()(writer, protocol=PROTOCOL).dump(obj)
+    callback = None if files is None else _BufferFiles(files)
+    _pickler_class()(writer, protocol=PROTOCOL, buffer_callback=callback).dump(obj)
     return writer.body()
 
 
+class _BufferFiles:
+    """The pickler's ``buffer_callback``: a large buffer goes into a memory file of its own
+    (``False``: out of band); any other stays in the pickle (``True``)."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, files: List[int]) -> None:
+        self.files = files
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: pickled in band, as a copy
+            return True
+        if view.nbytes < BY_REFERENCE:
+            return True
+        if (
+            len(self.files) >= MAX_BUFFER_FILES
+            or len(self.files) + len(_descriptors.outgoing or ()) >= MAX_DESCRIPTORS
+        ):
+            return True
+        try:
+            fd = _platform.memory_file("bgtask-buffer")
+        except OSError:  # no descriptor left: in band, slower but sent
+            return True
+        try:
+            _write_all(fd, view)
+        except OSError:  # no memory for the file (ENOSPC, ENOMEM): in band
+            os.close(fd)
+            return True
+        except BaseException:
+            os.close(fd)
+            raise
+        self.files.append(fd)
+        return False
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` at the start of ``fd`` (Linux writes at most about 2 GiB at once)."""
+    done = 0
+    size = view.nbytes
+    while done < size:
+        done += os.pwrite(fd, view[done:], done)
+
+
+def _map_buffer(fd: int) -> Any:
+    """A private, writable mapping of a buffer's memory file (which is closed)."""
+    try:
+        return _platform.map_private(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _with_count(body: Body, count: int) -> Body:
+    """``body`` followed by the 2-byte count of buffer files, without copying a large body."""
+    trailer = count.to_bytes(2, "big")
+    if isinstance(body, Pieces):
+        body.pieces.append(trailer)
+        body.size += 2
+        return body
+    if len(body) < _BIG_PIECE:
+        return body + trailer
+    return Pieces([body, trailer], len(body) + 2)
+
+
 def dumps_value(obj: Any) -> bytes:
-    """Pickle a task's return value: the stdlib pickler first (faster), cloudpickle if needed.
+    """Pickle a value (a stream's item, a queue's item): the stdlib pickler first (faster),
+    cloudpickle if needed.
 
     What the stdlib pickles, it pickles by reference to importable modules, which the main
     program can import too; anything else (lambdas, classes defined in the task) goes by value.
     """
+    data = _dumps_value(obj, None)
+    assert not isinstance(data, WithFiles)
+    return data
+
+
+def dumps_result(obj: Any, by_reference: bool) -> Union[bytes, WithFiles]:
+    """Pickle a task's return value as :func:`dumps_value` does; ``by_reference``: its large
+    buffers go in memory files, which go with the bytes (``WithFiles``)."""
+    return _dumps_value(obj, [] if by_reference else None)
+
+
+def _dumps_value(obj: Any, files: Optional[List[int]]) -> Union[bytes, WithFiles]:
     if type(obj) in _PLAIN:
         return pickle.dumps(obj, PROTOCOL)
-    if _pickler_class() is _StrictPickler:
-        return dumps(obj)  # a multiprocessing connection must not pass as a bare number
+    callback = None if files is None else _BufferFiles(files)
+    files = [] if files is None else files
     try:
-        return pickle.dumps(obj, PROTOCOL)
-    except Exception:
-        return dumps(obj)
+        if _pickler_class() is _StrictPickler:
+            data = dumps(obj, callback)  # a multiprocessing connection must not pass as a bare number
+        else:
+            try:
+                data = pickle.dumps(obj, PROTOCOL, buffer_callback=callback)
+            except Exception:
+                _close_all(files)
+                data = dumps(obj, callback)
+    except BaseException:
+        _close_all(files)
+        raise
+    return WithFiles(data, files) if files else data
+
+
+def _close_all(fds: List[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+class Mapped:
+    """A pickled value received with the memory files of its large buffers, mapped."""
+
+    __slots__ = ("buffers", "data")
+
+    def __init__(self, data: bytearray, buffers: List[Any]) -> None:
+        self.data = data
+        self.buffers = buffers
+
+    def __len__(self) -> int:
+        return len(self.data) + sum(len(b) for b in self.buffers)
+
+
+def receive_buffers(kind: int, body: bytearray, fds: List[int]) -> Any:
+    """A message received with descriptors: a value's buffers (mapped, ``Mapped``); any other
+    message's descriptors are closed."""
+    if kind not in _BY_REFERENCE_KINDS:
+        _close_all(fds)
+        return body
+    buffers = []
+    try:
+        for fd in fds:
+            buffers.append(_map_buffer(fd))
+    except OSError:
+        _close_all(fds[len(buffers) + 1 :])
+        raise
+    return Mapped(body, buffers)
+
+
+# The messages whose large buffers travel by reference: a task's return value.
+_BY_REFERENCE_KINDS = frozenset((_wire.RESULT,))
 
 
 # Types the stdlib pickler handles alone, whatever the program imported.
@@ -259,7 +410,10 @@ _PLAIN = frozenset((bytes, bytearray, str, int, float, bool, type(None), complex
 
 
 def loads(data: Any) -> Any:
-    """Unpickle bytes made by :func:`dumps`."""
+    """Unpickle bytes made by :func:`dumps` or :func:`dumps_value` (``Mapped`` if they came
+    with buffers by reference)."""
+    if type(data) is Mapped:
+        return pickle.loads(data.data, buffers=data.buffers)
     return pickle.loads(data)
 
 
@@ -300,10 +454,16 @@ def close_guarded(fd: int, guard: Any = None) -> None:
         pass
 
 
-def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Payload:
-    """Pickle a call, or raise ``SerializationError`` naming the part that cannot be pickled."""
+def dumps_call(
+    fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], by_reference: bool = True
+) -> Payload:
+    """Pickle a call, or raise ``SerializationError`` naming the part that cannot be pickled.
+
+    ``by_reference``: large buffers go in memory files (see the module docstring); false where
+    no descriptor can follow the call (Ray).
+    """
     try:
-        return _dumps_with_descriptors((fn, args, kwargs))
+        return _dumps_with_descriptors((fn, args, kwargs), by_reference)
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         culprit = _find_culprit(fn, args, kwargs)
         raise SerializationError(
@@ -311,31 +471,39 @@ def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
         ) from exc
 
 
-def _dumps_with_descriptors(obj: Any) -> Payload:
+def _dumps_with_descriptors(obj: Any, by_reference: bool = False) -> Payload:
     fds: List[int] = []
     keep: List[Any] = []
     guards: Dict[int, Any] = {}
+    files: List[int] = []
     _descriptors.outgoing = fds
     _descriptors.keep = keep
     _descriptors.guards = guards
+    _descriptors.files = files
     try:
-        return Payload(_dumps_pieces(obj), tuple(fds), tuple(keep), guards)
+        body = _dumps_pieces(obj, files if by_reference else None)
+        return Payload(_with_count(body, len(files)), (*fds, *files), tuple(keep), guards)
     except BaseException:
-        Payload(b"", tuple(fds), (), guards).close()
+        Payload(b"", (*fds, *files), (), guards).close()
         raise
     finally:
         _descriptors.outgoing = None
         _descriptors.keep = None
         _descriptors.guards = None
+        _descriptors.files = None
 
 
 def loads_call(body: Any, fds: List[int]) -> Any:
     """Unpickle a call made by :func:`dumps_call`; descriptors nothing claimed are closed."""
+    count = int.from_bytes(body[-2:], "big")
+    data = memoryview(body)[:-2]
     _descriptors.incoming = fds
     try:
-        return pickle.loads(body)
+        buffers = [_map_buffer(received(index)) for index in range(len(fds) - count, len(fds))]
+        return pickle.loads(data, buffers=buffers)
     finally:
         _descriptors.incoming = None
+        data.release()
         Payload(b"", tuple(fd for fd in fds if fd >= 0)).close()
 
 

@@ -20,7 +20,19 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -242,6 +254,14 @@ class Pieces:
 Body = Union[bytes, Pieces]
 
 
+class WithFiles(NamedTuple):
+    """A message body and the descriptors that go with it (``SCM_RIGHTS``), closed once sent:
+    the memory files of a value's large buffers (see ``_shared.serialization``)."""
+
+    body: bytes
+    fds: List[int]
+
+
 def send_message(sock: socket.socket, kind: int, body: Body) -> None:
     """Send one message; large bodies go without being copied into one buffer."""
     if len(body) <= _SMALL and not isinstance(body, Pieces):
@@ -371,6 +391,7 @@ class MessageReader:
     """
 
     __slots__ = (
+        "_attach",
         "_body",
         "_fds",
         "_got",
@@ -384,8 +405,14 @@ class MessageReader:
         "messages",
     )
 
-    def __init__(self, maxfds: int = 0) -> None:
+    def __init__(
+        self, maxfds: int = 0, attach: Optional[Callable[[int, bytearray, List[int]], Any]] = None
+    ) -> None:
+        """``maxfds``: take descriptors with messages, at most this many with one; they go to
+        ``fds`` (a list per message), or, given ``attach``, to ``attach(kind, body, fds)``,
+        whose return is the message's body (the descriptors are then its to close)."""
         self._maxfds = maxfds
+        self._attach = attach
         self._fds: List[int] = []
         self.fds: List[List[int]] = []
         self._head = bytearray()
@@ -456,10 +483,14 @@ class MessageReader:
         assert self._body is not None
         assert self._view is not None
         self._view.release()
-        self.messages.append((self._kind, self._body))
+        body: Any = self._body
         if self._maxfds:
-            self.fds.append(self._fds)
-            self._fds = []
+            fds, self._fds = self._fds, []
+            if self._attach is None:
+                self.fds.append(fds)
+            elif fds:
+                body = self._attach(self._kind, body, fds)
+        self.messages.append((self._kind, body))
         self._body = None
         self._view = None
 
