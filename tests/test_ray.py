@@ -769,18 +769,37 @@ addresses = listening(tree(os.getpid()))
 loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 on_loopback = all(address.split(":")[0] in loopback for address in addresses)
 print("listeners", len(addresses), "all loopback", on_loopback, flush=True)
+if not on_loopback:
+    # Newer Ray binds wider, with token authentication on: a client without the token (none in
+    # its home, the mode off) must be refused, and one with it accepted.
+    import subprocess, sys, tempfile
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    probe = f"import ray; ray.init(address={gcs!r}); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"
+
+    def joins(**env):
+        run = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, **env),
+                             capture_output=True, text=True, timeout=100)
+        return "JOINED 1" in run.stdout
+
+    with tempfile.TemporaryDirectory() as home:
+        refused = not joins(RAY_AUTH_MODE="disabled", HOME=home)
+    print("token refused", refused, "accepted", joins(), flush=True)
 """
 
 
 def test_a_private_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
-    """use_ray() with no address: every port of the cluster it starts is on the loopback address."""
+    """use_ray() with no address: every port of the cluster it starts is on the loopback address,
+    or, where the Ray release binds wider, a client without Ray's token is refused."""
     env = {key: value for key, value in dict(script_env(), **ENV).items() if key != "RAY_ADDRESS"}
     result = run_script(tmp_path, LISTENERS, timeout=RESULT_S, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     words = result.stdout.split()
     assert words[0] == "listeners", result.stdout
     assert int(words[1]) >= 3  # the GCS, the raylet, a worker at least
-    assert words[-1] == "True", result.stdout
+    if words[4] != "True":  # ... "token refused True accepted True"
+        assert words[5:] == ["token", "refused", "True", "accepted", "True"], result.stdout
 
 
 def _set_marker(value: str) -> None:
