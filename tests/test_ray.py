@@ -28,6 +28,25 @@ from bgtask import TaskCrashed, TaskStopped, background, stop_event
 
 from .helpers import ANNOUNCE_EXIT_WAIT, Script, kill_quietly, pid_alive, run_script, script_env, wait_until
 
+
+def _token_auth() -> None:
+    """Newer Ray releases have token authentication: the session's head node and every process
+    that joins it use a token of the session's own (older ones ignore these variables). A head
+    node would otherwise turn it on by itself once ``~/.ray/auth_token`` exists, and refuse the
+    clients that did not. Set before Ray is imported: it reads them once."""
+    import atexit
+    import secrets
+
+    folder = tempfile.mkdtemp(prefix="bgray-token-")
+    path = os.path.join(folder, "auth_token")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+
+
+_token_auth()
 try:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
@@ -47,6 +66,8 @@ pytestmark = pytest.mark.ray
 
 RESULT_S = 120.0
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+ENV.update({key: os.environ[key] for key in AUTH})
 # Stopped in this order, as `ray stop` does: the raylet first, the GCS last.
 FIRST, LAST = ("raylet",), ("gcs_server",)
 
@@ -210,6 +231,54 @@ def test_large_buffers_go_both_ways(backend: str) -> None:
     back, digest = echo(Blob(data)).result(RESULT_S)
     assert digest == hashlib.sha256(data).hexdigest()
     assert bytes(back.data) == bytes(data)
+
+
+def test_readiness(backend: str) -> None:
+    """ready(value) reaches wait_ready() while the task runs, and after it ended; a task that
+    returns without it raises BgTaskError; a task pending in its limiter is waited for too."""
+    import threading
+
+    @background(backend=backend, graceful="event")
+    def serve(port: int) -> str:
+        bgtask.ready({"port": port})
+        stop_event().wait()
+        return "served"
+
+    @background(backend=backend)
+    def quick() -> int:
+        bgtask.ready("up")
+        return 7
+
+    @background(backend=backend)
+    def never() -> None:
+        return None
+
+    task = serve(8080)
+    assert task.wait_ready(RESULT_S) == {"port": 8080}
+    task.stop(RESULT_S)
+    assert task.result(0) == "served"
+    done = quick()
+    assert done.result(RESULT_S) == 7
+    assert done.wait_ready(0) == "up"  # after the end: the value came before the outcome
+    with pytest.raises(bgtask.BgTaskError, match=r"without calling bgtask\.ready"):
+        never().wait_ready(RESULT_S)
+
+    limited = background(backend=backend, limit=1, graceful="event")(_ready_then_wait)
+    first, second = limited(1), limited(2)  # the second waits for the first's place
+    got: List[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(second.wait_ready(RESULT_S)))
+    waiter.start()
+    assert first.wait_ready(RESULT_S) == 1
+    first.stop(RESULT_S)
+    waiter.join(RESULT_S)
+    assert got == [2]
+    second.stop(RESULT_S)
+
+
+def _ready_then_wait(value: int) -> int:
+    bgtask.ready(value)
+    stop_event().wait()
+    return value
 
 
 def test_a_crash_is_task_crashed(backend: str) -> None:
@@ -778,21 +847,27 @@ if not on_loopback:
     gcs = ray.get_runtime_context().gcs_address
     probe = f"import ray; ray.init(address={gcs!r}); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"
 
-    def joins(**env):
-        run = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, **env),
+    def joins(env):
+        run = subprocess.run([sys.executable, "-c", probe], env=env,
                              capture_output=True, text=True, timeout=100)
         return "JOINED 1" in run.stdout
 
+    # This program's environment, as Ray set it up (the mode, the token's file), joins; one
+    # without the token (another home, the mode off) is refused.
+    stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     with tempfile.TemporaryDirectory() as home:
-        refused = not joins(RAY_AUTH_MODE="disabled", HOME=home)
-    print("token refused", refused, "accepted", joins(), flush=True)
+        refused = not joins(dict(stranger, RAY_AUTH_MODE="disabled", HOME=home))
+    print("token refused", refused, "accepted", joins(dict(os.environ)), flush=True)
 """
 
 
 def test_a_private_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
     """use_ray() with no address: every port of the cluster it starts is on the loopback address,
     or, where the Ray release binds wider, a client without Ray's token is refused."""
-    env = {key: value for key, value in dict(script_env(), **ENV).items() if key != "RAY_ADDRESS"}
+    # As a user's program starts it: no address, and Ray's own default for authentication.
+    env = {
+        key: value for key, value in dict(script_env(), **ENV).items() if key not in ("RAY_ADDRESS", *AUTH)
+    }
     result = run_script(tmp_path, LISTENERS, timeout=RESULT_S, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     words = result.stdout.split()

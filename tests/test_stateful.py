@@ -783,12 +783,17 @@ class TaskMachine(RuleBasedStateMachine):
         # The monitor thread may stay while idle; it must be idle, and stop when asked (as
         # before a fork): a hold or a timer left behind would keep it.
         monitor = _monitor.get()
-        monitor.stop_if_idle(GONE_S)
 
         def extra_threads() -> List[str]:
             return [t.name for t in threading.enumerate() if t.ident not in self.base_threads]
 
-        if not wait_until(lambda: not extra_threads(), GONE_S):
+        def stopped_when_idle() -> bool:
+            # Asked again at each look: a task a callback started may still hold the monitor
+            # the first time, and a hold released later does not stop it by itself.
+            monitor.stop_if_idle(0.1)
+            return not extra_threads()
+
+        if not wait_until(stopped_when_idle, GONE_S):
             failures.add(
                 ResourceLeak,
                 f"threads left: {extra_threads()} (monitor holds {monitor._holds}, pending "

@@ -272,6 +272,7 @@ class RayProcess:
         self._consumer: Optional[Consumer] = None
         self._requested = 0
         self._escalation: Optional[_monitor.Timer] = None
+        self._asked_ready = False
         self._monitor = _monitor.get()
         self._monitor.hold()
 
@@ -286,6 +287,8 @@ class RayProcess:
             self._board.pid.remote(self._key).future().add_done_callback(
                 lambda f: monitor.call_soon(lambda: self._pid_known(f))
             )
+            if getattr(consumer, "_ready_wanted", False):  # waited for while it was pending
+                self._want_ready()
 
         monitor.call_soon(hand_over)
 
@@ -299,6 +302,10 @@ class RayProcess:
     def resume(self) -> None:
         pass  # no stream on Ray
 
+    def want_ready(self) -> None:
+        """Someone waits for the task's ``bgtask.ready()``: ask the board, once."""
+        self._monitor.call_soon(self._want_ready)
+
     def block(self, timeout: Optional[float]) -> None:
         """Wait for the task's end inside a Ray task: ``ray.wait`` lends this task's CPU out."""
         ref = self._ref
@@ -310,6 +317,25 @@ class RayProcess:
         self.signal(signal.SIGKILL)
 
     # -- in the monitor thread ----------------------------------------------------------------
+
+    def _want_ready(self) -> None:
+        if self._asked_ready or self.done or self._consumer is None:
+            return
+        self._asked_ready = True
+        monitor = self._monitor
+        try:
+            future = self._board.ready.remote(self._key).future()
+        except Exception:  # noqa: BLE001 (the cluster is gone: the end will tell)
+            return
+        future.add_done_callback(lambda f: monitor.call_soon(lambda: self._ready_known(f)))
+
+    def _ready_known(self, future: Any) -> None:
+        try:
+            body = future.result()
+        except Exception:  # noqa: BLE001 (the board is gone with the cluster)
+            return
+        if body is not None and self._consumer is not None and not self.done:
+            self._consumer._ready_sent(body)
 
     def _pid_known(self, future: Any) -> None:
         try:
@@ -344,11 +370,13 @@ class RayProcess:
         messages: List[Tuple[int, Any]] = []
         exitcode: Optional[int] = None
         try:
-            kind, body, pid, exitcode = future.result()
+            kind, body, pid, exitcode, ready = future.result()
             messages.append((kind, body))
             if self.pid is None:
                 self.pid = pid
                 self._consumer._pid_known(pid)
+            if ready is not None:
+                self._consumer._ready_sent(ready)  # before the outcome, as on a task's channel
         except BaseException as exc:  # noqa: BLE001 (whatever Ray raises is this task's end)
             exitcode, message = self._describe(exc)
             if message is not None:

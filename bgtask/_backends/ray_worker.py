@@ -6,6 +6,7 @@
         |                                                    run(): the call, its outcome returned
         |                                                    as (kind, body, pid), as a local task
         |                                                    would send it
+        +──board.ready(key) <──────── board.post_ready(key) ── bgtask.ready(value) in the task
         +──board.request(key)──> StopBoard actor ──wakes──> the task's stop watcher (a thread):
                                                              graceful: stop event set, or SIGUSR1
                                                              to its own process, whose handler
@@ -26,7 +27,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._runtime.runner import run_call, stopped
 from .._shared import context as _taskctx
@@ -42,13 +43,15 @@ STOP_SIGNAL = signal.SIGUSR1
 
 
 class _Entry:
-    __slots__ = ("pid", "started", "stop", "stopped")
+    __slots__ = ("pid", "ready", "ready_body", "started", "stop", "stopped")
 
     def __init__(self, asyncio: Any) -> None:
         self.stop = asyncio.Event()  # set by a stop request, or by the task's end
         self.stopped = False  # a stop was requested
         self.started = asyncio.Event()
         self.pid = -1
+        self.ready = asyncio.Event()  # set by bgtask.ready() in the task, or by its end
+        self.ready_body: Optional[bytes] = None
 
 
 class StopBoard:
@@ -78,6 +81,7 @@ class StopBoard:
             if key in self._ended:  # its end came first: nothing will wake it otherwise
                 entry.stop.set()
                 entry.started.set()
+                entry.ready.set()
         return entry
 
     async def request(self, key: str) -> None:
@@ -107,6 +111,21 @@ class StopBoard:
         self._forget(key)
         return entry.pid
 
+    async def post_ready(self, key: str, body: bytes) -> None:
+        """The task called ``bgtask.ready()``: its value, pickled."""
+        if key in self._ended:
+            return
+        entry = self._entry(key)
+        entry.ready_body = body
+        entry.ready.set()
+
+    async def ready(self, key: str) -> Optional[bytes]:
+        """The value the task passed to ``bgtask.ready()``, once it did; ``None`` if it ended
+        first (the task's result then carries the value, if it had one)."""
+        entry = self._entry(key)
+        await entry.ready.wait()
+        return entry.ready_body
+
     async def release(self, key: str) -> None:
         """The task ended (said by the task, and by the main program): wake what waits."""
         self._ended[key] = True
@@ -117,6 +136,7 @@ class StopBoard:
         if entry is not None:
             entry.stop.set()
             entry.started.set()
+            entry.ready.set()
             self._forget(key)
 
     def _forget(self, key: str) -> None:
@@ -132,9 +152,11 @@ def session() -> Any:
     return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
 
 
-def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[int, bytes, int, int]:
-    """Run one call on this Ray worker: its outcome message, this process's pid, and the exit
-    code a task process of its own would have had."""
+def run(
+    body: bytes, settings: Dict[str, Any], board: Any, key: str
+) -> Tuple[int, bytes, int, int, Optional[bytes]]:
+    """Run one call on this Ray worker: its outcome message, this process's pid, the exit code
+    a task process of its own would have had, and what it passed to ``bgtask.ready()``."""
     global in_task
     import ray
 
@@ -157,7 +179,14 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
             if stop and not done[0]:
                 os.kill(pid, STOP_SIGNAL)  # the handler runs in the main thread, as locally
 
-    context = Context(state)  # no channel: nothing is sent home
+    readiness: List[bytes] = []
+
+    def post_ready(kind: int, body: bytes) -> None:
+        readiness.append(body)  # the result carries it too: it is known before the outcome
+        ray.get(board.post_ready.remote(key, body))  # there before ready() returns
+
+    # No channel: only readiness goes home, through the board.
+    context = Context(state, home=(frozenset((_wire.READY,)), post_ready))
     previous_context = _taskctx.install(context)
     previous_handler = signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal)
     in_task = True
@@ -182,7 +211,7 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Tuple[in
                 in_task = False
                 _close_event(state)
                 board.release.remote(key)
-    return kind, data, pid, code
+    return kind, data, pid, code, readiness[0] if readiness else None
 
 
 def _close_event(state: TaskState) -> None:

@@ -69,6 +69,7 @@ class TaskCore(Stopping, Waits, concurrent.futures.Future[R]):
         self._timeout: Optional[_monitor.Timer] = None
         self._ready: Any = NOT_READY  # what bgtask.ready() sent, as it came from the task
         self._ready_value: Any = NOT_READY  # ... unpickled, once
+        self._ready_wanted = False  # someone waited for readiness (a Ray task fetches it then)
         self._watchers: List[Callable[[], None]] = []  # woken at any change (asyncio waiters)
         self._started = time.monotonic()
         self._ended_at = 0.0

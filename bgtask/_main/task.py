@@ -197,6 +197,7 @@ class Task(TaskCore[R]):
                 own exception, ``TaskCrashed``, ``TaskStopped``...
         """
         self._check_owner()
+        self._want_ready()
         with self._condition:
             if self._ready is _NOT_READY and self._state in UNFINISHED:
                 self._check_not_monitor()
@@ -220,6 +221,7 @@ class Task(TaskCore[R]):
         import asyncio
 
         self._check_owner()
+        self._want_ready()
         if not self._ready_or_done():
             try:
                 await asyncio.wait_for(self._until(self._ready_or_done), timeout)

@@ -44,6 +44,7 @@ class Waits(StreamState):
     _stop_reason: Optional[str]
     _ready: Any
     _retrieved: bool
+    _ready_wanted: bool
     _watchers: List[Callable[[], None]]
 
     def _check_owner(self) -> None:
@@ -111,6 +112,13 @@ class Waits(StreamState):
                     self._body = None if outcome == "returned" else body
                 decoded = self._decoded
         return decoded
+
+    def _want_ready(self) -> None:
+        """Before a wait for readiness: a Ray task's readiness is fetched only when asked for."""
+        self._ready_wanted = True  # a Ray task pending in its Limiter asks once it is started
+        want = getattr(self._process, "want_ready", None)
+        if want is not None and self._ready is NOT_READY:
+            want()
 
     def _ready_or_done(self) -> bool:
         return self._ready is not NOT_READY or self._state not in UNFINISHED

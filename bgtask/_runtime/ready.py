@@ -7,7 +7,9 @@
 
 The message goes out on the task's channel, the one its outcome takes later, so it always
 arrives before the outcome. It goes through the task's context (``_shared.context``), whole; this
-module is imported by ``import bgtask``, so it imports nothing else of bgtask at the top.
+module is imported by ``import bgtask``, so it imports nothing else of bgtask at the top. On a
+Ray worker the context takes it to the stop board, and the task's result carries it too
+(``_backends.ray_worker``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import threading
 from typing import Any
 
 _lock = threading.Lock()
-_sent = False
 
 
 def ready(value: Any = None) -> None:
@@ -34,18 +35,17 @@ def ready(value: Any = None) -> None:
         BgTaskError: called outside a task started by bgtask, or a second time.
         SerializationError: ``value`` cannot be pickled.
     """
-    global _sent
     from .._shared import context as _taskctx
     from .._shared.errors import BgTaskError
+    from .._shared.wire import READY
 
     context = _taskctx.current
-    if context is None or not context.has_channel:
+    if context is None or not context.can_send(READY):
         raise BgTaskError(
             "ready() was called outside a bgtask task; it is only available in the process of a "
             "function decorated with @background"
         )
     from .._shared.serialization import dumps_value, type_name
-    from .._shared.wire import READY
 
     try:
         data = dumps_value(value)
@@ -56,9 +56,9 @@ def ready(value: Any = None) -> None:
             f"ready(): the value (a {type_name(value)}) cannot be pickled: {exc}"
         ) from exc
     with _lock:
-        if _sent:
+        if context.ready_sent:
             raise BgTaskError("ready() was already called in this task; it tells readiness once")
-        _sent = True
+        context.ready_sent = True
     context.send(READY, data)
 
 

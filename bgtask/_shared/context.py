@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, FrozenSet, List, Optional, Set, Tuple, Union
 
 from . import forks, is_bgtask_file, platform
 from . import wire as _wire
@@ -96,7 +96,8 @@ class Context:
     """What a task's code may use of its runtime: its stop state and its channel home.
 
     ``channel`` is ``None`` where there is none (a Ray worker, or a process the task forked):
-    ``send`` then sends nothing and ``has_channel`` is ``False``.
+    ``send`` then sends nothing and ``has_channel`` is ``False``, except the kinds ``home``
+    takes ``(kinds, send)``: on a Ray worker, readiness goes to the stop board.
     """
 
     __slots__ = (
@@ -107,16 +108,24 @@ class Context:
         "at_end",
         "channel",
         "helpers",
+        "home",
         "log_channel",
         "parent_pid",
+        "ready_sent",
         "state",
     )
 
     def __init__(
-        self, state: TaskState, channel: Optional[socket.socket] = None, parent_pid: int = 0
+        self,
+        state: TaskState,
+        channel: Optional[socket.socket] = None,
+        parent_pid: int = 0,
+        home: Optional[Tuple[FrozenSet[int], Callable[[int, bytes], None]]] = None,
     ) -> None:
         self.state = state
         self.channel = channel
+        self.home = home
+        self.ready_sent = False  # bgtask.ready() was called (once per task)
         self.parent_pid = parent_pid
         # Reentrant, with messages that arrive during a send queued behind it: a signal handler
         # that logs while the same thread sends must neither deadlock nor cut into a message.
@@ -143,6 +152,10 @@ class Context:
     def has_channel(self) -> bool:
         return self.channel is not None
 
+    def can_send(self, kind: int) -> bool:
+        """Whether a message of ``kind`` reaches the main program from here."""
+        return self.channel is not None or (self.home is not None and kind in self.home[0])
+
     def send(self, kind: int, body: Union[bytes, _wire.WithFiles]) -> None:
         """Send one message home, whole; nothing if the main program is gone. The descriptors
         of a ``WithFiles`` body go with it, and are closed."""
@@ -163,6 +176,9 @@ class Context:
     def _send(self, kind: int, body: Union[bytes, _wire.WithFiles]) -> None:
         channel = self.log_channel if kind in _TO_PEERS else self.channel
         if channel is None:
+            if self.home is not None and kind in self.home[0] and isinstance(body, bytes):
+                self.home[1](kind, body)
+                return
             raise BrokenPipeError("this process has no channel to a main program")
         with atomic(), self._lock:
             if self._writing:  # a signal handler interrupted this thread's own send
