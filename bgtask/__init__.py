@@ -37,6 +37,7 @@ so a task starts without paying for it. ARCHITECTURE.md draws a call's path::
       context            the task-side context; atomic(): no stop or Ctrl-C inside a message
       wire               every message between processes, defined once; framing
       serialization      the only cloudpickle import
+      buffers            large buffers by reference: memory files, mapped copy-on-write
       errors, stop       the exceptions; StopEvent
       logs               the logging relay: snapshot and handler (main), relay (task)
       forks              the one after-fork reset every part registers with

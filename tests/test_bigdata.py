@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from bgtask import background
-from bgtask._shared import serialization
+from bgtask._shared import buffers
 
 MiB = 1024 * 1024
 
@@ -96,7 +96,7 @@ def test_more_buffers_than_descriptors_fit_go_partly_in_the_pickle(monkeypatch: 
     carries; the buffers beyond go in the pickle; every one arrives."""
     import socket
 
-    monkeypatch.setattr(serialization, "BY_REFERENCE", 1024)
+    monkeypatch.setattr(buffers, "BY_REFERENCE", 1024)
     blobs = [Blob(_pattern(2048, seed)) for seed in range(300)]
     mine, theirs = socket.socketpair()
     with mine, theirs:

@@ -38,7 +38,7 @@ from .._shared import forks
 from .._shared import green as _green
 from .._shared import platform as _platform
 from .._shared import wire as _wire
-from .._shared.serialization import MAX_BUFFER_FILES, receive_buffers
+from .._shared.buffers import MAX_BUFFER_FILES, receive_buffers
 from . import loop as _monitor
 
 # A signaller delivers a signal through the launcher (the zygote, or the parent's own kill);

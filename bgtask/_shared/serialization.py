@@ -16,14 +16,9 @@ unpickles (:func:`received`). Anywhere else (a result, a queue item) they are re
 never sent as a bare number. ``multiprocessing`` manager proxies carry their manager's authkey,
 as ``multiprocessing`` itself does for the children it starts.
 
-Large buffers go by reference: a call is pickled with protocol 5, and each out-of-band buffer
-(``pickle.PickleBuffer``: NumPy arrays, and whatever else exports one) of at least
-``BY_REFERENCE`` bytes is written once into a memory file of its own, which travels with the call
-as a descriptor. The task maps it copy-on-write and the object is built on the mapping: no
-further copy, pages read only where the task reads them, writable without touching the
-caller's memory. The body ends with a 2-byte count of those files (always present, 0 on Ray)::
-
-    pickle (NEXT_BUFFER for each buffer sent by reference) | count   descriptors: ... | files
+Large buffers go by reference (``_shared.buffers``): a call is pickled with protocol 5, and its
+large out-of-band buffers travel as memory files, with the descriptors. The body ends with a
+2-byte count of those files (always present, 0 on Ray).
 """
 
 from __future__ import annotations
@@ -41,8 +36,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from . import platform as _platform
-from . import wire as _wire
+from . import buffers as _buffers
 from .errors import RemoteTraceback, SerializationError, TaskError, set_cause
 from .wire import Body, Pieces, WithFiles
 
@@ -69,12 +63,6 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
 # At most this many descriptors travel with one call (Linux takes 253 in one SCM_RIGHTS message;
 # two more may carry the standard streams), memory files of large buffers included.
 MAX_DESCRIPTORS = 250
-# A buffer of at least this many bytes goes in a memory file rather than in the pickle: below
-# it, creating, filling and mapping a file costs more than copying through the socket does.
-BY_REFERENCE = 1024 * 1024
-# At most this many of a call's buffers go by reference (the rest in the pickle): the other
-# descriptors a call may carry keep their room.
-MAX_BUFFER_FILES = 64
 
 
 class _Descriptors(threading.local):
@@ -86,6 +74,12 @@ class _Descriptors(threading.local):
 
 
 _descriptors = _Descriptors()
+
+
+def _room() -> bool:
+    """While a call is pickled: whether one more descriptor fits in its message."""
+    taken = len(_descriptors.outgoing or ()) + len(_descriptors.files or ())
+    return taken < MAX_DESCRIPTORS
 
 
 def send_along(fd: int, what: str, guard: Any = None) -> int:
@@ -255,74 +249,9 @@ def _dumps_pieces(obj: Any, files: Optional[List[int]] = None) -> Body:
     ``files``: large buffers go out of band, each into a memory file appended there.
     """
     writer = _PieceWriter()
-    callback = None if files is None else _BufferFiles(files)
+    callback = None if files is None else _buffers.BufferFiles(files, _room)
     _pickler_class()(writer, protocol=PROTOCOL, buffer_callback=callback).dump(obj)
     return writer.body()
-
-
-class _BufferFiles:
-    """The pickler's ``buffer_callback``: a large buffer goes into a memory file of its own
-    (``False``: out of band); any other stays in the pickle (``True``)."""
-
-    __slots__ = ("files",)
-
-    def __init__(self, files: List[int]) -> None:
-        self.files = files
-
-    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
-        try:
-            view = buffer.raw()
-        except BufferError:  # not contiguous: pickled in band, as a copy
-            return True
-        if view.nbytes < BY_REFERENCE:
-            return True
-        if (
-            len(self.files) >= MAX_BUFFER_FILES
-            or len(self.files) + len(_descriptors.outgoing or ()) >= MAX_DESCRIPTORS
-        ):
-            return True
-        try:
-            fd = _platform.memory_file("bgtask-buffer")
-        except OSError:  # no descriptor left: in band, slower but sent
-            return True
-        try:
-            _write_all(fd, view)
-        except OSError:  # no memory for the file (ENOSPC, ENOMEM): in band
-            os.close(fd)
-            return True
-        except BaseException:
-            os.close(fd)
-            raise
-        self.files.append(fd)
-        return False
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    """Write all of ``view`` at the start of ``fd`` (Linux writes at most about 2 GiB at once)."""
-    done = 0
-    size = view.nbytes
-    while done < size:
-        done += os.pwrite(fd, view[done:], done)
-
-
-def _map_buffer(fd: int) -> Any:
-    """A private, writable mapping of a buffer's memory file (which is closed)."""
-    try:
-        return _platform.map_private(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
-def _with_count(body: Body, count: int) -> Body:
-    """``body`` followed by the 2-byte count of buffer files, without copying a large body."""
-    trailer = count.to_bytes(2, "big")
-    if isinstance(body, Pieces):
-        body.pieces.append(trailer)
-        body.size += 2
-        return body
-    if len(body) < _BIG_PIECE:
-        return body + trailer
-    return Pieces([body, trailer], len(body) + 2)
 
 
 def dumps_value(obj: Any) -> bytes:
@@ -346,7 +275,7 @@ def dumps_result(obj: Any, by_reference: bool) -> Union[bytes, WithFiles]:
 def _dumps_value(obj: Any, files: Optional[List[int]]) -> Union[bytes, WithFiles]:
     if type(obj) in _PLAIN:
         return pickle.dumps(obj, PROTOCOL)
-    callback = None if files is None else _BufferFiles(files)
+    callback = None if files is None else _buffers.BufferFiles(files, _room)
     files = [] if files is None else files
     try:
         if _pickler_class() is _StrictPickler:
@@ -355,54 +284,12 @@ def _dumps_value(obj: Any, files: Optional[List[int]]) -> Union[bytes, WithFiles
             try:
                 data = pickle.dumps(obj, PROTOCOL, buffer_callback=callback)
             except Exception:
-                _close_all(files)
+                _buffers.close_all(files)
                 data = dumps(obj, callback)
     except BaseException:
-        _close_all(files)
+        _buffers.close_all(files)
         raise
     return WithFiles(data, files) if files else data
-
-
-def _close_all(fds: List[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
-
-
-class Mapped:
-    """A pickled value received with the memory files of its large buffers, mapped."""
-
-    __slots__ = ("buffers", "data")
-
-    def __init__(self, data: bytearray, buffers: List[Any]) -> None:
-        self.data = data
-        self.buffers = buffers
-
-    def __len__(self) -> int:
-        return len(self.data) + sum(len(b) for b in self.buffers)
-
-
-def receive_buffers(kind: int, body: bytearray, fds: List[int]) -> Any:
-    """A message received with descriptors: a value's buffers (mapped, ``Mapped``); any other
-    message's descriptors are closed."""
-    if kind not in _BY_REFERENCE_KINDS:
-        _close_all(fds)
-        return body
-    buffers = []
-    try:
-        for fd in fds:
-            buffers.append(_map_buffer(fd))
-    except OSError:
-        _close_all(fds[len(buffers) + 1 :])
-        raise
-    return Mapped(body, buffers)
-
-
-# The messages whose large buffers travel by reference: a task's return value.
-_BY_REFERENCE_KINDS = frozenset((_wire.RESULT,))
 
 
 # Types the stdlib pickler handles alone, whatever the program imported.
@@ -412,7 +299,7 @@ _PLAIN = frozenset((bytes, bytearray, str, int, float, bool, type(None), complex
 def loads(data: Any) -> Any:
     """Unpickle bytes made by :func:`dumps` or :func:`dumps_value` (``Mapped`` if they came
     with buffers by reference)."""
-    if type(data) is Mapped:
+    if type(data) is _buffers.Mapped:
         return pickle.loads(data.data, buffers=data.buffers)
     return pickle.loads(data)
 
@@ -482,7 +369,7 @@ def _dumps_with_descriptors(obj: Any, by_reference: bool = False) -> Payload:
     _descriptors.files = files
     try:
         body = _dumps_pieces(obj, files if by_reference else None)
-        return Payload(_with_count(body, len(files)), (*fds, *files), tuple(keep), guards)
+        return Payload(_buffers.add_count(body, len(files)), (*fds, *files), tuple(keep), guards)
     except BaseException:
         Payload(b"", (*fds, *files), (), guards).close()
         raise
@@ -499,7 +386,7 @@ def loads_call(body: Any, fds: List[int]) -> Any:
     data = memoryview(body)[:-2]
     _descriptors.incoming = fds
     try:
-        buffers = [_map_buffer(received(index)) for index in range(len(fds) - count, len(fds))]
+        buffers = [_buffers.map_buffer(received(index)) for index in range(len(fds) - count, len(fds))]
         return pickle.loads(data, buffers=buffers)
     finally:
         _descriptors.incoming = None
