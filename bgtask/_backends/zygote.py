@@ -52,6 +52,8 @@ SPARES = 2
 MAX_OWED = 8
 # How long the loop waits at most: a lost SIGCHLD or a failed fork costs at most this.
 IDLE_WAIT_S = 1.0
+# How long after a send that found no room poll can see (ENOBUFS, ETOOMANYREFS) it tries again.
+RETRY_S = 0.02
 
 
 class _Proc:
@@ -184,6 +186,9 @@ class OutQueue:
 
     def __init__(self) -> None:
         self.entries: Deque[List[Any]] = collections.deque()
+        # A send that failed for want of room poll does not see (ENOBUFS, and ETOOMANYREFS:
+        # more descriptors in flight than the user may open): when to try again.
+        self.retry_at: Optional[float] = None
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -210,6 +215,12 @@ class OutQueue:
                     entry[1] = None
             except BlockingIOError:
                 return
+            except OSError as exc:
+                if not _platform.no_room(exc):
+                    raise  # the main program is gone
+                self.retry_at = time.monotonic() + RETRY_S  # not the main program's end
+                return
+            self.retry_at = None
             del data[:sent]
             if not data:
                 self.entries.popleft()
@@ -285,8 +296,12 @@ class Zygote:
         timeout = IDLE_WAIT_S
         if self.procs.kill_at:
             timeout = max(0.0, min(timeout, min(self.procs.kill_at.values()) - time.monotonic()))
-        if self.ctl is not None and bool(self.out) != self.writing:
-            self.writing = bool(self.out)
+        retry_at = self.out.retry_at
+        if retry_at is not None:  # writable as far as poll can tell: wait for the time instead
+            timeout = max(0.0, min(timeout, retry_at - time.monotonic()))
+        writing = bool(self.out) and retry_at is None
+        if self.ctl is not None and writing != self.writing:
+            self.writing = writing
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.writing else 0)
             self.selector.modify(self.ctl, events)
         self.selector.select(timeout)
