@@ -194,3 +194,42 @@ def test_an_unread_result_with_buffers_leaves_no_descriptor() -> None:
         task.join(60)
     assert settled_fd_count() <= before
     assert all(_is_mapping(t.result(0).data) for t in tasks)
+
+
+def test_many_pending_calls_with_large_buffers_do_not_use_up_descriptors(tmp_path: Any) -> None:
+    """600 calls of 2 MiB each behind limit=2, under a limit of 256 descriptors: every one runs
+    (only the first calls in line hold a memory file; the others keep their buffer in the pickle)."""
+    from .helpers import run_script
+
+    result = run_script(
+        tmp_path,
+        """
+import hashlib, os, pickle, resource, time
+import bgtask
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+class Blob:
+    def __init__(self, data):
+        self.data = data
+    def __reduce_ex__(self, protocol):
+        return Blob, (pickle.PickleBuffer(self.data),)
+
+@bgtask.background(limit=2)
+def digest(blob, gate):
+    while not os.path.exists(gate):  # held until every call is made: 598 of them wait
+        time.sleep(0.01)
+    return hashlib.sha256(blob.data).hexdigest()
+
+if __name__ == "__main__":
+    data = bytearray(b"0123456789abcdef" * (128 * 1024))
+    gate = os.path.abspath("gate")
+    tasks = [digest(Blob(data), gate) for _ in range(600)]
+    open(gate, "w").close()
+    want = hashlib.sha256(data).hexdigest()
+    print("OK", sum(t.result(timeout=300) == want for t in tasks))
+""",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK 600" in result.stdout, result.stdout + result.stderr[-3000:]

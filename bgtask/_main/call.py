@@ -55,7 +55,11 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     from .._backends import ray as _ray
 
     # Large buffers go in memory files, as descriptors; no descriptor reaches a Ray worker.
-    by_reference = not _ray.wants_ray(options)
+    # Behind many pending calls, a call keeps them in its pickle: a descriptor held by each of
+    # thousands of calls waiting for a place would use up the process's.
+    limiter = options.get("limit")
+    crowded = limiter is not None and limiter.pending >= PENDING_BY_REFERENCE
+    by_reference = not crowded and not _ray.wants_ray(options)
     try:
         payload = dumps_call(shipped, args, kwargs, by_reference)  # fails here, before any process starts
     except SerializationError as exc:
@@ -72,6 +76,11 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     except BaseException:
         payload.close()
         raise
+
+
+# At most this many calls wait in a Limiter with their large buffers in memory files (each
+# holds a descriptor until it starts); the calls behind them keep their buffers in the pickle.
+PENDING_BY_REFERENCE = 32
 
 
 # What set_initializer() gave: run in every task this program starts, before its function.
