@@ -98,11 +98,8 @@ def add_count(body: Body, count: int) -> Body:
 
 
 def close_all(fds: List[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """Close the memory files of a message that will not be sent, and forget them."""
+    wire.close_all(fds)
     fds.clear()
 
 

@@ -336,12 +336,12 @@ def recv_message(sock: socket.socket, maxfds: int = 0) -> Optional[Tuple[int, by
     fds: List[int] = []
     head = recv_exact(sock, HEADER.size, fds if maxfds else None, maxfds)
     if head is None:
-        _close_all(fds)
+        close_all(fds)
         return None
     kind, size = _unpack_header(head)
     body = recv_exact(sock, size)
     if body is None:
-        _close_all(fds)
+        close_all(fds)
         return None
     return kind, body, fds
 
@@ -476,7 +476,7 @@ class MessageReader:
 
     def _set_eof(self) -> None:
         self.eof = True
-        _close_all(self._fds)  # attached to a message that never arrived whole
+        close_all(self._fds)  # attached to a message that never arrived whole
         self._fds = []
 
     def _finish(self) -> None:
@@ -500,7 +500,8 @@ class MessageReader:
         return self._view is not None or bool(self._head)
 
 
-def _close_all(fds: List[int]) -> None:
+def close_all(fds: List[int]) -> None:
+    """Close descriptors that nothing took, ignoring those already closed."""
     import os
 
     for fd in fds:
