@@ -85,7 +85,6 @@ class Limiter:
         # A task that calls limited functions limits its own calls: places are per process.
         return Limiter, (self._limit,)
 
-
     def _submit(self, task: Any, call: Call) -> None:
         """Start ``task`` now if a place is free (``start()`` raises here), else queue it.
 
