@@ -75,13 +75,22 @@ def for_options(options: Dict[str, Any]) -> Launcher:
     A program that never asked for Ray never imports the backend (nor, through it, the task
     runtime): ``use_ray()`` and a Ray task's runner import it first.
     """
+    if uses_ray(options):
+        from . import ray as _ray
+
+        return _ray.launcher()  # type: ignore[return-value]
+    return get(options["start_method"])
+
+
+def uses_ray(options: Dict[str, Any]) -> bool:
+    """Whether a function with these options runs its tasks on Ray; the Ray backend is not
+    imported for that unless something asked for Ray."""
     ray_imported = "bgtask._backends.ray" in sys.modules or "bgtask._backends.ray_worker" in sys.modules
     if options.get("backend") == "ray" or ray_imported:
         from . import ray as _ray
 
-        if _ray.wants_ray(options):
-            return _ray.launcher()  # type: ignore[return-value]
-    return get(options["start_method"])
+        return _ray.wants_ray(options)
+    return False
 
 
 def close_all() -> None:

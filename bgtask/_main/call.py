@@ -34,6 +34,8 @@ def load_call_path() -> None:
     """
     global _call_path_loaded
     if not _call_path_loaded:
+        from .._backends import launch  # noqa: F401
+        from .._runtime import runner  # noqa: F401
         from .._shared import serialization  # noqa: F401
         from . import task  # noqa: F401
 
@@ -52,14 +54,14 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     _green.check(options["start_method"])
     initializers = [*_program_initializers, *options.get("initializers", ())]
     shipped = WithInitializers(fn, initializers) if initializers else fn
-    from .._backends import ray as _ray
+    from .._backends import launch as _launch
 
     # Large buffers go in memory files, as descriptors; no descriptor reaches a Ray worker.
     # Behind many pending calls, a call keeps them in its pickle: a descriptor held by each of
     # thousands of calls waiting for a place would use up the process's.
     limiter = options.get("limit")
     crowded = limiter is not None and limiter.pending >= PENDING_BY_REFERENCE
-    by_reference = not crowded and not _ray.wants_ray(options)
+    by_reference = not crowded and not _launch.uses_ray(options)
     try:
         payload = dumps_call(shipped, args, kwargs, by_reference)  # fails here, before any process starts
     except SerializationError as exc:
