@@ -924,9 +924,13 @@ def _can_choose_pids() -> bool:
         return False
 
 
-def _process_with_pid(pid: int) -> subprocess.Popen[bytes]:
-    """A new process that gets ``pid`` (free again): the kernel's next pid is set for it."""
+def _process_with_pid(pid: int) -> Optional[subprocess.Popen[bytes]]:
+    """A new process that gets ``pid`` (free again): the kernel's next pid is set for it.
+    ``None`` where a process or thread of another program took it first (a busy machine): the
+    pid is reused either way."""
     for _ in range(100):
+        if os.path.exists(f"/proc/{pid}"):
+            return None
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write(str(pid - 1))
         proc = subprocess.Popen(["sleep", "600"])
@@ -986,6 +990,12 @@ if __name__ == "__main__":
 """,
     )
     holder = None
+    # One at a time across the test run's workers: each sets the kernel's next pid.
+    import fcntl
+    import tempfile
+
+    lock = open(os.path.join(tempfile.gettempdir(), "bgtask-tests-ns_last_pid.lock"), "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         main_pid, task_pid = (int(pid) for pid in script.expect("PIDS", timeout=RESULT_S).split())
         os.kill(main_pid, signal.SIGKILL)
@@ -1001,6 +1011,7 @@ if __name__ == "__main__":
             holder.kill()
             holder.wait()
         script.close()
+        lock.close()  # the lock goes with it
 
 
 def _without_privileges() -> List[str]:
