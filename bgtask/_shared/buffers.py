@@ -30,8 +30,6 @@ BY_REFERENCE = 1024 * 1024
 # At most this many of a message's buffers go by reference (the rest in the pickle): the other
 # descriptors a call may carry keep their room.
 MAX_BUFFER_FILES = 64
-# Pieces of a body at least this large are not copied to add the count (see add_count).
-_BIG_PIECE = 64 * 1024
 
 
 class BufferFiles:
@@ -92,7 +90,7 @@ def add_count(body: Body, count: int) -> Body:
         body.pieces.append(trailer)
         body.size += 2
         return body
-    if len(body) < _BIG_PIECE:
+    if len(body) < wire.BIG_PIECE:
         return body + trailer
     return Pieces([body, trailer], len(body) + 2)
 

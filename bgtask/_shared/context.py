@@ -454,8 +454,4 @@ def _close_files(body: _wire.WithFiles) -> None:
     """Close the descriptors of a body, once (sent, or never to be)."""
     fds = list(body.fds)
     body.fds.clear()
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    _wire.close_all(fds)

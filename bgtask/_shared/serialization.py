@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 import cloudpickle
 
 from . import buffers as _buffers
+from . import wire as _wire
 from .errors import RemoteTraceback, SerializationError, TaskError, set_cause
 from .wire import Body, Pieces, WithFiles
 
@@ -208,10 +209,6 @@ def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     return buffer.getvalue()
 
 
-# Pieces of a pickled call at least this large are sent as they are (see _wire.Pieces).
-_BIG_PIECE = 64 * 1024
-
-
 class _PieceWriter:
     """The file a call is pickled into: the pickler hands large ``bytes`` (an argument's own
     object) straight to ``write``, and they are kept, not copied."""
@@ -225,7 +222,7 @@ class _PieceWriter:
 
     def write(self, data: Any) -> int:
         size = len(data) if type(data) is bytes else memoryview(data).nbytes
-        if size >= _BIG_PIECE and type(data) is bytes:  # immutable: safe to keep, not copy
+        if size >= _wire.BIG_PIECE and type(data) is bytes:  # immutable: safe to keep, not copy
             if self.small:
                 self.pieces.append(bytes(self.small))
                 self.small = bytearray()

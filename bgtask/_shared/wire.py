@@ -252,6 +252,8 @@ class Pieces:
 
 
 Body = Union[bytes, Pieces]
+# Pieces of a body at least this large are kept as they are, never copied into a joined buffer.
+BIG_PIECE = 64 * 1024
 
 
 class WithFiles(NamedTuple):
