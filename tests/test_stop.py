@@ -411,3 +411,40 @@ def test_graceful_takes_a_bool_or_event() -> None:
     """Any other value of graceful is a TypeError at decoration."""
     with pytest.raises(TypeError, match="graceful"):
         background(graceful="yes")(_late_watcher)  # type: ignore[call-overload]
+
+
+def _blocked_signals(native_id: int) -> set:
+    """The signals a thread of this process blocks (Linux: its SigBlk line)."""
+    with open(f"/proc/self/task/{native_id}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
+def _bgtask_threads_masks() -> Dict[str, set]:
+    return {t.name: _blocked_signals(t.native_id) for t in threading.enumerate() if t.name.startswith("bgtask-")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_no_thread_of_bgtasks_takes_a_stop_or_a_ctrl_c(start_method: Optional[str], daemon: bool) -> None:
+    """A stop sent to a task whose main thread is blocked in a system call must wake that thread:
+    a signal that lands in one of bgtask's threads would not (Python runs handlers in the main
+    thread only when it runs Python code). So bgtask's threads, in a task (the parent watch, the
+    queue feeder) and in the main program (the monitor), block the signals a program handles."""
+    from bgtask._shared.threads import BLOCKED
+
+    @background(daemon=daemon, graceful=True, start_method=start_method)
+    def masks(q: Any) -> Dict[str, set]:
+        q.put(1)  # the queue's feeder starts: an item to a queue this process did not make
+        return _bgtask_threads_masks()
+
+    q: Any = bgtask.Queue()
+    in_task = masks(q).result(60)
+    assert q.get(timeout=60) == 1
+    if daemon and start_method is not None:
+        assert "bgtask-parent-watch" in in_task  # the zygote watches from outside instead
+    here = _bgtask_threads_masks()
+    assert "bgtask-monitor" in here
+    for where, found in (("task", in_task), ("main program", here)):
+        for name, blocked in found.items():
+            assert BLOCKED <= blocked, f"{name} in the {where} takes {sorted(BLOCKED - blocked)}"
+    assert signal.SIGTERM in BLOCKED and signal.SIGINT in BLOCKED

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._runtime.runner import run_call, stopped
 from .._shared import context as _taskctx
+from .._shared import threads
 from .._shared import wire as _wire
 from .._shared.context import Context, TaskState
 from .._shared.stop import _StopRequest
@@ -161,6 +162,7 @@ def run(
     import ray
 
     pid = os.getpid()
+    main = threading.get_ident()  # run() runs in the main thread (its signal handler needs it)
     board.started.remote(key, pid)
     stop_requested = board.wait.remote(key)  # submitted before release(): see StopBoard
     state = TaskState(settings["graceful"])  # "event": a cooperative task from its first line
@@ -177,7 +179,9 @@ def run(
             return
         with guard:
             if stop and not done[0]:
-                os.kill(pid, STOP_SIGNAL)  # the handler runs in the main thread, as locally
+                # To the main thread, where run() waits: not one of Ray's many threads, which
+                # would leave it blocked in a system call until the grace ran out.
+                signal.pthread_kill(main, STOP_SIGNAL)
 
     readiness: List[bytes] = []
 
@@ -191,7 +195,7 @@ def run(
     previous_handler = signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal)
     in_task = True
     try:
-        threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True).start()
+        threads.start(threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True))
         try:
             kind, sent, code = run_call(body, [], state, by_reference=False)
             data = sent if isinstance(sent, bytes) else sent.body  # no descriptor: never WithFiles

@@ -26,7 +26,7 @@ import collections
 import threading
 from typing import Callable, Deque, Optional
 
-from .._shared import forks
+from .._shared import forks, threads
 
 Work = Callable[[], None]
 
@@ -59,7 +59,7 @@ class _Offload:
             self.spawning = True
         thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         try:
-            thread.start()
+            threads.start(thread)
         except RuntimeError:  # no thread left, or the interpreter is shutting down
             with self.lock:
                 self.spawning = False

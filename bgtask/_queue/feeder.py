@@ -32,6 +32,7 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
 from .._shared import context as _taskctx
 from .._shared import green as _green
 from .._shared import platform as _platform
+from .._shared import threads
 from .._shared.context import atomic
 from .._shared.errors import ShutDown
 from . import ledger
@@ -209,7 +210,7 @@ class _Feeder:
                 self.thread = threading.Thread(
                     target=self._run, args=(wake_r, self.wake_w), name="bgtask-queue-feeder", daemon=True
                 )
-                self.thread.start()
+                threads.start(self.thread)
                 return
             try:
                 os.write(self.wake_w, b"\0")
