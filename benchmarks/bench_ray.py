@@ -1,7 +1,10 @@
-"""The Ray backend against the local one: latency, throughput and memory of the main program.
+"""The Ray backend against the local one and against plain ``@ray.remote``: latency, throughput
+and memory of the main program.
 
-One program, a private local Ray cluster (``bgtask.use_ray()``), rounds alternating the two
-backends. Medians; the machines are shared and noisy, so compare the ratios.
+One program, a private local Ray cluster (``bgtask.use_ray()``), rounds alternating the three:
+bgtask's local backend, bgtask's Ray backend, and the same function as a plain Ray task on the
+same cluster (``ray.get(f.remote())``). Medians; the machines are shared and noisy, so compare
+the ratios.
 
     pip install -e '.[ray]'
     python benchmarks/bench_ray.py            # --rounds 5 --calls 200 --burst 100
@@ -14,13 +17,25 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Any, Callable, Dict, List
 
 import bgtask
 
 
 def noop() -> None:
     return None
+
+
+class _PlainRay:
+    """A plain Ray task's reference, with the one method the rounds use."""
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    def result(self) -> Any:
+        import ray
+
+        return ray.get(self.ref)
 
 
 def rss_mib() -> float:
@@ -60,7 +75,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=100)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    fns = {
+    fns: Dict[str, Callable[[], Any]] = {
         "local": bgtask.background(noop, backend="local"),
         "ray": bgtask.background(noop, backend="ray"),
     }
@@ -74,6 +89,11 @@ def main() -> None:
     first_ray = time.perf_counter() - started
     after_ray = rss_mib()
     ray_tree = tree_rss_mib() - local_tree
+    import ray
+
+    plain = ray.remote(max_retries=0)(noop)  # bgtask's Ray tasks are not retried either
+    fns["plain"] = lambda: _PlainRay(plain.remote())
+    fns["plain"]().result()
     latency: Dict[str, List[float]] = {name: [] for name in fns}
     burst: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
@@ -87,23 +107,23 @@ def main() -> None:
                 task.result()
             burst[name].append(args.burst / (time.perf_counter() - t0))
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.rounds} rounds\n")
-    print("| measure | local | Ray | Ray / local |")
-    print("|---|---|---|---|")
+    print("| measure | local | Ray | plain Ray | Ray / local | Ray / plain Ray |")
+    print("|---|---|---|---|---|---|")
     lat = {name: statistics.median(values) * 1e3 for name, values in latency.items()}
     rate = {name: statistics.median(values) for name, values in burst.items()}
     print(
         f"| no-op call-to-result latency, ms (median) | {lat['local']:.2f} | {lat['ray']:.2f} | "
-        f"{lat['ray'] / lat['local']:.2f}x |"
+        f"{lat['plain']:.2f} | {lat['ray'] / lat['local']:.2f}x | {lat['ray'] / lat['plain']:.2f}x |"
     )
     print(
         f"| burst of {args.burst} no-op tasks, tasks/s | {rate['local']:,.0f} | {rate['ray']:,.0f} | "
-        f"{rate['ray'] / rate['local']:.2f}x |"
+        f"{rate['plain']:,.0f} | {rate['ray'] / rate['local']:.2f}x | {rate['plain'] / rate['ray']:.2f}x |"
     )
     growth = (after_local - before, after_ray - after_local)
-    print(f"| main program's RSS growth, MiB | {growth[0]:.1f} | {growth[1]:.1f} | |")
+    print(f"| main program's RSS growth, MiB | {growth[0]:.1f} | {growth[1]:.1f} | | | |")
     print(
         f"| processes started for it (zygote / private cluster), RSS MiB | {local_tree:.0f} | "
-        f"{ray_tree:.0f} | |"
+        f"{ray_tree:.0f} | | | |"
     )
     print(f"\nFirst Ray task, cluster start included: {first_ray:.1f} s")
 

@@ -43,6 +43,10 @@ elif mode == "callback":
     task = boom(); task.add_done_callback(lambda t: None); task.join(60)
 elif mode == "wait":
     task = boom(); concurrent.futures.wait([task], timeout=60); task.join(60)
+elif mode == "wait_result":
+    task = boom()
+    done, _ = concurrent.futures.wait([task], timeout=60)
+    assert all(isinstance(t.exception(), ValueError) for t in done)
 elif mode == "stopped":
     task = forever(); task.stop(timeout=60)
 elif mode == "off":
@@ -81,7 +85,16 @@ def test_a_failure_nothing_retrieved_is_reported_at_the_end(tmp_path: Path, mode
     assert what in lines[0]
 
 
-@pytest.mark.parametrize("mode", ["result", "callback", "wait", "stopped", "off"])
+@pytest.mark.parametrize("mode", ["result", "callback", "wait_result", "stopped", "off"])
 def test_nothing_is_reported_for_an_outcome_someone_saw(tmp_path: Path, mode: str) -> None:
-    """result(), a done-callback, concurrent.futures.wait, a stop, or the logger turned off: silence."""
+    """result(), a done-callback, exception() after concurrent.futures.wait, a stop, or the
+    logger turned off: silence."""
     assert _run(tmp_path, mode) == []
+
+
+def test_concurrent_futures_wait_alone_does_not_count_as_seeing_the_failure(tmp_path: Path) -> None:
+    """wait() tells that the task ended, not what it raised: whether it was still waiting when
+    the task ended or found it ended already, the failure is reported at the end."""
+    lines = _run(tmp_path, "wait")
+    assert len(lines) == 1, lines
+    assert "raised ValueError" in lines[0]

@@ -79,8 +79,8 @@ class TaskCore(Stopping, Waits, concurrent.futures.Future[R]):
         self._readers = 0  # loops over the stream in progress: only they hold the task back
         self._throttled = False  # the channel is not read until the program reads items
         self._end_waiters = 0  # threads waiting for the end (result(), join()...): no throttle
-        # Whether anyone looked at the outcome (result(), exception(), await, a done-callback,
-        # concurrent.futures.wait): a failure nobody looked at is logged once (see _unretrieved).
+        # Whether anyone looked at the outcome (result(), exception(), await, a done-callback):
+        # a failure nobody looked at is logged once (see _unretrieved).
         self._retrieved = False
         self._reported = False
 
@@ -226,8 +226,11 @@ class TaskCore(Stopping, Waits, concurrent.futures.Future[R]):
         if decoded is not None:
             self._decoded = decoded
         self._state = CANCELLED_AND_NOTIFIED if outcome == "cancelled" else FINISHED
-        if self._waiters or self._done_callbacks:
-            self._retrieved = True  # concurrent.futures.wait() or a callback sees the outcome
+        if self._done_callbacks:
+            # A callback sees the outcome. concurrent.futures.wait() and as_completed() (the
+            # waiters) only tell that the task ended: what it raised counts as seen once
+            # result() or exception() is called, as for a task they found already done.
+            self._retrieved = True
         elif outcome in FAILURES:
             _lifecycle.unretrieved.add(self)
         for waiter in self._waiters:
