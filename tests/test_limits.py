@@ -8,7 +8,7 @@ import itertools
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -542,3 +542,30 @@ if __name__ == "__main__":
     finally:
         kill_quietly(pids)
         script.close()
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_a_maps_starts_share_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each task's end frees a place for the next start, which the starts thread makes: it
+    lingers between them (a thread per start cost a map about a tenth of its rate), and a fork
+    or the program's end dismisses it at once."""
+    from bgtask._monitor import loop, offload
+    from bgtask._shared import threads
+
+    started: List[str] = []
+    start = threads.start
+
+    def counting(thread: Any) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threads, "start", counting)
+    square = background(_square)
+    assert list(square.map(range(60), limit=2)) == [x * x for x in range(60)]
+    assert started.count("bgtask-starts") <= 3, started  # one, unless the machine stalled
+    # Lingering (or gone after LINGER_S), it goes when a fork or the end of the program asks.
+    loop.stop_idle_thread()
+    assert offload.starts.thread is None

@@ -318,11 +318,13 @@ STOP_IDLE_S = 1.0
 
 
 def stop_idle_thread() -> None:
-    """End the monitor thread if it has nothing to do: before a fork, and at the program's end
-    (so that no thread of bgtask's runs while the interpreter finalizes)."""
+    """End the monitor thread if it has nothing to do, and the offload threads that linger:
+    before a fork, and at the program's end (so that no thread of bgtask's runs while the
+    interpreter finalizes)."""
     monitor = _monitor
     if monitor is not None and monitor.owner_pid == os.getpid():
         monitor.stop_if_idle(STOP_IDLE_S)
+        _offload.dismiss_idle(STOP_IDLE_S)
 
 
 def forget_in_child() -> None:

@@ -14,7 +14,10 @@ waits for a callback.
 
 The monitor never waits for anything a task's end depends on: a start may wait for the
 zygote's next spare, which reaches the program through the monitor, and a callback may do
-anything. The thread runs only while there is work; at the interpreter's shutdown, where no
+anything. The thread runs while there is work, and lingers ``LINGER_S`` for more (a map's
+tasks each free a place for the next start: one thread for them all, not one per start); it
+ends at once when asked (``dismiss_idle``: before a fork, at the program's end). At the
+interpreter's shutdown, where no
 thread can start (CPython 3.12.0 and 3.12.1 refuse it in ``atexit``), the work posted from the
 monitor waits until the exit procedure runs it in the main thread (``run_stranded``); work
 posted from any other thread runs there and then.
@@ -30,6 +33,9 @@ from .._shared import forks, threads
 
 Work = Callable[[], None]
 
+# How long an offload thread with nothing to do waits for more before it ends.
+LINGER_S = 0.5
+
 
 class _Offload:
     """One queue of work and the thread that runs it, only while there is some."""
@@ -39,6 +45,9 @@ class _Offload:
         # Reentrant: a signal handler may post while this thread is in here; never held
         # while a thread starts (see post()).
         self.lock = threading.RLock()
+        self.more = threading.Condition(self.lock)  # work was posted, or the thread may go
+        self.leaving = False  # asked to end once nothing is queued (dismiss_idle)
+        self.lingering = False  # the thread waits for more work
         self.queue: Deque[Work] = collections.deque()
         self.thread: Optional[threading.Thread] = None  # set by the thread itself
         self.spawning = False  # a thread is being started: it will take what is queued
@@ -55,7 +64,8 @@ class _Offload:
         with self.lock:
             self.queue.append(work)
             if self.thread is not None or self.spawning:
-                return  # that thread takes it
+                self.more.notify()  # that thread takes it (it may be lingering)
+                return
             self.spawning = True
         thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         try:
@@ -83,15 +93,34 @@ class _Offload:
             self.spawning = False
         while True:
             with self.lock:
+                if not self.queue and not self.leaving:
+                    self.lingering = True
+                    self.more.wait(LINGER_S)
+                    self.lingering = False
                 if not self.queue:
                     self.thread = None
+                    self.leaving = False
                     return
                 work = self.queue.popleft()
             _guard(work)
             del work  # not kept alive (with the task it holds) while the thread waits
 
+    def dismiss_idle(self, timeout: float) -> None:
+        """End the thread now if it lingers with nothing to do, and wait for it; a thread at
+        work is left to it."""
+        with self.lock:
+            thread = self.thread
+            if thread is None or not self.lingering:
+                return
+            self.leaving = True
+            self.more.notify()
+        thread.join(timeout)
+
     def forget_in_child(self) -> None:
         self.lock = threading.RLock()
+        self.more = threading.Condition(self.lock)
+        self.leaving = False
+        self.lingering = False
         self.queue.clear()
         self.thread = None
         self.spawning = False
@@ -143,3 +172,9 @@ def forget_in_child() -> None:
 
 
 forks.register(after_in_child=forget_in_child, order=forks.OFFLOAD)
+
+
+def dismiss_idle(timeout: float) -> None:
+    """End both threads as soon as they have nothing to do (see ``_Offload.dismiss_idle``)."""
+    for offload in (callbacks, starts):
+        offload.dismiss_idle(timeout)
