@@ -9,8 +9,10 @@
         +──board.ready(key) <──────── board.post_ready(key) ── bgtask.ready(value) in the task
         +──board.request(key)──> StopBoard actor ──wakes──> the task's stop watcher (a thread):
                                                              graceful: stop event set, or SIGUSR1
-                                                             to its own process, whose handler
+                                                             to its main thread, whose handler
                                                              raises the stop exception
+        +──board.pid(key) <──── board.wait(key, pid): the task started, its watcher waits
+        +──board.release(key) ─── and ─── board.release(key) at the task's end
 
 A Ray worker is reused from task to task, so a task leaves it as it found it: the SIGUSR1 handler
 is put back, and the watcher can no longer send the signal, before ``run`` returns (a signal in
@@ -93,14 +95,13 @@ class StopBoard:
         entry.stopped = True
         entry.stop.set()
 
-    async def started(self, key: str, pid: int) -> None:
+    async def wait(self, key: str, pid: int) -> bool:
+        """The task started in process ``pid``, and its watcher waits here: ``True`` to stop,
+        ``False`` when the task ended first. (One call for both: each call to the board costs
+        about as much as a whole plain Ray task.)"""
         entry = self._entry(key)
         entry.pid = pid
         entry.started.set()
-
-    async def wait(self, key: str) -> bool:
-        """The task's watcher waits here: ``True`` to stop, ``False`` when the task ended first."""
-        entry = self._entry(key)
         await entry.stop.wait()
         self._forget(key)
         return entry.stopped
@@ -163,8 +164,7 @@ def run(
 
     pid = os.getpid()
     main = threading.get_ident()  # run() runs in the main thread (its signal handler needs it)
-    board.started.remote(key, pid)
-    stop_requested = board.wait.remote(key)  # submitted before release(): see StopBoard
+    stop_requested = board.wait.remote(key, pid)  # submitted before release(): see StopBoard
     state = TaskState(settings["graceful"])  # "event": a cooperative task from its first line
     # Until the call is loaded: a worker outlives its task, and an import a stop tore halfway
     # would stay broken for every later task (C extensions do not load twice).
