@@ -76,23 +76,6 @@ def test_no_module_reads_another_through_sys_modules() -> None:
     assert offenders == []
 
 
-def test_every_thread_starts_through_threads_start() -> None:
-    """Every thread bgtask starts blocks the program's signals (``_shared.threads.start``): no
-    ``.start()`` of a thread anywhere else in the package."""
-    offenders = [
-        f"{path.relative_to(PACKAGE)}: {node.lineno}"
-        for path in PACKAGE.rglob("*.py")
-        if path.name != "threads.py"
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "start"
-        and ast.unparse(node.func.value) != "threads"
-        and "thread" in ast.unparse(node.func.value).lower()
-    ]
-    assert offenders == []
-
-
 def test_import_bgtask_imports_no_launcher_and_no_future() -> None:
     """`import bgtask` stays cheap: no launcher, no monitor, no concurrent.futures."""
     code = (

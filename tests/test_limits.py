@@ -6,9 +6,11 @@ import asyncio
 import concurrent.futures
 import itertools
 import os
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -548,24 +550,49 @@ def _square(x: int) -> int:
     return x * x
 
 
-def test_a_maps_starts_share_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_maps_starts_share_one_thread() -> None:
     """Each task's end frees a place for the next start, which the starts thread makes: it
     lingers between them (a thread per start cost a map about a tenth of its rate), and a fork
     or the program's end dismisses it at once."""
     from bgtask._monitor import loop, offload
-    from bgtask._shared import threads
 
-    started: List[str] = []
-    start = threads.start
+    seen: List[threading.Thread] = []  # kept: a thread's ident may be reused once it ended
 
-    def counting(thread: Any) -> None:
-        started.append(thread.name)
-        start(thread)
+    def note() -> None:
+        seen.append(threading.current_thread())
 
-    monkeypatch.setattr(threads, "start", counting)
     square = background(_square)
-    assert list(square.map(range(60), limit=2)) == [x * x for x in range(60)]
-    assert started.count("bgtask-starts") <= 3, started  # one, unless the machine stalled
+    results = []
+    for value in square.map(range(60), limit=2):
+        results.append(value)
+        offload.starts.post(note)  # runs in the starts thread, after the start before it
+    assert results == [x * x for x in range(60)]
+    assert wait_until(lambda: len(seen) == 60, timeout=60), (
+        len(seen),
+        offload.starts.queue,
+        offload.starts.thread,
+    )
+    assert len({id(thread) for thread in seen}) <= 3, len(
+        {id(thread) for thread in seen}
+    )  # one thread, unless the machine stalled 0.5 s
     # Lingering (or gone after LINGER_S), it goes when a fork or the end of the program asks.
     loop.stop_idle_thread()
     assert offload.starts.thread is None
+
+
+def test_a_task_a_limiter_started_stops_gracefully(start_method: Optional[str]) -> None:
+    """A pending task is started from bgtask's starts thread when a place frees: it is as any
+    other (no signal mask or state of that thread's reaches it), and its graceful stop is
+    honoured at once, not by the kill after its grace."""
+
+    def wait_forever() -> None:
+        bgtask.ready()
+        threading.Event().wait()
+
+    run = background(wait_forever, graceful=True, grace=60, limit=Limiter(1), start_method=start_method)
+    first, second = run(), run()
+    first.wait_ready(60)
+    first.stop(timeout=60)
+    second.wait_ready(60)  # started by the starts thread, once the first one's place freed
+    second.stop(timeout=30)
+    assert (first.exitcode, second.exitcode) == (-signal.SIGTERM, -signal.SIGTERM)

@@ -138,7 +138,7 @@ class MultiprocessingLauncher:
 def _kill(pid: int, signum: int) -> None:
     """Signal a child that is not reaped yet; SIGKILL goes to its whole group too."""
     try:
-        os.kill(pid, signum)
+        _platform.signal_main_thread(pid, signum)
         if signum == signal.SIGKILL:
             os.killpg(pid, signum)
     except OSError:

@@ -33,7 +33,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._runtime.runner import run_call, stopped
 from .._shared import context as _taskctx
-from .._shared import threads
 from .._shared import wire as _wire
 from .._shared.context import Context, TaskState
 from .._shared.stop import _StopRequest
@@ -195,7 +194,7 @@ def run(
     previous_handler = signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal)
     in_task = True
     try:
-        threads.start(threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True))
+        threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True).start()
         try:
             kind, sent, code = run_call(body, [], state, by_reference=False)
             data = sent if isinstance(sent, bytes) else sent.body  # no descriptor: never WithFiles

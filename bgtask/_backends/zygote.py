@@ -113,7 +113,7 @@ class Children:
             if signum == signal.SIGKILL:
                 os.killpg(proc.pid, signal.SIGKILL)
             else:
-                os.kill(proc.pid, signum)
+                _platform.signal_main_thread(proc.pid, signum)
         except OSError:
             pass
         if escalate_after is not None:

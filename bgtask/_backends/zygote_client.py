@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
 from .._monitor import loop as _monitor
 from .._monitor import process as _process
 from .._monitor.process import TaskProcess
-from .._shared import PACKAGE_DIR, context, threads
+from .._shared import PACKAGE_DIR, context
 from .._shared import green as _green
 from .._shared import platform as _platform
 from .._shared import wire as _wire
@@ -476,7 +476,7 @@ class ZygoteClient:
         if self.process.poll() is None:
             # Reaped later, without blocking the monitor; a zygote that closed its socket
             # exits once its daemon tasks are stopped.
-            threads.start(threading.Thread(target=self._reap_later, name="bgtask-zygote-reaper", daemon=True))
+            threading.Thread(target=self._reap_later, name="bgtask-zygote-reaper", daemon=True).start()
         with self.lock:
             processes, self.processes = dict(self.processes), {}
             daemons, self.daemons = self.daemons, set()

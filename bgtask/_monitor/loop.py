@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-from .._shared import forks, threads
+from .._shared import forks
 from . import offload as _offload
 
 Callback = Callable[[], None]
@@ -198,7 +198,7 @@ class Monitor:
             thread = threading.Thread(target=self._run, name="bgtask-monitor", daemon=True)
             _offload.monitor_thread = thread
             try:
-                threads.start(thread)
+                thread.start()
             except RuntimeError:  # "can't create new thread at interpreter shutdown"
                 return False
             self._thread = thread

@@ -29,7 +29,7 @@ import collections
 import threading
 from typing import Callable, Deque, Optional
 
-from .._shared import forks, threads
+from .._shared import forks
 
 Work = Callable[[], None]
 
@@ -69,7 +69,7 @@ class _Offload:
             self.spawning = True
         thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         try:
-            threads.start(thread)
+            thread.start()
         except RuntimeError:  # no thread left, or the interpreter is shutting down
             with self.lock:
                 self.spawning = False
@@ -106,15 +106,17 @@ class _Offload:
             del work  # not kept alive (with the task it holds) while the thread waits
 
     def dismiss_idle(self, timeout: float) -> None:
-        """End the thread now if it lingers with nothing to do, and wait for it; a thread at
-        work is left to it."""
+        """End the thread as soon as it has nothing to do, rather than after it lingered: now
+        if it lingers (waited for), else once its queue is empty (not waited for)."""
         with self.lock:
             thread = self.thread
-            if thread is None or not self.lingering:
+            if thread is None or thread is threading.current_thread():
                 return
             self.leaving = True
             self.more.notify()
-        thread.join(timeout)
+            lingering = self.lingering
+        if lingering:
+            thread.join(timeout)
 
     def forget_in_child(self) -> None:
         self.lock = threading.RLock()

@@ -333,7 +333,7 @@ class TaskProcess:
             if signum == signal.SIGKILL:
                 os.killpg(self.pid, signum)
             else:
-                os.kill(self.pid, signum)
+                _platform.signal_main_thread(self.pid, signum)
         except OSError:
             pass
 

@@ -32,7 +32,6 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
 from .._shared import context as _taskctx
 from .._shared import green as _green
 from .._shared import platform as _platform
-from .._shared import threads
 from .._shared.context import atomic
 from .._shared.errors import ShutDown
 from . import ledger
@@ -210,7 +209,7 @@ class _Feeder:
                 self.thread = threading.Thread(
                     target=self._run, args=(wake_r, self.wake_w), name="bgtask-queue-feeder", daemon=True
                 )
-                threads.start(self.thread)
+                self.thread.start()
                 return
             try:
                 os.write(self.wake_w, b"\0")

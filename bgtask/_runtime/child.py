@@ -36,7 +36,7 @@ import threading
 from typing import Any, List, NoReturn, Set
 
 from .._shared import context as _taskctx
-from .._shared import forks, threads
+from .._shared import forks
 from .._shared import logs as _logs
 from .._shared import platform as _platform
 from .._shared import wire as _wire
@@ -226,14 +226,12 @@ def _run_and_report(context: Context, settings: Settings, stdio_on_payload: bool
     if settings.get("watch_parent") and settings["daemon"]:
         # Started only now: the main program sends nothing more on the channel, so this
         # thread's reads cannot take the call from the runtime.
-        threads.start(
-            threading.Thread(
-                target=_watch_parent,
-                args=(sock, state, settings["grace"]),
-                name="bgtask-parent-watch",
-                daemon=True,
-            )
-        )
+        threading.Thread(
+            target=_watch_parent,
+            args=(sock, state, settings["grace"]),
+            name="bgtask-parent-watch",
+            daemon=True,
+        ).start()
     body = message[1]
     del message
     kind, data, code = run_call(body, fds, state, context.send if settings.get("stream") else None)

@@ -274,11 +274,42 @@ def _real_poll() -> Any:
     return select.poll()
 
 
+# A signal for a task goes to its main thread, not to whichever of its threads the kernel picks.
+# Python runs a signal's handler in the main thread, but only once that thread runs Python code
+# again: a main thread blocked in a system call (poll() in Queue.get(), a lock, a sleep) stays
+# blocked when the signal woke another thread instead, and a graceful stop would wait out its
+# grace. Linux directs it with tgkill() (the main thread's id is the process id), or a pidfd with
+# PIDFD_SIGNAL_THREAD (Linux 6.9 and newer); elsewhere the signal goes to the process.
+_PIDFD_SIGNAL_THREAD = 1
+_pidfd_thread_flag = True  # until the kernel refuses it (EINVAL: older than 6.9)
+
+
+def signal_main_thread(pid: int, signum: int) -> None:
+    """Send ``signum`` to the main thread of process ``pid`` where the platform can, else to
+    the process; raises ``OSError`` as ``os.kill`` does. The caller makes sure ``pid`` is still
+    the process it means (a child not reaped yet)."""
+    lib = libc() if IS_LINUX else None
+    tgkill = getattr(lib, "tgkill", None) if lib is not None else None  # glibc 2.30 and newer
+    if tgkill is not None and tgkill(pid, pid, signum) == 0:
+        return
+    os.kill(pid, signum)
+
+
 def pidfd_signal(pidfd: int, signum: int) -> None:
-    """Send ``signum`` to the process a pidfd names; nothing if it is gone."""
+    """Send ``signum`` to the process a pidfd names (to its main thread where the kernel can);
+    nothing if it is gone."""
+    global _pidfd_thread_flag
     import signal
 
     try:
+        if _pidfd_thread_flag and signum != signal.SIGKILL:
+            try:
+                signal.pidfd_send_signal(pidfd, signum, None, _PIDFD_SIGNAL_THREAD)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _pidfd_thread_flag = False
         signal.pidfd_send_signal(pidfd, signum)
     except (OSError, AttributeError):
         pass
