@@ -338,6 +338,9 @@ def test_row17_killed_while_sending_a_large_result() -> None:
 
     task = big()
     assert wait_until(lambda: task._process is not None and task._process._reader.partial, timeout=60)
+    # Held halfway: the rest of its result cannot arrive before the kill does (the monitor could
+    # otherwise read it all, a busy machine delaying the kill, and the task would have returned).
+    os.kill(task.pid, signal.SIGSTOP)
     task.kill()
     task.join(60)
     error = task.exception(0)

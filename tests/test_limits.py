@@ -550,12 +550,13 @@ def _square(x: int) -> int:
     return x * x
 
 
-def test_a_maps_starts_share_one_thread() -> None:
+def test_a_maps_starts_share_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each task's end frees a place for the next start, which the starts thread makes: it
     lingers between them (a thread per start cost a map about a tenth of its rate), and a fork
     or the program's end dismisses it at once."""
     from bgtask._monitor import loop, offload
 
+    monkeypatch.setattr(offload, "LINGER_S", 30.0)  # longer than any wait below: only asking ends it
     seen: List[threading.Thread] = []  # kept: a thread's ident may be reused once it ended
 
     def note() -> None:
@@ -575,9 +576,10 @@ def test_a_maps_starts_share_one_thread() -> None:
     assert len({id(thread) for thread in seen}) <= 3, len(
         {id(thread) for thread in seen}
     )  # one thread, unless the machine stalled 0.5 s
-    # Lingering (or gone after LINGER_S), it goes when a fork or the end of the program asks.
+    # It lingers, and goes when a fork or the end of the program asks.
+    assert offload.starts.thread is not None
     loop.stop_idle_thread()
-    assert offload.starts.thread is None
+    assert wait_until(lambda: offload.starts.thread is None, timeout=10)
 
 
 def test_a_task_a_limiter_started_stops_gracefully(start_method: Optional[str]) -> None:
