@@ -15,12 +15,12 @@ waits for a callback.
 The monitor never waits for anything a task's end depends on: a start may wait for the
 zygote's next spare, which reaches the program through the monitor, and a callback may do
 anything. The thread runs while there is work, and lingers ``LINGER_S`` for more (a map's
-tasks each free a place for the next start: one thread for them all, not one per start); it
-ends at once when asked (``dismiss_idle``: before a fork, at the program's end). At the
-interpreter's shutdown, where no
-thread can start (CPython 3.12.0 and 3.12.1 refuse it in ``atexit``), the work posted from the
-monitor waits until the exit procedure runs it in the main thread (``run_stranded``); work
-posted from any other thread runs there and then.
+tasks each free a place for the next start: one thread for them all, not one per start); asked
+to go (``dismiss_idle``: before a fork, at the program's end), it ends as soon as it has
+nothing to do. At the interpreter's shutdown, where no thread can start (CPython 3.12.0 and
+3.12.1 refuse it in ``atexit``), the work posted from the monitor waits until the exit
+procedure runs it in the main thread (``run_stranded``); work posted from any other thread
+runs there and then.
 """
 
 from __future__ import annotations
