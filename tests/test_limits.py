@@ -582,7 +582,7 @@ def test_a_maps_starts_share_one_thread(monkeypatch: pytest.MonkeyPatch) -> None
     assert wait_until(lambda: offload.starts.thread is None, timeout=10)
 
 
-def test_a_task_a_limiter_started_stops_gracefully(start_method: Optional[str]) -> None:
+def test_a_task_a_limiter_started_stops_gracefully(start_method: Optional[str], daemon: bool) -> None:
     """A pending task is started from bgtask's starts thread when a place frees: it is as any
     other (no signal mask or state of that thread's reaches it), and its graceful stop is
     honoured at once, not by the kill after its grace."""
@@ -591,7 +591,9 @@ def test_a_task_a_limiter_started_stops_gracefully(start_method: Optional[str]) 
         bgtask.ready()
         threading.Event().wait()
 
-    run = background(wait_forever, graceful=True, grace=60, limit=Limiter(1), start_method=start_method)
+    run = background(
+        wait_forever, graceful=True, grace=60, daemon=daemon, limit=Limiter(1), start_method=start_method
+    )
     first, second = run(), run()
     first.wait_ready(60)
     first.stop(timeout=60)

@@ -11,8 +11,9 @@
                                                              graceful: stop event set, or SIGUSR1
                                                              to its main thread, whose handler
                                                              raises the stop exception
-        +──board.pid(key) <──── board.wait(key, pid): the task started, its watcher waits
-        +──board.release(key) ─── and ─── board.release(key) at the task's end
+        +──board.pid(key) <──────────── board.wait(key, pid) ── the task started; its watcher
+        |                                                        waits there for a stop
+        +──board.release(key) at the task's end ── and ── board.release(key) as run() returns
 
 A Ray worker is reused from task to task, so a task leaves it as it found it: the SIGUSR1 handler
 is put back, and the watcher can no longer send the signal, before ``run`` returns (a signal in
