@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import warnings
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -15,7 +16,7 @@ from bgtask._backends import launch as _launch
 from bgtask._main import lifecycle as _lifecycle
 from bgtask._monitor import loop as _monitor
 
-from .helpers import descendants, describe_pids, fd_count, wait_until
+from .helpers import Collect, descendants, describe_pids, fd_count, wait_until
 
 START_METHODS = [None, "fork", "spawn", "forkserver"]
 
@@ -50,6 +51,25 @@ def kind(request: pytest.FixtureRequest) -> Dict[str, bool]:
 def daemon(request: pytest.FixtureRequest) -> bool:
     """Daemon and non-daemon tasks, for behaviour that depends on gracefulness alone."""
     return bool(request.param)
+
+
+@pytest.fixture
+def collected() -> Iterator[List[logging.LogRecord]]:
+    """The records that reach the main program's ``bgtask_test`` logger (level INFO)."""
+    handler = Collect()
+    top = logging.getLogger("bgtask_test")
+    top.addHandler(handler)
+    top.setLevel(logging.INFO)
+    top.propagate = False
+    try:
+        yield handler.records
+    finally:
+        top.removeHandler(handler)
+        top.setLevel(logging.NOTSET)
+        top.propagate = True
+        for logger in list(logging.root.manager.loggerDict.values()):
+            if isinstance(logger, logging.Logger) and logger.name.startswith("bgtask_test."):
+                logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -315,3 +316,18 @@ def kill_quietly(pids: List[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+# The logger the logging tests log to: its records reach the ``collected`` fixture.
+LOGGER = "bgtask_test.app"
+
+
+class Collect(logging.Handler):
+    """A handler that keeps the records it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

@@ -7,41 +7,13 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
 from bgtask import TaskCrashed, TaskError, TaskStopped, background, stop_event
 
-from .helpers import wait_until
-
-LOGGER = "bgtask_test.app"
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def collected() -> Iterator[List[logging.LogRecord]]:
-    """The records that reach the main program's ``bgtask_test`` logger (level INFO)."""
-    handler = _Collect()
-    top = logging.getLogger("bgtask_test")
-    top.addHandler(handler)
-    top.setLevel(logging.INFO)
-    top.propagate = False
-    try:
-        yield handler.records
-    finally:
-        top.removeHandler(handler)
-        top.setLevel(logging.NOTSET)
-        top.propagate = True
-        logging.getLogger(LOGGER).setLevel(logging.NOTSET)
+from .helpers import LOGGER, Collect, wait_until
 
 
 def test_records_reach_the_main_programs_handlers(
@@ -279,7 +251,7 @@ def test_warnings_follow_the_main_programs_filters(start_method: Optional[str]) 
 
 def test_captured_warnings_arrive_as_records(collected: List[logging.LogRecord]) -> None:
     """With logging.captureWarnings(True) in the main program, a task's warning is a record."""
-    handler = _Collect()
+    handler = Collect()
     py_warnings = logging.getLogger("py.warnings")
     py_warnings.addHandler(handler)
     py_warnings.propagate = False

@@ -10,6 +10,8 @@ error.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -18,15 +20,25 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, AsyncIterator, Dict, Iterator, List
 
 import pytest
 
 import bgtask
 from bgtask import TaskCrashed, TaskStopped, background, stop_event
 
-from .helpers import ANNOUNCE_EXIT_WAIT, Script, kill_quietly, pid_alive, run_script, script_env, wait_until
+from .helpers import (
+    ANNOUNCE_EXIT_WAIT,
+    LOGGER,
+    Script,
+    kill_quietly,
+    pid_alive,
+    run_script,
+    script_env,
+    wait_until,
+)
 
 
 def _token_auth() -> None:
@@ -78,12 +90,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class HeadNode:
-    """A Ray head node of the test session's own, and every process it started."""
+class _Node:
+    """A Ray node of the tests' own (``ray start``), and every process it started: its processes
+    are in a session of their own, found by its id, stopped by pid (never with ``ray stop``)."""
 
-    def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="bgray-")  # short: Ray's socket paths have a limit
-        self.port = _free_port()
+    def __init__(self, *options: str) -> None:
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         ports = {
             "--dashboard-agent-listen-port": _free_port(),
@@ -94,16 +105,10 @@ class HeadNode:
         args = [
             ray_cli,
             "start",
-            "--head",
-            f"--port={self.port}",
-            f"--temp-dir={self.tmp}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
+            *options,
             "--disable-usage-stats",
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
-        # A session of its own: every process of the cluster, workers started later included,
-        # is in this process group, found by its id at the end.
         proc = subprocess.Popen(
             args,
             env=dict(os.environ, **ENV),
@@ -117,7 +122,6 @@ class HeadNode:
         if proc.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed ({proc.returncode}): {err[-2000:]}")
-        self.address = f"127.0.0.1:{self.port}"
 
     def members(self) -> Dict[int, str]:
         found = {}
@@ -151,7 +155,40 @@ class HeadNode:
             wait_until(lambda group=group: not any(pid_alive(p) for p in group), timeout=5)
         kill_quietly(list(self.members()))
         wait_until(lambda: not self.members(), timeout=10)
+
+    def lose(self) -> None:
+        """The node dies at once, as a machine that loses its power: every process SIGKILLed."""
+        kill_quietly(list(self.members()))
+        wait_until(lambda: not self.members(), timeout=10)
+
+
+class HeadNode(_Node):
+    """The session's head node: two CPUs."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="bgray-")  # short: Ray's socket paths have a limit
+        self.port = _free_port()
+        super().__init__(
+            "--head",
+            f"--port={self.port}",
+            f"--temp-dir={self.tmp}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+        )
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        super().stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class WorkerNode(_Node):
+    """A second node of the head's cluster, on this machine: one CPU, and a resource of its own
+    (``{name: 100}``) that places a task there."""
+
+    def __init__(self, head: HeadNode, name: str) -> None:
+        self.resource = name
+        super().__init__(f"--address={head.address}", "--num-cpus=1", f'--resources={{"{name}": 100}}')
 
 
 @pytest.fixture(scope="session")
@@ -456,6 +493,158 @@ def test_nested_tasks_end_with_their_parent(backend: str) -> None:
     assert outer().result(RESULT_S) == (5, backend == "ray")
 
 
+def test_a_stream_yields_in_order_then_its_return_value(backend: str) -> None:
+    @background(backend=backend)
+    def count(n: int) -> Iterator[int]:
+        yield from range(n)
+        return f"counted {n}"  # type: ignore[misc]
+
+    @background(backend=backend)
+    async def ticks(n: int) -> AsyncIterator[str]:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield f"tick {i}"
+
+    task = count(300)
+    assert isinstance(task, bgtask.StreamTask)
+    assert list(task) == list(range(300))
+    assert task.result(RESULT_S) == "counted 300"
+
+    async def read() -> List[str]:
+        return [tick async for tick in ticks(5)]
+
+    assert asyncio.run(read()) == [f"tick {i}" for i in range(5)]
+
+
+def test_a_streams_error_comes_after_its_items(backend: str) -> None:
+    @background(backend=backend)
+    def fail_after(n: int) -> Iterator[int]:
+        yield from range(n)
+        raise ValueError("no more")
+
+    got: List[int] = []
+
+    def read() -> None:
+        got.extend(fail_after(3))
+
+    with pytest.raises(ValueError, match="no more"):
+        read()
+    assert got == [0, 1, 2]
+
+
+def test_leaving_a_streams_loop_stops_it_with_its_cleanup(backend: str, tmp_path: Path) -> None:
+    marker = tmp_path / "closed"
+
+    @background(backend=backend, graceful=True, grace=30)
+    def forever(marker: str) -> Iterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            Path(marker).write_text("closed")
+
+    task = forever(str(marker))
+    for item in task:
+        if item == 10:
+            break
+    with pytest.raises(TaskStopped, match="when the loop over its items was left"):
+        task.result(RESULT_S)
+    assert marker.read_text() == "closed"
+
+
+def test_a_slow_reader_holds_a_stream_back_and_a_stop_then_runs_its_cleanup(
+    backend: str, tmp_path: Path
+) -> None:
+    """1 MiB items, read one: the task is held a few dozen items ahead (the program's unread
+    8 MiB, and on Ray the items Ray holds); stopped while held, its ``finally`` runs."""
+    progress = tmp_path / "progress"
+    marker = tmp_path / "cleaned"
+
+    @background(backend=backend, graceful=True, grace=30)
+    def produce(progress: str, marker: str) -> Iterator[bytes]:
+        piece = b"x" * (1 << 20)
+        try:
+            for _ in range(1000):
+                with open(progress, "ab") as f:
+                    f.write(b".")  # one byte per item
+                yield piece
+        finally:
+            Path(marker).write_text("cleaned")
+
+    task = produce(str(progress), str(marker))
+    iterator = iter(task)
+    assert len(next(iterator)) == 1 << 20
+    # The task runs ahead until it is held; a second later it is still held.
+    assert wait_until(lambda: progress.exists() and progress.stat().st_size >= 8, timeout=RESULT_S)
+    time.sleep(1.0)
+    assert progress.stat().st_size < 64
+    task.stop()
+    with pytest.raises(TaskStopped):
+        list(iterator)
+    assert marker.read_text() == "cleaned"
+
+
+def test_log_records_reach_the_programs_handlers(backend: str, collected: List[logging.LogRecord]) -> None:
+    """Formatted, at the program's levels, with the task's name and pid and its exception, all
+    handled before the result is known."""
+    logging.getLogger(LOGGER + ".quiet").setLevel(logging.WARNING)
+
+    @background(backend=backend, name="reporter")
+    def report() -> int:
+        log = logging.getLogger(LOGGER)
+        log.debug("below the level: not sent")
+        for i in range(50):
+            log.info("record %d", i)
+        logging.getLogger(LOGGER + ".quiet").info("below its own level: not sent")
+        try:
+            raise KeyError("broken")
+        except KeyError:
+            log.exception("it failed")
+        return os.getpid()
+
+    pid = report().result(RESULT_S)
+    assert [r.getMessage() for r in collected] == [f"record {i}" for i in range(50)] + ["it failed"]
+    assert all(r.name == LOGGER and r.processName == "reporter" and r.process == pid for r in collected)
+    exc_info = collected[-1].exc_info
+    assert exc_info is not None
+    assert exc_info[0] is KeyError
+    assert "KeyError: 'broken'" in (collected[-1].exc_text or "")
+
+
+def test_warnings_follow_the_programs_filters(backend: str) -> None:
+    @background(backend=backend)
+    def warns() -> str:
+        warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
+        return "no error"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        task = warns()
+    with pytest.raises(DeprecationWarning, match="deprecated thing"):
+        task.result(RESULT_S)
+    with pytest.warns(DeprecationWarning, match="deprecated thing"):
+        assert warns().result(RESULT_S) == "no error"
+
+
+def test_nested_tasks_relay_their_records(backend: str, collected: List[logging.LogRecord]) -> None:
+    @background(backend=backend, name="inner")
+    def inner() -> None:
+        logging.getLogger(LOGGER).info("from the inner task")
+
+    @background(backend=backend, name="outer")
+    def outer() -> None:
+        inner().result(60)
+        logging.getLogger(LOGGER).info("from the outer task")
+
+    outer().result(RESULT_S)
+    assert [(r.getMessage(), r.processName) for r in collected] == [
+        ("from the inner task", "inner"),
+        ("from the outer task", "outer"),
+    ]
+
+
 # -- Ray's own ------------------------------------------------------------------------------
 
 
@@ -475,17 +664,38 @@ def test_a_killed_ray_task_is_not_run_again(cluster: str, tmp_path: Path) -> Non
     assert runs.read_text() == "run\n"
 
 
-def test_what_cannot_go_to_ray_is_refused(cluster: str) -> None:
-    @background(backend="ray")
-    def gen() -> Iterator[int]:
-        yield 1
+def test_a_worker_is_left_as_the_relay_found_it(cluster: str, collected: List[logging.LogRecord]) -> None:
+    """Ray runs task after task in a worker: its logging and warnings are put back after each."""
 
+    @background(backend="ray")
+    def logs() -> None:
+        logging.getLogger(LOGGER).info("relayed")
+        warnings.warn("relayed too", UserWarning, stacklevel=1)
+
+    @background(backend="ray", relay_logging=False)
+    def state() -> Any:
+        root = logging.getLogger()
+        return (
+            root.level,
+            [type(handler).__name__ for handler in root.handlers],
+            logging.getLogger(LOGGER).level,
+            logging.root.manager.disable,
+            warnings.showwarning.__module__,
+        )
+
+    for _ in range(4):
+        with pytest.warns(UserWarning, match="relayed too"):
+            logs().result(RESULT_S)
+    assert [r.getMessage() for r in collected] == ["relayed"] * 4
+    for _ in range(4):
+        assert state().result(RESULT_S) == (logging.WARNING, [], logging.NOTSET, 0, "warnings")
+
+
+def test_what_cannot_go_to_ray_is_refused(cluster: str) -> None:
     @background(backend="ray")
     def takes(q: Any) -> None:
         pass
 
-    with pytest.raises(bgtask.BgTaskError, match="generator"):
-        gen()
     queue: bgtask.Queue[int] = bgtask.Queue()
     with pytest.raises(bgtask.BgTaskError, match="descriptors"):
         takes(queue)
@@ -911,3 +1121,143 @@ def test_graceful_event_on_ray(cluster: str) -> None:
     wait_until(lambda: task.pid is not None, timeout=RESULT_S)
     task.stop(timeout=RESULT_S)
     assert task.result(timeout=RESULT_S) == "clean"
+
+
+# -- many nodes ------------------------------------------------------------------------------
+
+
+def _node_up(node: WorkerNode) -> bool:
+    return bool(ray.cluster_resources().get(node.resource))
+
+
+@pytest.fixture(scope="class")
+def second_node(head: HeadNode, cluster: str) -> Iterator[WorkerNode]:
+    """A second node beside the head, for this class's tests only (the others count on the
+    head's two CPUs being the cluster's)."""
+    node = WorkerNode(head, "bgtask_node_b")
+    try:
+        assert wait_until(lambda: _node_up(node), timeout=RESULT_S)
+        yield node
+    finally:
+        node.stop()
+        wait_until(lambda: not _node_up(node), timeout=RESULT_S)
+
+
+class TestManyNodes:
+    """A cluster of two nodes (and a third that dies), all on this machine."""
+
+    def test_a_task_placed_by_resources_runs_on_the_other_node(self, second_node: WorkerNode) -> None:
+        @background(backend="ray", ray_options={"resources": {second_node.resource: 1}})
+        def where() -> str:
+            import ray as ray_in_task
+
+            return str(ray_in_task.get_runtime_context().get_node_id())
+
+        @background(backend="ray")
+        def ready_and_where() -> str:
+            bgtask.ready("placed")
+            return str(where().result(RESULT_S))
+
+        here = ray.get_runtime_context().get_node_id()
+        task = ready_and_where()
+        assert task.wait_ready(RESULT_S) == "placed"
+        assert task.result(RESULT_S) != here
+
+    def test_streams_and_records_come_from_the_other_node(
+        self, second_node: WorkerNode, collected: List[logging.LogRecord]
+    ) -> None:
+        @background(backend="ray", name="far", ray_options={"resources": {second_node.resource: 1}})
+        def far(n: int) -> Iterator[int]:
+            logging.getLogger(LOGGER).info("streaming %d", n)
+            yield from range(n)
+
+        assert list(far(100)) == list(range(100))
+        assert [(r.getMessage(), r.processName) for r in collected] == [("streaming 100", "far")]
+
+    def test_a_graceful_daemon_on_the_other_node_is_stopped_with_its_cleanup(
+        self, head: HeadNode, second_node: WorkerNode, tmp_path: Path
+    ) -> None:
+        env = dict(script_env(), **ENV)
+        result = run_script(
+            tmp_path,
+            f"""
+import pathlib
+import bgtask
+
+HERE = pathlib.Path(__file__).parent
+FAR = {{"resources": {{{second_node.resource!r}: 1}}}}
+
+@bgtask.background(daemon=True, graceful=True, grace=30, ray_options=FAR)
+def daemon():
+    import ray
+    (HERE / "daemon-node").write_text(ray.get_runtime_context().get_node_id())
+    try:
+        bgtask.stop_event().wait()
+    finally:
+        (HERE / "daemon-cleaned").write_text("yes")
+
+@bgtask.background(ray_options=FAR)
+def worker():
+    import time
+    while not (HERE / "daemon-node").exists():
+        time.sleep(0.01)
+    (HERE / "worker-done").write_text("yes")
+
+if __name__ == "__main__":
+    import ray
+    bgtask.use_ray({head.address!r}, logging_level="WARNING")
+    daemon()
+    worker()
+    (HERE / "main-node").write_text(ray.get_runtime_context().get_node_id())
+""",
+            env=env,
+            timeout=RESULT_S,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "worker-done").exists()
+        assert (tmp_path / "daemon-cleaned").exists()
+        assert (tmp_path / "daemon-node").read_text() != (tmp_path / "main-node").read_text()
+
+    def test_the_ray_example_on_two_nodes(self, head: HeadNode, second_node: WorkerNode) -> None:
+        example = Path(__file__).resolve().parent.parent / "examples" / "ray_cluster.py"
+        result = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
+            [sys.executable, str(example), "--address", head.address],
+            capture_output=True,
+            text=True,
+            timeout=RESULT_S,
+            env=dict(script_env(), **ENV),
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "ok: results in order, one crash reported, the daemon's cleanup ran" in result.stdout
+
+    def test_a_node_lost_mid_task_is_task_crashed_and_never_run_again(
+        self, head: HeadNode, cluster: str, tmp_path: Path
+    ) -> None:
+        ran = tmp_path / "ran"
+        doomed = WorkerNode(head, "bgtask_doomed")
+        try:
+            assert wait_until(lambda: _node_up(doomed), timeout=RESULT_S)
+
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node_id = next(
+                n["NodeID"] for n in ray.nodes() if n["Alive"] and doomed.resource in n["Resources"]
+            )
+            # Soft: a second run, were there one, could go to the head node.
+            there = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+
+            @background(backend="ray", ray_options={"scheduling_strategy": there})
+            def lasts(ran: str) -> None:
+                with open(ran, "a") as f:
+                    f.write("ran\n")
+                time.sleep(RESULT_S)
+
+            task = lasts(str(ran))
+            assert wait_until(ran.exists, timeout=RESULT_S)
+            doomed.lose()
+            with pytest.raises(TaskCrashed):
+                task.result(RESULT_S)
+            time.sleep(2.0)  # a second run would have started by now, on the head node
+        finally:
+            doomed.stop()
+        assert ran.read_text() == "ran\n"

@@ -1,14 +1,11 @@
-"""The Ray backend, main program's side: ``use_ray()``, its launcher, and ``RayProcess``.
+"""The Ray backend, main program's side: ``use_ray()`` and its launcher.
 
 ::
 
     call ──> RayLauncher.start(settings, payload) ──run.remote(call, settings, board, key)──> Ray
-                 │                                      (max_retries=0: never run twice)
-                 └─> RayProcess: what a Task follows, in the monitor thread, as a TaskProcess
-                       ref.future() done ──> outcome (kind, body, pid, code) ──> task._ended()
-                       board.pid(key) done ──> task._pid_known(pid)
-                       signal(SIGTERM, grace) ──> board.request(key) (the task stops itself)
-                       signal(SIGKILL) or grace over ──> ray.cancel(force=True, recursive=True)
+                 │                                      (max_retries=0: never run twice;
+                 │                                       a stream: run_stream, a generator task)
+                 └─> RayProcess (``ray_process``): what a Task follows, as a TaskProcess
 
 Ray is imported on first use, never by ``import bgtask``. A connection bgtask made (a private
 local cluster by default) is ended by bgtask's exit procedure once daemon tasks were stopped
@@ -19,20 +16,17 @@ the next Ray task after a ``bgtask.shutdown()`` connects again.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import threading
-import time
 import uuid
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from .._monitor import loop as _monitor
-from .._monitor.process import _NOBODY, Consumer
 from .._shared import forks
 from .._shared import wire as _wire
 from .._shared.errors import BgTaskError
 from . import ray_worker as _ray_task
+from .ray_process import RayProcess
 
 BACKENDS = (None, "local", "ray")
 # What ``ray_options=`` may set, and the Ray option each becomes.
@@ -45,6 +39,9 @@ RAY_OPTIONS = {
     "scheduling_strategy": "scheduling_strategy",
     "fresh_worker": "",  # True: a worker that exits after the task (a function with max_calls=1)
 }
+
+# A stream's items Ray holds for the program before the task waits to yield more.
+STREAM_AHEAD = 16
 
 _lock = threading.Lock()
 _default: Optional[str] = None  # "ray" once use_ray() was called
@@ -107,11 +104,12 @@ class RayLauncher:
         self._owner: Any = None  # (pid, Ray session) the handles below belong to
         self._forked = False  # a forked copy of a connected program: Ray's worker is not its own
         self._connected_here = False  # this launcher called ray.init(): it ends the connection
-        self._run: Any = None
-        self._run_fresh: Any = None  # max_calls=1 (Ray takes it only where the function is made)
+        # The remote functions, by (stream, fresh worker): a stream is a Ray generator task; a
+        # fresh worker's is made with max_calls=1 (Ray takes it only where the function is made).
+        self._functions: Dict[Tuple[bool, bool], Any] = {}
         self._board: Any = None
 
-    def _connect(self) -> Tuple[Any, Any, Any]:
+    def _connect(self) -> Tuple[Any, Dict[Tuple[bool, bool], Any], Any]:
         ray = import_ray()
         with self._lock:
             if self._forked:
@@ -145,13 +143,17 @@ class RayLauncher:
                     finally:
                         for signum, handler in handlers.items():
                             signal.signal(signum, handler)
-                self._run = ray.remote(_ray_task.run)
-                self._run_fresh = ray.remote(max_calls=1)(_ray_task.run)
+                self._functions = {
+                    (False, False): ray.remote(_ray_task.run),
+                    (False, True): ray.remote(max_calls=1)(_ray_task.run),
+                    (True, False): ray.remote(_ray_task.run_stream),
+                    (True, True): ray.remote(max_calls=1)(_ray_task.run_stream),
+                }
                 self._board = (
                     ray.remote(_ray_task.StopBoard).options(num_cpus=0, max_concurrency=1_000_000).remote()
                 )
                 self._owner = (os.getpid(), _ray_task.session())
-            return ray, self._run, self._board
+            return ray, self._functions, self._board
 
     def start(self, settings: Dict[str, Any], payload: Any) -> RayProcess:
         if payload.fds:
@@ -159,38 +161,39 @@ class RayLauncher:
                 "a task on Ray cannot be given sockets, connections or bgtask queues: their "
                 "descriptors do not cross machines (use backend='local' for this function)"
             )
-        if settings.get("stream"):
-            raise BgTaskError(
-                "a generator function's items stream to the program only on the local backend "
-                "(use backend='local' for this function)"
-            )
-        ray, run, board = self._connect()
+        ray, functions, board = self._connect()
+        stream = bool(settings.get("stream"))
         # A daemon (a logger, a monitor) would hold a CPU slot for the program's whole life;
         # a map's tasks are daemons only in how they end, and take a CPU each.
         lasting = settings["daemon"] and not settings.get("scoped")
         options: Dict[str, Any] = {"num_cpus": 0 if lasting else 1}
+        fresh = False
         for key, value in (settings.get("ray_options") or {}).items():
             if key == "fresh_worker":
-                if value:
-                    run = self._run_fresh
+                fresh = bool(value)
             else:
                 options[RAY_OPTIONS[key]] = value
+        if stream:
+            # Items the task yields ahead of the program's reading wait in Ray's object store,
+            # this many at most; then the task waits (see RayProcess for the rest).
+            options.update(num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD)
+        run = functions[stream, fresh]
         # Never run twice: a task killed from outside must not be run again and report success.
         options.update(max_retries=0, retry_exceptions=False, name=settings["name"])
         body = payload.body
         if isinstance(body, _wire.Pieces):
             body = b"".join(bytes(piece) for piece in body.pieces)
         key = uuid.uuid4().hex
-        task_settings = {"graceful": settings["graceful"], "name": settings["name"]}
+        task_settings = {k: settings.get(k) for k in ("graceful", "name", "logging")}
         try:
             ref = run.options(**options).remote(body, task_settings, board, key)
         except Exception as exc:
             raise BgTaskError(f"Ray did not take the task: {type(exc).__name__}: {exc}") from exc
-        return RayProcess(ray, ref, board, key)
+        return RayProcess(ray, ref, board, key, stream)
 
     def cluster_cpus(self) -> int:
         """The CPUs of the cluster (connecting first): a map's default limit on Ray."""
-        ray, _run, _board = self._connect()
+        ray, _functions, _board = self._connect()
         try:
             return int(ray.cluster_resources().get("CPU", 0))
         except Exception:  # noqa: BLE001 (the cluster's state is unavailable: no default from it)
@@ -252,168 +255,6 @@ def forget_in_child() -> None:
     _lock = threading.Lock()
     if _launcher is not None:
         _launcher.forget_in_child()
-
-
-class RayProcess:
-    """A task submitted to Ray, followed as a ``TaskProcess`` is (see ``_monitor.process``).
-
-    Every field is the monitor thread's once ``watch()`` handed the record over; Ray's own
-    callback thread only schedules work there.
-    """
-
-    def __init__(self, ray: Any, ref: Any, board: Any, key: str) -> None:
-        self.pid: Optional[int] = None  # the worker's, once it runs (a Ray worker may be elsewhere)
-        self.keep: Any = ()
-        self.done = False
-        self._ray = ray
-        self._ref = ref
-        self._board = board
-        self._key = key
-        self._consumer: Optional[Consumer] = None
-        self._requested = 0
-        self._escalation: Optional[_monitor.Timer] = None
-        self._asked_ready = False
-        self._monitor = _monitor.get()
-        self._monitor.hold()
-
-    def watch(self, consumer: Consumer) -> None:
-        monitor = self._monitor
-
-        def hand_over() -> None:
-            self._consumer = consumer
-            if self._ref is None:
-                return  # discarded meanwhile
-            self._ref.future().add_done_callback(lambda f: monitor.call_soon(lambda: self._finished(f)))
-            self._board.pid.remote(self._key).future().add_done_callback(
-                lambda f: monitor.call_soon(lambda: self._pid_known(f))
-            )
-            if getattr(consumer, "_ready_wanted", False):  # waited for while it was pending
-                self._want_ready()
-
-        monitor.call_soon(hand_over)
-
-    def signal(self, signum: int, escalate_after: Optional[float] = None) -> None:
-        self._monitor.call_soon(lambda: self._signal(signum, escalate_after))
-
-    def discard(self) -> None:
-        self.done = True
-        self._end()
-
-    def resume(self) -> None:
-        pass  # no stream on Ray
-
-    def want_ready(self) -> None:
-        """Someone waits for the task's ``bgtask.ready()``: ask the board, once."""
-        self._monitor.call_soon(self._want_ready)
-
-    def block(self, timeout: Optional[float]) -> None:
-        """Wait for the task's end inside a Ray task: ``ray.wait`` lends this task's CPU out."""
-        ref = self._ref
-        if ref is not None and _ray_task.in_task:
-            self._ray.wait([ref], timeout=timeout)
-
-    def abandon(self) -> None:
-        self.watch(_NOBODY)
-        self.signal(signal.SIGKILL)
-
-    # -- in the monitor thread ----------------------------------------------------------------
-
-    def _want_ready(self) -> None:
-        if self._asked_ready or self.done or self._consumer is None:
-            return
-        self._asked_ready = True
-        monitor = self._monitor
-        try:
-            future = self._board.ready.remote(self._key).future()
-        except Exception:  # noqa: BLE001 (the cluster is gone: the end will tell)
-            return
-        future.add_done_callback(lambda f: monitor.call_soon(lambda: self._ready_known(f)))
-
-    def _ready_known(self, future: Any) -> None:
-        try:
-            body = future.result()
-        except Exception:  # noqa: BLE001 (the board is gone with the cluster)
-            return
-        if body is not None and self._consumer is not None and not self.done:
-            self._consumer._ready_sent(body)
-
-    def _pid_known(self, future: Any) -> None:
-        try:
-            pid = int(future.result())
-        except Exception:  # noqa: BLE001 (the board is gone with the cluster)
-            return
-        if pid > 0 and self.pid is None:
-            self.pid = pid
-            if self._consumer is not None and not self.done:
-                self._consumer._pid_known(pid)
-
-    def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
-        if self.done:
-            return
-        try:
-            if signum == signal.SIGKILL:
-                self._requested = signal.SIGKILL
-                self._ray.cancel(self._ref, force=True, recursive=True)
-            elif signum:
-                self._requested = self._requested or signum
-                self._board.request.remote(self._key)
-        except Exception:  # noqa: BLE001 (the task already ended, or the cluster is gone)
-            pass
-        if escalate_after is not None and self._escalation is None:
-            self._escalation = self._monitor.call_at(
-                time.monotonic() + escalate_after, lambda: self._signal(signal.SIGKILL, None)
-            )
-
-    def _finished(self, future: Any) -> None:
-        if self.done or self._consumer is None:
-            return
-        messages: List[Tuple[int, Any]] = []
-        exitcode: Optional[int] = None
-        try:
-            kind, body, pid, exitcode, ready = future.result()
-            messages.append((kind, body))
-            if self.pid is None:
-                self.pid = pid
-                self._consumer._pid_known(pid)
-            if ready is not None:
-                self._consumer._ready_sent(ready)  # before the outcome, as on a task's channel
-        except BaseException as exc:  # noqa: BLE001 (whatever Ray raises is this task's end)
-            exitcode, message = self._describe(exc)
-            if message is not None:
-                messages.append((_wire.EXITED, pickle.dumps(message, pickle.HIGHEST_PROTOCOL)))
-        consumer = self._consumer
-        self.done = True
-        self._end()
-        if messages and messages[0][0] in _wire.EARLY:
-            consumer._outcome_sent(*messages[0])
-        consumer._ended(exitcode, messages, False, None)
-        self._consumer = None
-
-    def _describe(self, exc: BaseException) -> Tuple[Optional[int], Optional[str]]:
-        """(exit code, what to tell) for a task that ended without an outcome of its own."""
-        exceptions = self._ray.exceptions
-        killed = (exceptions.TaskCancelledError, exceptions.WorkerCrashedError)
-        if isinstance(exc, killed) and self._requested == signal.SIGKILL:
-            return -signal.SIGKILL, None  # killed by stop(), kill() or a timeout: "stopped"
-        if isinstance(exc, exceptions.WorkerCrashedError):
-            return None, "the Ray worker running it died (WorkerCrashedError: no exit code on Ray)"
-        if isinstance(exc, exceptions.TaskCancelledError):
-            return None, "it was cancelled from outside bgtask (ray.cancel)"
-        if isinstance(exc, exceptions.RayTaskError):
-            cause = getattr(exc, "cause", exc)
-            return None, f"bgtask's runner failed on the Ray worker: {type(cause).__name__}: {cause}"
-        return None, f"Ray reported {type(exc).__name__}: {exc}"
-
-    def _end(self) -> None:
-        self._ref = None  # the result stays in Ray's object store while a reference lives
-        if self._escalation is not None:
-            self._escalation.cancel()
-            self._escalation = None
-        try:
-            self._board.release.remote(self._key)  # a pid() still waiting (never ran) returns
-        except Exception:  # noqa: BLE001 (the cluster is gone)
-            pass
-        self._monitor.release()
 
 
 forks.register(after_in_child=forget_in_child, order=forks.LAUNCHERS)

@@ -6,6 +6,8 @@
         |                                                    run(): the call, its outcome returned
         |                                                    as (kind, body, pid), as a local task
         |                                                    would send it
+        |           run_stream (a Ray generator task) ───>   each item yielded (bytes), then the
+        |                                                    outcome, as run() returns it
         +──board.ready(key) <──────── board.post_ready(key) ── bgtask.ready(value) in the task
         +──board.request(key)──> StopBoard actor ──wakes──> the task's stop watcher (a thread):
                                                              graceful: stop event set, or SIGUSR1
@@ -30,13 +32,18 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from .._runtime.runner import run_call, stopped
+from .._runtime.runner import run_call, run_steps, stopped
 from .._shared import context as _taskctx
+from .._shared import logs as _logs
 from .._shared import wire as _wire
 from .._shared.context import Context, TaskState
 from .._shared.stop import _StopRequest
+
+# A task's end: its outcome message (kind, body), the worker's pid, its exit code, its ready()
+# value, and the number of messages it posted.
+_End = Tuple[int, bytes, int, int, Optional[bytes], int]
 
 # Set while a task runs in this process: bgtask calls made by the task go to Ray as well.
 in_task = False
@@ -46,15 +53,17 @@ STOP_SIGNAL = signal.SIGUSR1
 
 
 class _Entry:
-    __slots__ = ("pid", "ready", "ready_body", "started", "stop", "stopped")
+    __slots__ = ("ended", "messages", "news", "pid", "ready", "ready_body", "stop", "stopped")
 
     def __init__(self, asyncio: Any) -> None:
         self.stop = asyncio.Event()  # set by a stop request, or by the task's end
         self.stopped = False  # a stop was requested
-        self.started = asyncio.Event()
         self.pid = -1
         self.ready = asyncio.Event()  # set by bgtask.ready() in the task, or by its end
         self.ready_body: Optional[bytes] = None
+        self.messages: Dict[int, Tuple[int, bytes]] = {}  # by number: log records, warnings
+        self.news = asyncio.Event()  # set when the pid, a message or the end is there
+        self.ended = False
 
 
 class StopBoard:
@@ -63,7 +72,7 @@ class StopBoard:
     Made an actor (async, so that thousands of waiting watchers cost one coroutine each) by the
     main program's side of the backend; every method takes the task's key. An async actor need
     not run calls in the order they were sent: a released key is remembered (the last
-    ``ENDED_KEPT``), so a ``wait`` or ``pid`` that arrives after its task's end returns at once
+    ``ENDED_KEPT``), so a ``wait`` or ``news`` that arrives after its task's end returns at once
     instead of waiting for ever.
     """
 
@@ -82,8 +91,9 @@ class StopBoard:
         if entry is None:
             entry = self._entries[key] = _Entry(self._asyncio)
             if key in self._ended:  # its end came first: nothing will wake it otherwise
+                entry.ended = True
                 entry.stop.set()
-                entry.started.set()
+                entry.news.set()
                 entry.ready.set()
         return entry
 
@@ -101,17 +111,32 @@ class StopBoard:
         about as much as a whole plain Ray task.)"""
         entry = self._entry(key)
         entry.pid = pid
-        entry.started.set()
+        entry.news.set()
         await entry.stop.wait()
-        self._forget(key)
+        self._drop(key, entry)
         return entry.stopped
 
-    async def pid(self, key: str) -> int:
-        """The task's worker pid once it runs; -1 if it ended without running."""
+    async def post(self, key: str, number: int, kind: int, body: bytes) -> None:
+        """The task's message ``number`` (from 1): a log record or a warning."""
         entry = self._entry(key)
-        await entry.started.wait()
-        self._forget(key)
-        return entry.pid
+        if not entry.ended:
+            entry.messages[number] = (kind, body)
+            entry.news.set()
+
+    async def news(self, key: str, seen: int, pid_known: bool) -> Tuple[int, List[Tuple[int, bytes]], bool]:
+        """What the main program has not had yet, once there is something: the task's pid
+        (-1 until it runs), its messages after number ``seen`` (in order, none missing), and
+        whether the task ended (every message it posted is then in, or it never will be)."""
+        entry = self._entry(key)
+        while True:
+            entry.news.clear()
+            messages: List[Tuple[int, bytes]] = []
+            while seen + 1 + len(messages) in entry.messages:
+                messages.append(entry.messages.pop(seen + 1 + len(messages)))
+            if messages or entry.ended or (entry.pid > 0 and not pid_known):
+                self._drop(key, entry)
+                return entry.pid, messages, entry.ended
+            await entry.news.wait()
 
     async def post_ready(self, key: str, body: bytes) -> None:
         """The task called ``bgtask.ready()``: its value, pickled."""
@@ -126,25 +151,31 @@ class StopBoard:
         first (the task's result then carries the value, if it had one)."""
         entry = self._entry(key)
         await entry.ready.wait()
+        self._drop(key, entry)
         return entry.ready_body
 
     async def release(self, key: str) -> None:
-        """The task ended (said by the task, and by the main program): wake what waits."""
+        """The task ended (said by the task once its messages are in, or by the main program
+        when it ended otherwise): wake what waits. The entry stays while messages wait for the
+        main program; the last ``ENDED_KEPT`` ones at most."""
         self._ended[key] = True
         self._ended.move_to_end(key)
         while len(self._ended) > self.ENDED_KEPT:
-            self._ended.popitem(last=False)
+            old, _ = self._ended.popitem(last=False)
+            self._entries.pop(old, None)
         entry = self._entries.get(key)
         if entry is not None:
+            entry.ended = True
             entry.stop.set()
-            entry.started.set()
+            entry.news.set()
             entry.ready.set()
-            self._forget(key)
+            self._drop(key, entry)
 
-    def _forget(self, key: str) -> None:
-        """Drop an ended task's entry (the coroutines still waiting hold it)."""
-        if key in self._ended:
-            self._entries.pop(key, None)
+    def _drop(self, key: str, entry: _Entry) -> None:
+        """Forget an ended task's entry once no message waits in it (the coroutines still
+        waiting hold it)."""
+        if entry.ended and not entry.messages and self._entries.get(key) is entry:
+            del self._entries[key]
 
 
 def session() -> Any:
@@ -154,68 +185,150 @@ def session() -> Any:
     return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
 
 
-def run(
-    body: bytes, settings: Dict[str, Any], board: Any, key: str
-) -> Tuple[int, bytes, int, int, Optional[bytes]]:
-    """Run one call on this Ray worker: its outcome message, this process's pid, the exit code
-    a task process of its own would have had, and what it passed to ``bgtask.ready()``."""
-    global in_task
-    import ray
-
-    pid = os.getpid()
-    main = threading.get_ident()  # run() runs in the main thread (its signal handler needs it)
-    stop_requested = board.wait.remote(key, pid)  # submitted before release(): see StopBoard
-    state = TaskState(settings["graceful"])  # "event": a cooperative task from its first line
-    # Until the call is loaded: a worker outlives its task, and an import a stop tore halfway
-    # would stay broken for every later task (C extensions do not load twice).
-    state.running = False
-    guard = threading.Lock()
-    done = [False]
-
-    def watch() -> None:
+def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> _End:
+    """Run one call on this Ray worker; its end, as ``_OnWorker.end`` gives it."""
+    with _OnWorker(settings, board, key) as task:
         try:
-            stop = ray.get(stop_requested)
-        except Exception:
-            return
-        with guard:
-            if stop and not done[0]:
-                # To the main thread, where run() waits: not one of Ray's many threads, which
-                # would leave it blocked in a system call until the grace ran out.
-                signal.pthread_kill(main, STOP_SIGNAL)
-
-    readiness: List[bytes] = []
-
-    def post_ready(kind: int, body: bytes) -> None:
-        readiness.append(body)  # the result carries it too: it is known before the outcome
-        ray.get(board.post_ready.remote(key, body))  # there before ready() returns
-
-    # No channel: only readiness goes home, through the board.
-    context = Context(state, home=(frozenset((_wire.READY,)), post_ready))
-    previous_context = _taskctx.install(context)
-    previous_handler = signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal)
-    in_task = True
-    try:
-        threading.Thread(target=watch, name="bgtask-stop-watch", daemon=True).start()
-        try:
-            kind, sent, code = run_call(body, [], state, by_reference=False)
+            kind, sent, code = run_call(body, [], task.state, by_reference=False)
             data = sent if isinstance(sent, bytes) else sent.body  # no descriptor: never WithFiles
         except _StopRequest as stop:
-            state.running_done()
-            kind, data, code = _wire.STOPPED, stopped(stop), -signal.SIGTERM
-        context.run_at_end()  # a stop now raises nothing: the function is no longer running
-    finally:
+            kind, data, code = task.stopped(stop)
+        task.context.run_at_end()  # a stop now raises nothing: the function is no longer running
+    return task.end(kind, data, code)
+
+
+def run_stream(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Iterator[Union[bytes, _End]]:
+    """``run`` for a generator function, as a Ray generator task: each item the function
+    yields, pickled (bytes), as it comes; then the end, as ``run`` returns it (a tuple)."""
+    with _OnWorker(settings, board, key) as task:
+        state = task.state
+        steps = run_steps(body, [], state, True, False)
         try:
-            with guard:
-                done[0] = True
+            try:
+                item = next(steps)
+                while True:
+                    # Until Ray asks for the next item (it may wait for the program to read
+                    # some first), Ray's code has this thread: a stop that comes then raises
+                    # nothing there, and is raised in the stream once it goes on.
+                    asked = state.stopping
+                    state.running = False
+                    yield item
+                    state.running = True
+                    if state.stopping and not asked and not state.cooperative:
+                        item = steps.throw(_StopRequest())
+                    else:
+                        item = next(steps)
+            except StopIteration as end:
+                kind, sent, code = end.value
+                data = sent if isinstance(sent, bytes) else sent.body
+            finally:
+                steps.close()
+        except _StopRequest as stop:
+            kind, data, code = task.stopped(stop)
+        task.context.run_at_end()
+    yield task.end(kind, data, code)
+
+
+class _OnWorker:
+    """One call on this Ray worker, from its start to its end: its stop state, its context, the
+    watcher that turns a stop request into a signal; the worker is left as it was found."""
+
+    def __init__(self, settings: Dict[str, Any], board: Any, key: str) -> None:
+        import ray
+
+        self._ray = ray
+        self._board = board
+        self._key = key
+        self.pid = os.getpid()
+        self._main = threading.get_ident()  # the call runs in the main thread (its handler needs it)
+        self._stop_requested = board.wait.remote(key, self.pid)  # before release(): see StopBoard
+        self.state = TaskState(settings["graceful"])  # "event": cooperative from its first line
+        # Until the call is loaded: a worker outlives its task, and an import a stop tore halfway
+        # would stay broken for every later task (C extensions do not load twice).
+        self.state.running = False
+        self._guard = threading.Lock()
+        self._done = False
+        self._readiness: List[bytes] = []
+        # No channel: readiness, log records and warnings go home through the board.
+        self.context = Context(self.state, home=(_HOME, self._post))
+        self._previous: Any = None
+        self._posted = 0  # messages posted, numbered from 1 in the order they were made
+        self._posts: List[Any] = []  # their calls to the board, waited for at the end
+        self._posting = threading.RLock()  # a signal handler that logs may come during a post
+        self._logging = settings.get("logging")  # the main program's, for its relay
+        self._name = settings["name"]
+        self._give_back: Optional[Callable[[], None]] = None
+
+    def __enter__(self) -> _OnWorker:
+        global in_task
+        self._previous = (_taskctx.install(self.context), signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal))
+        in_task = True
+        if self._logging is not None:
+            self._give_back = _logs.borrow(
+                self._logging,
+                lambda body: self.context.send(_wire.LOG, body),
+                lambda body: self.context.send(_wire.WARNING, body),
+                self._name,
+            )
+        threading.Thread(target=self._watch, name="bgtask-stop-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global in_task
+        previous_context, previous_handler = self._previous
+        try:
+            with self._guard:
+                self._done = True
         finally:
             try:
                 signal.signal(STOP_SIGNAL, previous_handler)
             finally:
                 _taskctx.install(previous_context)
                 in_task = False
-                _close_event(state)
-                board.release.remote(key)
-    return kind, data, pid, code, readiness[0] if readiness else None
+                _close_event(self.state)
+                if self._give_back is not None:
+                    self._give_back()
+                try:
+                    self._ray.get(self._posts)  # on the board before the outcome is known
+                except Exception:  # the board is gone with the program
+                    pass
+                self._board.release.remote(self._key)
+
+    def end(self, kind: int, data: bytes, code: int) -> _End:
+        """What ``run`` returns: the outcome message, this process's pid, the exit code a task
+        process would have had, the value given to ``bgtask.ready()``, and how many messages
+        the task posted (the main program hands them on before the outcome)."""
+        ready = self._readiness[0] if self._readiness else None
+        return kind, data, self.pid, code, ready, self._posted
+
+    def stopped(self, stop: BaseException) -> Tuple[int, bytes, int]:
+        """The end of a call the stop exception ended."""
+        self.state.running_done()
+        return _wire.STOPPED, stopped(stop), -signal.SIGTERM
+
+    def _watch(self) -> None:
+        try:
+            stop = self._ray.get(self._stop_requested)
+        except Exception:
+            return
+        with self._guard:
+            if stop and not self._done:
+                # To the main thread, where the call runs: not one of Ray's many threads, which
+                # would leave it blocked in a system call until the grace ran out.
+                signal.pthread_kill(self._main, STOP_SIGNAL)
+
+    def _post(self, kind: int, body: bytes) -> None:
+        if kind == _wire.READY:
+            self._readiness.append(body)  # the result carries it too: known before the outcome
+            self._ray.get(self._board.post_ready.remote(self._key, body))  # there before ready() returns
+            return
+        with self._posting:
+            self._posted += 1
+            self._posts.append(self._board.post.remote(self._key, self._posted, kind, body))
+
+
+# What a task on Ray sends home, through the board.
+_HOME = frozenset((_wire.READY, _wire.LOG, _wire.WARNING))
 
 
 def _close_event(state: TaskState) -> None:

@@ -221,9 +221,9 @@ class TaskProcess:
                     full = consumer._item_sent(body)
                     continue
                 if kind == _wire.LOG:
-                    _handle_record(body)
+                    handle_record(body)
                 elif kind == _wire.WARNING:
-                    _reissue_warning(body)
+                    reissue_warning(body)
                 elif kind == _wire.READY:
                     consumer._ready_sent(body)
                 elif kind == _wire.HELPER:
@@ -371,13 +371,13 @@ def _adopt_queued(body: Union[bytes, bytearray]) -> None:
         pass
 
 
-def _reissue_warning(body: Union[bytes, bytearray]) -> None:
+def reissue_warning(body: Union[bytes, bytearray]) -> None:
     from .._shared import logs as _logs
 
     _logs.reissue(body)
 
 
-def _handle_record(body: Union[bytes, bytearray]) -> None:
+def handle_record(body: Union[bytes, bytearray]) -> None:
     """A task's logging record, to this program's handlers; whatever they raise stays here."""
     from .._shared import logs as _logs
 

@@ -21,7 +21,7 @@ the stop state.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Generator, List, Optional, Tuple, Union, cast
 
 from .._shared import context, forks, is_bgtask_file
 from .._shared import wire as _wire
@@ -45,6 +45,30 @@ def run_call(
     stay broken for its later tasks). A stop while the function runs raises ``_StopRequest``
     out of here.
     """
+    steps = run_steps(body, fds, state, stream is not None, by_reference)
+    send = cast(Send, stream)  # only a stream yields
+    try:
+        item = next(steps)
+        while True:
+            try:
+                send(_wire.ITEM, item)
+            except BaseException as exc:  # into the stream: it closes the generator first
+                item = steps.throw(exc)
+            else:
+                item = next(steps)
+    except StopIteration as end:
+        outcome: Outcome = end.value
+        return outcome
+    finally:
+        steps.close()  # a stop between two items: the generator's own cleanup runs first
+
+
+def run_steps(
+    body: Any, fds: List[int], state: TaskState, streaming: bool, by_reference: bool
+) -> Generator[bytes, None, Outcome]:
+    """``run_call`` as a generator: a stream's items (pickled) are yielded as they come, and
+    the end is its return value. The Ray backend yields the items from a Ray generator task;
+    an exception thrown in at an item (a stop) closes the stream's generator first."""
     try:
         fn, args, kwargs = loads_call(body, fds)
     except _StopRequest:
@@ -57,7 +81,8 @@ def run_call(
     if state.stopping and not state.cooperative:  # asked to stop while the call was loaded
         raise _StopRequest()
     try:
-        value = call(fn, args, kwargs, stream)
+        value = fn(*args, **kwargs)
+        value = (yield from _stream(value)) if streaming else settle(value)
     except _StopRequest:
         raise
     except SystemExit as exc:
@@ -148,26 +173,24 @@ _FUNCTION = type(_into_main)
 forks.register(before=_before_fork, order=forks.TASKS)
 
 
-def call(fn: Any, args: Any, kwargs: Any, stream: Optional[Send]) -> Any:
-    """``fn(*args, **kwargs)``; a coroutine runs under ``asyncio.run``, a stream is sent."""
-    result = fn(*args, **kwargs)
-    if stream is not None:
-        return _stream(result, stream)
-    if _is_awaitable(result):
+def settle(value: Any) -> Any:
+    """A function's return value; a coroutine (an ``async def``'s) runs under ``asyncio.run``."""
+    if _is_awaitable(value):
         import asyncio
 
         async def _await() -> Any:
-            return await result
+            return await value
 
         return asyncio.run(_await())
-    return result
+    return value
 
 
-def _stream(values: Any, send: Send) -> Any:
-    """Send what a generator yields, each as it comes; return what it returns.
+def _stream(values: Any) -> Generator[bytes, None, Any]:
+    """Yield what a generator yields, each pickled as it comes; return what it returns.
 
     Whatever ends it early (a stop, an item that cannot be pickled) closes the generator first,
-    so that its ``finally`` and ``with`` blocks run.
+    so that its ``finally`` and ``with`` blocks run. An async generator runs on an event loop of
+    its own, one item at a time.
     """
     count = 0
 
@@ -179,37 +202,62 @@ def _stream(values: Any, send: Send) -> Any:
                 f"item {count} the task yielded (a {type_name(item)}) cannot be pickled: {exc}"
             ) from exc
 
-    if not hasattr(values, "__next__") and not hasattr(values, "__anext__"):
-        # A wrapper of a generator function that returned something else: a plain result.
-        return call(lambda: values, (), {}, None)
     if hasattr(values, "__anext__"):
-        import asyncio
-
-        async def pump() -> None:
-            nonlocal count
-            try:
-                async for item in values:
-                    send(_wire.ITEM, item_data(item))
-                    count += 1
-            finally:
-                close = getattr(values, "aclose", None)  # an async generator's; not every iterator's
-                if close is not None:
-                    await close()
-
-        asyncio.run(pump())
-        return None
+        return (yield from _async_stream(values, item_data))
+    if not hasattr(values, "__next__"):
+        # A wrapper of a generator function that returned something else: a plain result.
+        return settle(values)
     try:
         while True:
             try:
                 item = next(values)
             except StopIteration as stop:
                 return stop.value
-            send(_wire.ITEM, item_data(item))
+            yield item_data(item)
             count += 1
     finally:
         close = getattr(values, "close", None)  # a generator's: nothing if it returned or raised
         if close is not None:
             close()
+
+
+def _async_stream(values: Any, item_data: Callable[[Any], bytes]) -> Generator[bytes, None, None]:
+    """An async generator's items, each awaited on one event loop (as ``asyncio.run`` would
+    run it: the loop is the thread's while it runs, and what is left is cancelled at the end)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        try:
+            while True:
+                try:
+                    item = loop.run_until_complete(values.__anext__())
+                except StopAsyncIteration:
+                    return None
+                yield item_data(item)
+        finally:
+            _cancel_tasks(loop)  # an item still awaited (a stop came meanwhile) ends first
+            close = getattr(values, "aclose", None)  # an async generator's; not every iterator's
+            if close is not None:
+                loop.run_until_complete(close())
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_tasks(loop: Any) -> None:
+    import asyncio
+
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 def _is_awaitable(value: Any) -> bool:

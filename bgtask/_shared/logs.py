@@ -197,11 +197,7 @@ def install(
         root.setLevel(root_level)
     if root.manager.disable != disable:
         logging.disable(disable)
-    if warnings.filters != filters:
-        warnings.filters[:] = filters  # type: ignore[index]  # a list, typed as a Sequence
-        mutated = getattr(warnings, "_filters_mutated", None)
-        if mutated is not None:
-            mutated()  # the C side caches the filters' version
+    _set_filters(filters)
     # Warnings go to the main program, which issues them again (and captures them as records
     # where it does so itself): the task does not capture them.
     if getattr(logging, "_warnings_showwarning", None) is not None:
@@ -227,6 +223,64 @@ def _show_in_main(  # noqa: PLR0917 (warnings.showwarning's own signature)
         return
     body = (str(message), category.__module__, category.__qualname__, filename, lineno)
     send(pickle.dumps(body, pickle.HIGHEST_PROTOCOL))
+
+
+def borrow(
+    snap: Snapshot, send: Callable[[bytes], None], send_warning: Callable[[bytes], None], task_name: str
+) -> Callable[[], None]:
+    """On a Ray worker, for one task: ``install()`` without taking the process over; returns
+    what puts it back as it was.
+
+    The worker runs task after task, and logs for Ray: its own handlers, loggers and
+    ``propagate`` flags stay. The relay is added on the root logger (where a record of the task
+    would otherwise reach ``logging.lastResort``, which Ray echoes), and the main program's
+    levels, ``logging.disable()`` and warnings filters apply while the task runs. Ray's loggers
+    (``ray`` and below) keep their levels: they do not propagate to the root logger.
+    """
+    root_level, levels, disable, _captured, filters = snap
+    root = logging.root
+    manager = root.manager
+    relay = _Relay()
+    relay.send = send
+    relay.task_name = task_name
+    saved_levels = {"": root.level}
+    for name, level in levels.items():
+        if name == "ray" or name.startswith("ray."):
+            continue
+        logger = logging.getLogger(name)
+        saved_levels[name] = logger.level
+        logger.setLevel(level)
+    root.setLevel(root_level)
+    saved_disable = manager.disable
+    logging.disable(disable)
+    saved_filters = list(warnings.filters)
+    saved_show = warnings.showwarning
+    _set_filters(filters)
+    global _send
+    saved_send, _send = _send, send_warning
+    warnings.showwarning = _show_in_main
+    root.addHandler(relay)
+
+    def give_back() -> None:
+        global _send
+        root.removeHandler(relay)
+        relay.send = None  # a thread of the task's that logs later sends nothing
+        _send = saved_send
+        warnings.showwarning = saved_show
+        _set_filters(saved_filters)
+        logging.disable(saved_disable)
+        for name, level in saved_levels.items():
+            (logging.getLogger(name) if name else root).setLevel(level)
+
+    return give_back
+
+
+def _set_filters(filters: List[Any]) -> None:
+    if warnings.filters != filters:
+        warnings.filters[:] = filters  # type: ignore[index]  # a list, typed as a Sequence
+        mutated = getattr(warnings, "_filters_mutated", None)
+        if mutated is not None:
+            mutated()  # the C side caches the filters' version
 
 
 def uninstall() -> None:
