@@ -645,6 +645,74 @@ def test_nested_tasks_relay_their_records(backend: str, collected: List[logging.
     ]
 
 
+def test_an_async_stream_runs_in_one_task_from_start_to_end(backend: str) -> None:
+    """Context variables and the current task span the generator's ``yield``s, as under
+    ``asyncio.run``."""
+
+    @background(backend=backend)
+    async def agen() -> AsyncIterator[Any]:
+        import contextvars
+
+        var = contextvars.ContextVar("var", default="unset")
+        var.set("kept")
+        first = asyncio.current_task()
+        yield "first"
+        yield var.get(), asyncio.current_task() is first
+
+    assert list(agen()) == ["first", ("kept", True)]
+
+
+def test_a_timeout_stops_a_stream_held_back_by_its_reader(backend: str, tmp_path: Path) -> None:
+    """A loop in progress that reads no more: the timeout's graceful stop still reaches the
+    task (which waits to yield), and its ``finally`` runs."""
+    marker = tmp_path / "cleaned"
+
+    @background(backend=backend, graceful=True, grace=60, timeout=2)
+    def produce(marker: str) -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"x" * (1 << 20)
+        finally:
+            Path(marker).write_text("cleaned")
+
+    task = produce(str(marker))
+    iterator = iter(task)
+    next(iterator)  # then nothing more is read until the task is stopped
+    assert wait_until(marker.exists, timeout=RESULT_S)
+    with pytest.raises(TaskStopped):
+        list(iterator)
+    assert task.exitcode == -signal.SIGTERM
+
+
+def test_records_logged_until_a_stop_all_arrive_in_order(
+    backend: str, collected: List[logging.LogRecord]
+) -> None:
+    """A burst of records, a stop in the middle of it, one more record in ``finally``: every
+    record arrives, in order, the last one included."""
+
+    @background(backend=backend, graceful=True, grace=60)
+    def chatty() -> None:
+        log = logging.getLogger(LOGGER)
+        i = 0
+        try:
+            while True:
+                log.info("record %d", i)
+                i += 1
+        finally:
+            log.info("cleanup after %d", i)
+
+    task = chatty()
+    assert wait_until(lambda: len(collected) >= 500, timeout=RESULT_S)
+    task.stop()
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+    messages = [r.getMessage() for r in collected]
+    count = len(messages) - 1
+    assert messages[:-1] == [f"record {i}" for i in range(count)]
+    # The record the stop came in: sent whole (the stop waited for it), or not at all.
+    assert messages[-1] in (f"cleanup after {count}", f"cleanup after {count - 1}")
+
+
 # -- Ray's own ------------------------------------------------------------------------------
 
 
@@ -689,6 +757,29 @@ def test_a_worker_is_left_as_the_relay_found_it(cluster: str, collected: List[lo
     assert [r.getMessage() for r in collected] == ["relayed"] * 4
     for _ in range(4):
         assert state().result(RESULT_S) == (logging.WARNING, [], logging.NOTSET, 0, "warnings")
+
+
+def test_a_process_a_ray_task_forks_logs_as_the_worker_does(cluster: str) -> None:
+    """Ray's connection is not the forked process's: its records go where the worker's would,
+    and it neither hangs nor fails."""
+
+    @background(backend="ray")
+    def forks() -> Any:
+        import multiprocessing
+
+        def child() -> None:
+            logging.getLogger(LOGGER).warning("from a forked process")
+
+        process = multiprocessing.get_context("fork").Process(target=child)
+        process.start()
+        process.join(60)
+        alive = process.is_alive()
+        if alive:
+            process.kill()
+            process.join()
+        return alive, process.exitcode
+
+    assert forks().result(RESULT_S) == (False, 0)
 
 
 def test_what_cannot_go_to_ray_is_refused(cluster: str) -> None:
@@ -1130,6 +1221,10 @@ def _node_up(node: WorkerNode) -> bool:
     return bool(ray.cluster_resources().get(node.resource))
 
 
+def _node_id(node: WorkerNode) -> str:
+    return str(next(n["NodeID"] for n in ray.nodes() if n["Alive"] and node.resource in n["Resources"]))
+
+
 @pytest.fixture(scope="class")
 def second_node(head: HeadNode, cluster: str) -> Iterator[WorkerNode]:
     """A second node beside the head, for this class's tests only (the others count on the
@@ -1158,10 +1253,9 @@ class TestManyNodes:
             bgtask.ready("placed")
             return str(where().result(RESULT_S))
 
-        here = ray.get_runtime_context().get_node_id()
         task = ready_and_where()
         assert task.wait_ready(RESULT_S) == "placed"
-        assert task.result(RESULT_S) != here
+        assert task.result(RESULT_S) == _node_id(second_node)
 
     def test_streams_and_records_come_from_the_other_node(
         self, second_node: WorkerNode, collected: List[logging.LogRecord]
@@ -1204,11 +1298,9 @@ def worker():
     (HERE / "worker-done").write_text("yes")
 
 if __name__ == "__main__":
-    import ray
     bgtask.use_ray({head.address!r}, logging_level="WARNING")
     daemon()
     worker()
-    (HERE / "main-node").write_text(ray.get_runtime_context().get_node_id())
 """,
             env=env,
             timeout=RESULT_S,
@@ -1216,7 +1308,7 @@ if __name__ == "__main__":
         assert result.returncode == 0, result.stderr[-3000:]
         assert (tmp_path / "worker-done").exists()
         assert (tmp_path / "daemon-cleaned").exists()
-        assert (tmp_path / "daemon-node").read_text() != (tmp_path / "main-node").read_text()
+        assert (tmp_path / "daemon-node").read_text() == _node_id(second_node)
 
     def test_the_ray_example_on_two_nodes(self, head: HeadNode, second_node: WorkerNode) -> None:
         example = Path(__file__).resolve().parent.parent / "examples" / "ray_cluster.py"
@@ -1240,9 +1332,7 @@ if __name__ == "__main__":
 
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            node_id = next(
-                n["NodeID"] for n in ray.nodes() if n["Alive"] and doomed.resource in n["Resources"]
-            )
+            node_id = _node_id(doomed)
             # Soft: a second run, were there one, could go to the head node.
             there = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
 

@@ -88,6 +88,22 @@ def test_async_iteration(start_method: Optional[str]) -> None:
     assert asyncio.run(main()) == [f"tick {i}" for i in range(5)]
 
 
+def test_an_async_generator_runs_in_one_task_from_start_to_end(start_method: Optional[str]) -> None:
+    """Context variables and the current task span the ``yield``s, as under ``asyncio.run``."""
+
+    @background(start_method=start_method)
+    async def agen() -> AsyncIterator[Any]:
+        import contextvars
+
+        var = contextvars.ContextVar("var", default="unset")
+        var.set("kept")
+        first = asyncio.current_task()
+        yield "first"
+        yield var.get(), asyncio.current_task() is first
+
+    assert list(agen()) == ["first", ("kept", True)]
+
+
 def test_async_iteration_of_a_plain_generator_task() -> None:
     """A sync generator's task is read with ``async for`` too, without blocking the loop."""
 

@@ -41,6 +41,7 @@ class RayProcess:
         self.pid: Optional[int] = None  # the worker's, once it runs (a Ray worker may be elsewhere)
         self._stream = stream  # ``ref`` is then the ObjectRefGenerator of a Ray generator task
         self._wake: Optional[concurrent.futures.Future[None]] = None  # set: the pump goes on
+        self._draining = False  # a stop was asked for: the pump takes every item as it comes
         self.keep: Any = ()
         self.done = False
         self._ray = ray
@@ -175,6 +176,10 @@ class RayProcess:
     def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
         if self.done:
             return
+        # A stream held back by a slow reader is no longer: Ray resumes the generator only for
+        # an item taken, and the stop is seen there (it may come after the next item or two).
+        self._draining = True
+        self._go_on()
         try:
             if signum == signal.SIGKILL:
                 self._requested = signal.SIGKILL
@@ -217,7 +222,8 @@ class RayProcess:
 
     def _item(self, body: bytes, taken: concurrent.futures.Future[Any]) -> None:
         wake = None
-        if not self.done and self._consumer is not None and self._consumer._item_sent(body):
+        consumer = self._consumer
+        if not self.done and consumer is not None and consumer._item_sent(body) and not self._draining:
             wake = self._wake = self._wake or concurrent.futures.Future()
         taken.set_result(wake)
 

@@ -3,19 +3,21 @@
 ::
 
     main program ──run.remote(call, settings, board, key)──> Ray worker (its main thread)
-        |                                                    run(): the call, its outcome returned
-        |                                                    as (kind, body, pid), as a local task
-        |                                                    would send it
+        |                                                    run(): the call; its end returned as
+        |                                                    (kind, body, pid, code, ready value,
+        |                                                    messages posted), see _OnWorker.end
         |           run_stream (a Ray generator task) ───>   each item yielded (bytes), then the
-        |                                                    outcome, as run() returns it
+        |                                                    end, as run() returns it
         +──board.ready(key) <──────── board.post_ready(key) ── bgtask.ready(value) in the task
         +──board.request(key)──> StopBoard actor ──wakes──> the task's stop watcher (a thread):
                                                              graceful: stop event set, or SIGUSR1
                                                              to its main thread, whose handler
                                                              raises the stop exception
-        +──board.pid(key) <──────────── board.wait(key, pid) ── the task started; its watcher
-        |                                                        waits there for a stop
-        +──board.release(key) at the task's end ── and ── board.release(key) as run() returns
+        +──board.news(key, seen) <──── board.wait(key, pid) ── the task started; its watcher
+        |     (the pid, messages,                               waits there for a stop
+        |      the end)           <──── board.post(key, n, batch) ── log records, warnings
+        +──board.release(key) when the task ended     board.release(key) as run() returns,
+           otherwise (killed, its worker dead)        once its messages are on the board
 
 A Ray worker is reused from task to task, so a task leaves it as it found it: the SIGUSR1 handler
 is put back, and the watcher can no longer send the signal, before ``run`` returns (a signal in
@@ -36,14 +38,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .._runtime.runner import run_call, run_steps, stopped
 from .._shared import context as _taskctx
+from .._shared import forks
 from .._shared import logs as _logs
 from .._shared import wire as _wire
-from .._shared.context import Context, TaskState
+from .._shared.context import Context, TaskState, atomic
 from .._shared.stop import _StopRequest
 
 # A task's end: its outcome message (kind, body), the worker's pid, its exit code, its ready()
 # value, and the number of messages it posted.
 _End = Tuple[int, bytes, int, int, Optional[bytes], int]
+
+# How long a task's end waits for its messages to reach the board (a board that does not
+# answer: the main program is gone).
+POST_WAIT_S = 60.0
 
 # Set while a task runs in this process: bgtask calls made by the task go to Ray as well.
 in_task = False
@@ -116,12 +123,15 @@ class StopBoard:
         self._drop(key, entry)
         return entry.stopped
 
-    async def post(self, key: str, number: int, kind: int, body: bytes) -> None:
-        """The task's message ``number`` (from 1): a log record or a warning."""
+    async def post(self, key: str, first: int, messages: List[Tuple[int, bytes]]) -> None:
+        """The task's messages (log records, warnings) numbered from ``first`` (the first
+        message of the task is number 1)."""
+        if key in self._ended:
+            return  # too late: the main program heard of the end already
         entry = self._entry(key)
-        if not entry.ended:
-            entry.messages[number] = (kind, body)
-            entry.news.set()
+        for number, message in enumerate(messages, first):
+            entry.messages[number] = message
+        entry.news.set()
 
     async def news(self, key: str, seen: int, pid_known: bool) -> Tuple[int, List[Tuple[int, bytes]], bool]:
         """What the main program has not had yet, once there is something: the task's pid
@@ -133,6 +143,8 @@ class StopBoard:
             messages: List[Tuple[int, bytes]] = []
             while seen + 1 + len(messages) in entry.messages:
                 messages.append(entry.messages.pop(seen + 1 + len(messages)))
+            if entry.ended and entry.messages:  # none comes any more: what is there, in order
+                messages.extend(entry.messages.pop(number) for number in sorted(entry.messages))
             if messages or entry.ended or (entry.pid > 0 and not pid_known):
                 self._drop(key, entry)
                 return entry.pid, messages, entry.ended
@@ -252,29 +264,37 @@ class _OnWorker:
         # No channel: readiness, log records and warnings go home through the board.
         self.context = Context(self.state, home=(_HOME, self._post))
         self._previous: Any = None
-        self._posted = 0  # messages posted, numbered from 1 in the order they were made
-        self._posts: List[Any] = []  # their calls to the board, waited for at the end
-        self._posting = threading.RLock()  # a signal handler that logs may come during a post
+        # Messages for the board, numbered from 1 in the order they were made; one call to
+        # the board at a time takes those made meanwhile (a call per record would flood it).
+        self._posted = 0
+        self._outbox: List[Tuple[int, bytes]] = []
+        self._in_flight = False
+        self._posting = threading.Condition(threading.RLock())  # a handler may log during a post
         self._logging = settings.get("logging")  # the main program's, for its relay
         self._name = settings["name"]
         self._give_back: Optional[Callable[[], None]] = None
 
     def __enter__(self) -> _OnWorker:
-        global in_task
+        global in_task, _running
         self._previous = (_taskctx.install(self.context), signal.signal(STOP_SIGNAL, _taskctx.on_stop_signal))
         in_task = True
-        if self._logging is not None:
-            self._give_back = _logs.borrow(
-                self._logging,
-                lambda body: self.context.send(_wire.LOG, body),
-                lambda body: self.context.send(_wire.WARNING, body),
-                self._name,
-            )
-        threading.Thread(target=self._watch, name="bgtask-stop-watch", daemon=True).start()
+        _running = self
+        try:
+            if self._logging is not None:
+                self._give_back = _logs.borrow(
+                    self._logging,
+                    lambda body: self.context.send(_wire.LOG, body),
+                    lambda body: self.context.send(_wire.WARNING, body),
+                    self._name,
+                )
+            threading.Thread(target=self._watch, name="bgtask-stop-watch", daemon=True).start()
+        except BaseException:
+            self.__exit__()  # the worker as it was found, for its next task
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        global in_task
+        global in_task, _running
         previous_context, previous_handler = self._previous
         try:
             with self._guard:
@@ -285,13 +305,11 @@ class _OnWorker:
             finally:
                 _taskctx.install(previous_context)
                 in_task = False
+                _running = None
                 _close_event(self.state)
-                if self._give_back is not None:
-                    self._give_back()
-                try:
-                    self._ray.get(self._posts)  # on the board before the outcome is known
-                except Exception:  # the board is gone with the program
-                    pass
+                self.give_back_logging()
+                with self._posting:  # on the board before the outcome is known
+                    self._posting.wait_for(lambda: not self._in_flight, timeout=POST_WAIT_S)
                 self._board.release.remote(self._key)
 
     def end(self, kind: int, data: bytes, code: int) -> _End:
@@ -300,6 +318,11 @@ class _OnWorker:
         the task posted (the main program hands them on before the outcome)."""
         ready = self._readiness[0] if self._readiness else None
         return kind, data, self.pid, code, ready, self._posted
+
+    def give_back_logging(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
 
     def stopped(self, stop: BaseException) -> Tuple[int, bytes, int]:
         """The end of a call the stop exception ended."""
@@ -322,13 +345,50 @@ class _OnWorker:
             self._readiness.append(body)  # the result carries it too: known before the outcome
             self._ray.get(self._board.post_ready.remote(self._key, body))  # there before ready() returns
             return
+        with atomic(), self._posting:  # a stop during the post: raised once it is out
+            self._outbox.append((kind, body))
+            if not self._in_flight:
+                self._send_batch()
+
+    def _send_batch(self) -> None:
+        """Under ``_posting``: the messages waiting go to the board in one call."""
+        batch, self._outbox = self._outbox, []
+        first = self._posted + 1
+        self._posted += len(batch)
+        self._in_flight = True
+        try:
+            future = self._board.post.remote(self._key, first, batch).future()
+        except Exception:  # the board is gone with the main program
+            self._in_flight = False
+            self._posting.notify_all()
+            return
+        future.add_done_callback(self._sent)
+
+    def _sent(self, _future: Any) -> None:
+        """In a thread of Ray's: the last batch is on the board; the next one goes."""
         with self._posting:
-            self._posted += 1
-            self._posts.append(self._board.post.remote(self._key, self._posted, kind, body))
+            self._in_flight = False
+            if self._outbox:
+                self._send_batch()
+            else:
+                self._posting.notify_all()
 
 
 # What a task on Ray sends home, through the board.
 _HOME = frozenset((_wire.READY, _wire.LOG, _wire.WARNING))
+_running: Optional[_OnWorker] = None  # the task this worker runs now
+
+
+def _forget_in_child() -> None:
+    """In a process a Ray task forked: Ray's connection is not its own, so it logs as the worker
+    does (its context sends nothing home, see ``Context.forked``)."""
+    global _running
+    task, _running = _running, None
+    if task is not None:
+        task.give_back_logging()
+
+
+forks.register(after_in_child=_forget_in_child, order=forks.LAUNCHERS)
 
 
 def _close_event(state: TaskState) -> None:

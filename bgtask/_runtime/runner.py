@@ -96,6 +96,8 @@ def run_steps(
     except KeyboardInterrupt:
         state.running_done()
         return _wire.EXITED, data("the task let a KeyboardInterrupt escape"), 1
+    except GeneratorExit:
+        raise  # the stream is closed (a stop between two items): no end to report
     except BaseException as exc:
         state.running_done()
         return _wire.ERROR, data(pack_exception(exc.with_traceback(user_frames(exc.__traceback__)))), 0
@@ -222,32 +224,79 @@ def _stream(values: Any) -> Generator[bytes, None, Any]:
 
 
 def _async_stream(values: Any, item_data: Callable[[Any], bytes]) -> Generator[bytes, None, None]:
-    """An async generator's items, each awaited on one event loop (as ``asyncio.run`` would
-    run it: the loop is the thread's while it runs, and what is left is cancelled at the end)."""
+    """An async generator's items, as ``asyncio.run`` would run it: one task iterates it from
+    start to end (its context variables, timeouts and task groups span its ``yield``s), on a
+    loop that is the thread's while it runs; each item is handed out while that task waits,
+    and what is left is cancelled at the end (a stop: the generator is closed first)."""
     import asyncio
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    try:
+    hand = _Hand(loop)
+
+    async def iterate() -> None:
         try:
-            while True:
-                try:
-                    item = loop.run_until_complete(values.__anext__())
-                except StopAsyncIteration:
-                    return None
-                yield item_data(item)
+            async for item in values:
+                await hand.out(item)
         finally:
-            _cancel_tasks(loop)  # an item still awaited (a stop came meanwhile) ends first
             close = getattr(values, "aclose", None)  # an async generator's; not every iterator's
             if close is not None:
-                loop.run_until_complete(close())
+                await close()
+
+    try:
+        hand.task = loop.create_task(hand.run(iterate()))  # held: a loop keeps weak references
+        while True:
+            item = loop.run_until_complete(hand.next)
+            if item is _END:
+                return None
+            yield item_data(item)
+            hand.go_on()
     finally:
         try:
+            _cancel_tasks(loop)  # the iterating task, waiting for its item to be taken: closed
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+_END: Any = object()  # no more items
+
+
+class _Hand:
+    """Between the task that iterates an async generator and the thread that sends its items:
+    ``next`` resolves to the next item (``_END`` at the end, the generator's exception if it
+    raised), and the task waits until ``go_on()``."""
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self.task: Any = None  # the iterating task
+        self.next = loop.create_future()
+        self._taken = loop.create_future()
+
+    async def out(self, item: Any) -> None:
+        self._taken = self._loop.create_future()
+        self.next.set_result(item)
+        await self._taken
+
+    def go_on(self) -> None:
+        self.next = self._loop.create_future()
+        self._taken.set_result(None)
+
+    async def run(self, iterate: Any) -> None:
+        import asyncio
+
+        try:
+            await iterate
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the generator's: raised where the item is waited for
+            if not self.next.done():
+                self.next.set_exception(exc)
+            return
+        if not self.next.done():
+            self.next.set_result(_END)
 
 
 def _cancel_tasks(loop: Any) -> None:

@@ -222,6 +222,7 @@ class Context:
         forwarding, no outcome) and holds no lock another thread held; its log records still go
         to the main program, on the task's channel, under the lock shared with the task."""
         self.channel = None
+        self.home = None  # a Ray task's board: the task's own, reached through Ray's connection
         self._lock = threading.RLock()
         self._writing = False
         self._later.clear()
