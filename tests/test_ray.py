@@ -270,6 +270,27 @@ def test_large_buffers_go_both_ways(backend: str) -> None:
     assert bytes(back.data) == bytes(data)
 
 
+def test_large_arrays_arrive_writable_and_private(backend: str) -> None:
+    """On Ray, as locally: an argument's and a result's large arrays (Ray's object store
+    carries them) arrive writable, and writing to one changes nobody else's."""
+    np = pytest.importorskip("numpy")
+
+    @background(backend=backend)
+    def touch(a: Any) -> Any:
+        writable = bool(a.flags.writeable)
+        a[0] = 7
+        return writable, int(a.sum()), np.full(4 << 20, 3, dtype=np.uint8)
+
+    original = np.ones(8 << 20, dtype=np.uint8)
+    writable, total, made = touch(original).result(RESULT_S)
+    assert writable
+    assert total == (8 << 20) + 6
+    assert original[0] == 1  # the task wrote to its own copy
+    assert made.flags.writeable
+    made[0] = 0
+    assert int(made.sum()) == 3 * ((4 << 20) - 1)
+
+
 def test_readiness(backend: str) -> None:
     """ready(value) reaches wait_ready() while the task runs, and after it ended; a task that
     returns without it raises BgTaskError; a task pending in its limiter is waited for too."""

@@ -186,7 +186,7 @@ class RayLauncher:
         key = uuid.uuid4().hex
         task_settings = {k: settings.get(k) for k in ("graceful", "name", "logging")}
         try:
-            ref = run.options(**options).remote(body, task_settings, board, key)
+            ref = run.options(**options).remote(body, task_settings, board, key, list(payload.views))
         except Exception as exc:
             raise BgTaskError(f"Ray did not take the task: {type(exc).__name__}: {exc}") from exc
         return RayProcess(ray, ref, board, key, stream)

@@ -26,6 +26,7 @@ from .._monitor import loop as _monitor
 from .._monitor.process import _NOBODY, Consumer, handle_record, reissue_warning
 from .._shared import forks
 from .._shared import wire as _wire
+from .._shared.buffers import Mapped
 from .._shared.errors import BgTaskError
 from . import ray_worker as _ray_task
 
@@ -243,7 +244,9 @@ class RayProcess:
         exitcode: Optional[int] = None
         ready = pid = posted = None
         try:
-            kind, body, pid, exitcode, ready, posted = outcome()
+            kind, body, pid, exitcode, ready, posted, views = outcome()
+            if views:  # a return value's large buffers, in Ray's object store
+                body = Mapped(body, views)
             messages.append((kind, body))
             self._released = True  # the worker tells the board itself
         except BaseException as exc:  # noqa: BLE001 (whatever Ray raises is this task's end)

@@ -45,8 +45,8 @@ from .._shared.context import Context, TaskState, atomic
 from .._shared.stop import _StopRequest
 
 # A task's end: its outcome message (kind, body), the worker's pid, its exit code, its ready()
-# value, and the number of messages it posted.
-_End = Tuple[int, bytes, int, int, Optional[bytes], int]
+# value, the number of messages it posted, and the large buffers of its return value.
+_End = Tuple[int, bytes, int, int, Optional[bytes], int, List[Any]]
 
 # How long a task's end waits for its messages to reach the board (a board that does not
 # answer: the main program is gone).
@@ -197,11 +197,12 @@ def session() -> Any:
     return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
 
 
-def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> _End:
-    """Run one call on this Ray worker; its end, as ``_OnWorker.end`` gives it."""
+def run(body: bytes, settings: Dict[str, Any], board: Any, key: str, views: List[Any]) -> _End:
+    """Run one call on this Ray worker (``views``: its large buffers, carried by Ray's object
+    store); its end, as ``_OnWorker.end`` gives it."""
     with _OnWorker(settings, board, key) as task:
         try:
-            kind, sent, code = run_call(body, [], task.state, by_reference=False)
+            kind, sent, code = run_call(body, [], task.state, by_reference=False, views=(views, task.views))
             data = sent if isinstance(sent, bytes) else sent.body  # no descriptor: never WithFiles
         except _StopRequest as stop:
             kind, data, code = task.stopped(stop)
@@ -209,12 +210,14 @@ def run(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> _End:
     return task.end(kind, data, code)
 
 
-def run_stream(body: bytes, settings: Dict[str, Any], board: Any, key: str) -> Iterator[Union[bytes, _End]]:
+def run_stream(
+    body: bytes, settings: Dict[str, Any], board: Any, key: str, views: List[Any]
+) -> Iterator[Union[bytes, _End]]:
     """``run`` for a generator function, as a Ray generator task: each item the function
     yields, pickled (bytes), as it comes; then the end, as ``run`` returns it (a tuple)."""
     with _OnWorker(settings, board, key) as task:
         state = task.state
-        steps = run_steps(body, [], state, True, False)
+        steps = run_steps(body, [], state, True, False, views=(views, task.views))
         try:
             try:
                 item = next(steps)
@@ -261,6 +264,7 @@ class _OnWorker:
         self._guard = threading.Lock()
         self._done = False
         self._readiness: List[bytes] = []
+        self.views: List[Any] = []  # the return value's large buffers, out of band
         # No channel: readiness, log records and warnings go home through the board.
         self.context = Context(self.state, home=(_HOME, self._post))
         self._previous: Any = None
@@ -317,7 +321,7 @@ class _OnWorker:
         process would have had, the value given to ``bgtask.ready()``, and how many messages
         the task posted (the main program hands them on before the outcome)."""
         ready = self._readiness[0] if self._readiness else None
-        return kind, data, self.pid, code, ready, self._posted
+        return kind, data, self.pid, code, ready, self._posted, self.views
 
     def give_back_logging(self) -> None:
         give_back, self._give_back = self._give_back, None

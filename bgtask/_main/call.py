@@ -61,9 +61,12 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     # thousands of calls waiting for a place would use up the process's.
     limiter = options.get("limit")
     crowded = limiter is not None and limiter.pending >= PENDING_BY_REFERENCE
-    by_reference = not crowded and not _launch.uses_ray(options)
+    on_ray = _launch.uses_ray(options)  # there, Ray's object store carries them
+    by_reference = not crowded and not on_ray
     try:
-        payload = dumps_call(shipped, args, kwargs, by_reference)  # fails here, before any process starts
+        payload = dumps_call(
+            shipped, args, kwargs, by_reference, on_ray
+        )  # fails here, before any process starts
     except SerializationError as exc:
         if shipped is fn:
             raise

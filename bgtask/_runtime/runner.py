@@ -21,7 +21,7 @@ the stop state.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Generator, List, Optional, Tuple, Union, cast
+from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Union, cast
 
 from .._shared import context, forks, is_bgtask_file
 from .._shared import wire as _wire
@@ -34,18 +34,25 @@ Outcome = Tuple[int, Union[bytes, _wire.WithFiles], int]  # the message's kind, 
 
 
 def run_call(
-    body: Any, fds: List[int], state: TaskState, stream: Optional[Send] = None, by_reference: bool = True
+    body: Any,
+    fds: List[int],
+    state: TaskState,
+    stream: Optional[Send] = None,
+    by_reference: bool = True,
+    *,
+    views: Optional[Tuple[Sequence[Any], List[Any]]] = None,
 ) -> Outcome:
     """Load the call in ``body``, run it, and return its end as a message and an exit code.
 
     ``stream`` sends a generator's items as they come (a stream task). ``by_reference``: a
     return value's large buffers go in memory files (the body is then ``WithFiles``); false
-    where no descriptor can follow the message (Ray). While ``state.running``
+    where no descriptor can follow the message (Ray). ``views`` (Ray): the call's large
+    buffers, and the list the return value's go to (see ``_shared.buffers``). While ``state.running``
     is false a stop raises nothing: a Ray worker loads the call so (an import a stop tore would
     stay broken for its later tasks). A stop while the function runs raises ``_StopRequest``
     out of here.
     """
-    steps = run_steps(body, fds, state, stream is not None, by_reference)
+    steps = run_steps(body, fds, state, stream is not None, by_reference, views=views)
     send = cast(Send, stream)  # only a stream yields
     try:
         item = next(steps)
@@ -64,13 +71,19 @@ def run_call(
 
 
 def run_steps(
-    body: Any, fds: List[int], state: TaskState, streaming: bool, by_reference: bool
+    body: Any,
+    fds: List[int],
+    state: TaskState,
+    streaming: bool,
+    by_reference: bool,
+    *,
+    views: Optional[Tuple[Sequence[Any], List[Any]]] = None,
 ) -> Generator[bytes, None, Outcome]:
     """``run_call`` as a generator: a stream's items (pickled) are yielded as they come, and
     the end is its return value. The Ray backend yields the items from a Ray generator task;
     an exception thrown in at an item (a stop) closes the stream's generator first."""
     try:
-        fn, args, kwargs = loads_call(body, fds)
+        fn, args, kwargs = loads_call(body, fds, views[0] if views is not None else ())
     except _StopRequest:
         raise
     except BaseException as exc:
@@ -104,7 +117,7 @@ def run_steps(
     state.running_done()
     del fn, args, kwargs
     try:
-        return _wire.RESULT, dumps_result(value, by_reference), 0
+        return _wire.RESULT, dumps_result(value, by_reference, views[1] if views is not None else None), 0
     except BaseException as exc:
         packet = pack_exception(exc)
         what = f"the return value (a {type_name(value)})"

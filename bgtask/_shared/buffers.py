@@ -13,6 +13,10 @@ they are read, writable without touching the sender's memory::
 A call's files are its last descriptors, counted by the body's last 2 bytes (``add_count``;
 always there, 0 on Ray); a return value's come with its RESULT message, and the monitor maps
 them as it reads it (``receive_buffers``, giving a ``Mapped`` body).
+
+On Ray no descriptor travels: the large buffers go out of band as ``PickleBuffer``s beside the
+pickle (``BufferViews``), which Ray's object store carries as they are; the receiver copies
+each once out of the store's read-only memory (``writable``) as it unpickles.
 """
 
 from __future__ import annotations
@@ -65,6 +69,35 @@ class BufferFiles:
             raise
         self.files.append(fd)
         return False
+
+
+class BufferViews:
+    """The pickler's ``buffer_callback`` on Ray: a large buffer goes out of band as a
+    ``PickleBuffer`` appended to ``views``, which Ray's object store carries without a copy in
+    the pickle (see ``writable``); any other stays in the pickle."""
+
+    __slots__ = ("views",)
+
+    def __init__(self, views: List[Any]) -> None:
+        self.views = views
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: pickled in band, as a copy
+            return True
+        if view.nbytes < BY_REFERENCE:
+            return True
+        self.views.append(buffer)
+        return False
+
+
+def writable(buffer: Any) -> Any:
+    """A buffer to build a received object on: Ray's object store hands out read-only memory,
+    copied here once into memory of the receiver's own (an array it gets is writable, and
+    writing to it changes nobody else's); a private mapping is used as it is."""
+    view = memoryview(buffer)
+    return bytearray(view) if view.readonly else buffer
 
 
 def write_all(fd: int, view: memoryview) -> None:

@@ -32,7 +32,7 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import cloudpickle
 
@@ -240,13 +240,14 @@ class _PieceWriter:
         return Pieces(self.pieces, self.size)
 
 
-def _dumps_pieces(obj: Any, files: Optional[List[int]] = None) -> Body:
+def _dumps_pieces(obj: Any, files: Optional[List[int]] = None, views: Optional[List[Any]] = None) -> Body:
     """Pickle ``obj`` with cloudpickle into bytes, or ``Pieces`` when it holds large bytes.
 
-    ``files``: large buffers go out of band, each into a memory file appended there.
+    ``files``: large buffers go out of band, each into a memory file appended there; ``views``:
+    each as a ``PickleBuffer`` appended there (Ray).
     """
     writer = _PieceWriter()
-    callback = None if files is None else _buffers.BufferFiles(files, _room)
+    callback = _callback(files, views)
     _pickler_class()(writer, protocol=PROTOCOL, buffer_callback=callback).dump(obj)
     return writer.body()
 
@@ -263,16 +264,27 @@ def dumps_value(obj: Any) -> bytes:
     return data
 
 
-def dumps_result(obj: Any, by_reference: bool) -> Union[bytes, WithFiles]:
+def dumps_result(obj: Any, by_reference: bool, views: Optional[List[Any]] = None) -> Union[bytes, WithFiles]:
     """Pickle a task's return value as :func:`dumps_value` does; ``by_reference``: its large
-    buffers go in memory files, which go with the bytes (``WithFiles``)."""
-    return _dumps_value(obj, [] if by_reference else None)
+    buffers go in memory files, which go with the bytes (``WithFiles``); ``views``: they are
+    appended there (Ray)."""
+    return _dumps_value(obj, [] if by_reference else None, views)
 
 
-def _dumps_value(obj: Any, files: Optional[List[int]]) -> Union[bytes, WithFiles]:
+def _callback(files: Optional[List[int]], views: Optional[List[Any]]) -> Any:
+    if files is not None:
+        return _buffers.BufferFiles(files, _room)
+    if views is not None:
+        return _buffers.BufferViews(views)
+    return None
+
+
+def _dumps_value(
+    obj: Any, files: Optional[List[int]], views: Optional[List[Any]] = None
+) -> Union[bytes, WithFiles]:
     if type(obj) in _PLAIN:
         return pickle.dumps(obj, PROTOCOL)
-    callback = None if files is None else _buffers.BufferFiles(files, _room)
+    callback = _callback(files, views)
     files = [] if files is None else files
     try:
         if _pickler_class() is _StrictPickler:
@@ -282,6 +294,8 @@ def _dumps_value(obj: Any, files: Optional[List[int]]) -> Union[bytes, WithFiles
                 data = pickle.dumps(obj, PROTOCOL, buffer_callback=callback)
             except Exception:
                 _buffers.close_all(files)
+                if views is not None:
+                    views.clear()  # the attempt's: cloudpickle's gives them again
                 data = dumps(obj, callback)
     except BaseException:
         _buffers.close_all(files)
@@ -297,7 +311,7 @@ def loads(data: Any) -> Any:
     """Unpickle bytes made by :func:`dumps` or :func:`dumps_value` (``Mapped`` if they came
     with buffers by reference)."""
     if type(data) is _buffers.Mapped:
-        return pickle.loads(data.data, buffers=data.buffers)
+        return pickle.loads(data.data, buffers=[_buffers.writable(b) for b in data.buffers])
     return pickle.loads(data)
 
 
@@ -305,7 +319,7 @@ class Payload:
     """A pickled call, the descriptors that go with it (this process's duplicates), and what
     must stay alive here while its task runs."""
 
-    __slots__ = ("body", "fds", "guards", "keep")
+    __slots__ = ("body", "fds", "guards", "keep", "views")
 
     def __init__(
         self,
@@ -313,11 +327,13 @@ class Payload:
         fds: Tuple[int, ...] = (),
         keep: Tuple[Any, ...] = (),
         guards: Optional[Dict[int, Any]] = None,
+        views: Tuple[Any, ...] = (),
     ) -> None:
         self.body = body
         self.fds = fds
         self.keep = keep
         self.guards = guards or {}
+        self.views = views  # on Ray: the large buffers, out of band (PickleBuffers)
 
     def close(self) -> None:
         """Close the duplicates, once: after they were sent, or when the call never starts."""
@@ -339,15 +355,19 @@ def close_guarded(fd: int, guard: Any = None) -> None:
 
 
 def dumps_call(
-    fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], by_reference: bool = True
+    fn: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    by_reference: bool = True,
+    on_ray: bool = False,
 ) -> Payload:
     """Pickle a call, or raise ``SerializationError`` naming the part that cannot be pickled.
 
-    ``by_reference``: large buffers go in memory files (see the module docstring); false where
-    no descriptor can follow the call (Ray).
+    ``by_reference``: large buffers go in memory files (see the module docstring); ``on_ray``:
+    they go beside the pickle (``Payload.views``), for Ray's object store to carry.
     """
     try:
-        return _dumps_with_descriptors((fn, args, kwargs), by_reference)
+        return _dumps_with_descriptors((fn, args, kwargs), by_reference, on_ray)
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         culprit = _find_culprit(fn, args, kwargs)
         raise SerializationError(
@@ -355,18 +375,21 @@ def dumps_call(
         ) from exc
 
 
-def _dumps_with_descriptors(obj: Any, by_reference: bool = False) -> Payload:
+def _dumps_with_descriptors(obj: Any, by_reference: bool = False, on_ray: bool = False) -> Payload:
     fds: List[int] = []
     keep: List[Any] = []
     guards: Dict[int, Any] = {}
     files: List[int] = []
+    views: List[Any] = []
     _descriptors.outgoing = fds
     _descriptors.keep = keep
     _descriptors.guards = guards
     _descriptors.files = files
     try:
-        body = _dumps_pieces(obj, files if by_reference else None)
-        return Payload(_buffers.add_count(body, len(files)), (*fds, *files), tuple(keep), guards)
+        body = _dumps_pieces(obj, files if by_reference else None, views if on_ray else None)
+        return Payload(
+            _buffers.add_count(body, len(files)), (*fds, *files), tuple(keep), guards, tuple(views)
+        )
     except BaseException:
         Payload(b"", (*fds, *files), (), guards).close()
         raise
@@ -377,13 +400,15 @@ def _dumps_with_descriptors(obj: Any, by_reference: bool = False) -> Payload:
         _descriptors.files = None
 
 
-def loads_call(body: Any, fds: List[int]) -> Any:
-    """Unpickle a call made by :func:`dumps_call`; descriptors nothing claimed are closed."""
+def loads_call(body: Any, fds: List[int], views: Sequence[Any] = ()) -> Any:
+    """Unpickle a call made by :func:`dumps_call` (``views``: its large buffers, on Ray);
+    descriptors nothing claimed are closed."""
     count = int.from_bytes(body[-2:], "big")
     data = memoryview(body)[:-2]
     _descriptors.incoming = fds
     try:
         buffers = [_buffers.map_buffer(received(index)) for index in range(len(fds) - count, len(fds))]
+        buffers.extend(_buffers.writable(view) for view in views)
         return pickle.loads(data, buffers=buffers)
     finally:
         _descriptors.incoming = None
