@@ -9,7 +9,9 @@ For each size (200 MiB and 1 GiB by default), in one interleaved run of R rounds
 - the same for a warmed ``ProcessPoolExecutor(1)`` worker (fork), and one ``memcpy`` of the
   array into memory already touched (the floor);
 - on Ray, when it is installed: ``ray.put`` + a task that reads it + ``ray.get`` of a number,
-  and a task that returns the array with ``ray.get`` reading it, on a private local cluster.
+  and a task that returns the array with ``ray.get`` reading it, on a private local cluster
+  (Ray hands out read-only arrays); and the same tasks of bgtask's on that cluster (writable
+  arrays: each copied once out of Ray's object store).
 
 Then the main program's peak resident memory while a task reads a 1 GiB argument, against the
 array's own size (in a fresh interpreter, so nothing else counts).
@@ -79,8 +81,15 @@ def measure(nbytes: int, rounds: int, use_ray: bool) -> Dict[str, float]:
 
         rtouch, rmake, rmake_sum = (ray.remote(f) for f in (touch, make, make_sum))
         ray.get(rtouch.remote(tiny))
+        on_ray = [bgtask.background(f, backend="ray") for f in (touch, make, make_sum)]
+        gtouch, gmake, gmake_sum = on_ray
+        gtouch(tiny).result()
         runs.update(
             {
+                "bgtask on Ray arg": lambda: gtouch(data).result(),
+                "bgtask on Ray arg0": lambda: gtouch(tiny).result(),
+                "bgtask on Ray result": lambda: touch(gmake(nbytes).result()),
+                "bgtask on Ray result0": lambda: gmake_sum(nbytes).result(),
                 "Ray arg": lambda: ray.get(rtouch.remote(ray.put(data))),
                 "Ray arg0": lambda: ray.get(rtouch.remote(ray.put(tiny))),
                 "Ray result": lambda: touch(ray.get(rmake.remote(nbytes))),
@@ -141,7 +150,7 @@ def main() -> None:
         m = measure(mib * MiB, args.rounds, use_ray)
         floor = m["memcpy"]
         cost = {}
-        for who in ("bgtask", "PPE", *(["Ray"] if use_ray else [])):
+        for who in ("bgtask", "PPE", *(["Ray", "bgtask on Ray"] if use_ray else [])):
             arg = max(m[f"{who} arg"] - m[f"{who} arg0"], 0.001)
             res = max(m[f"{who} result"] - m[f"{who} result0"], 0.001)
             cost[who] = (arg, res)

@@ -780,6 +780,34 @@ def test_a_worker_is_left_as_the_relay_found_it(cluster: str, collected: List[lo
         assert state().result(RESULT_S) == (logging.WARNING, [], logging.NOTSET, 0, "warnings")
 
 
+def test_a_level_a_task_set_holds_only_for_that_task(
+    cluster: str, collected: List[logging.LogRecord]
+) -> None:
+    """A task that mutes a logger on a worker: the next task there logs at the main program's
+    levels again."""
+
+    @background(backend="ray")
+    def mute() -> int:
+        logging.getLogger(LOGGER).setLevel(logging.ERROR)
+        return os.getpid()
+
+    @background(backend="ray")
+    def speak(i: int) -> int:
+        logging.getLogger(LOGGER).info("spoke %d", i)
+        return os.getpid()
+
+    muted = set()
+    spoke = set()
+    for i in range(10):  # until one runs where the other did (Ray picks the worker)
+        muted.add(mute().result(RESULT_S))
+        spoke.add(speak(i).result(RESULT_S))
+        if muted & spoke:
+            break
+    assert muted & spoke
+    assert [r.getMessage() for r in collected] == [f"spoke {i}" for i in range(len(collected))]
+    assert len(collected) == i + 1
+
+
 def test_a_process_a_ray_task_forks_logs_as_the_worker_does(cluster: str) -> None:
     """Ray's connection is not the forked process's: its records go where the worker's would,
     and it neither hangs nor fails."""
@@ -1197,6 +1225,60 @@ def test_a_private_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
     assert int(words[1]) >= 3  # the GCS, the raylet, a worker at least
     if words[4] != "True":  # ... "token refused True accepted True"
         assert words[5:] == ["token", "refused", "True", "accepted", "True"], result.stdout
+
+
+PRIVATE_CLUSTER_KILLED = """
+import time
+import bgtask
+
+@bgtask.background
+def worker():
+    time.sleep(120)
+
+if __name__ == "__main__":
+    import ray
+    bgtask.use_ray()
+    task = worker()
+    while task.pid is None:
+        time.sleep(0.01)
+    print("session", ray._private.worker._global_node.get_session_dir_path(), flush=True)
+    time.sleep(120)
+"""
+
+
+def _processes_naming(text: str) -> List[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_private_cluster_ends_with_its_killed_program(tmp_path: Path, signum: int) -> None:
+    """Nothing of a program's own cluster outlives it (Ray's agents alone take about a minute to
+    notice): every process that names the cluster's session is gone within seconds."""
+    env = {
+        key: value for key, value in dict(script_env(), **ENV).items() if key not in ("RAY_ADDRESS", *AUTH)
+    }
+    script = Script(tmp_path, PRIVATE_CLUSTER_KILLED, env=env)
+    session = ""
+    try:
+        session = script.expect("session", timeout=RESULT_S)
+        assert len(session) > 8
+        assert _processes_naming(session)
+        os.kill(script.proc.pid, signum)
+        script.wait(RESULT_S)
+        assert wait_until(lambda: not _processes_naming(session), timeout=30), _processes_naming(session)
+    finally:
+        script.close()
+        if session:
+            kill_quietly(_processes_naming(session))
 
 
 def _set_marker(value: str) -> None:

@@ -88,3 +88,35 @@ def test_a_warning_that_is_an_error_only_here_is_said_not_lost(tmp_path: Path) -
     assert "ERROR bgtask: a task's warning is an error under this program's filters" in result.stdout
     assert "MyWarning: careful" in result.stdout
     assert result.stdout.strip().endswith("went on")
+
+
+MAIN_DEPRECATION = """
+import threading, warnings, bgtask
+
+def old_api():
+    warnings.warn("deprecated here", DeprecationWarning, stacklevel=1)
+
+@bgtask.background
+def task():
+    old_api()
+
+if __name__ == "__main__":
+    thread = threading.Thread(target=old_api)
+    thread.start()
+    thread.join()
+    task().result(timeout=60)
+"""
+
+
+def test_a_deprecation_in_the_main_script_shows_as_a_threads_does(
+    tmp_path: Path, start_method: Optional[str]
+) -> None:
+    """Python's default filters show a DeprecationWarning from ``__main__``: a task's from the
+    same code shows too (the filter names the module, which the main program finds again)."""
+    source = MAIN_DEPRECATION.replace(
+        "@bgtask.background", f"@bgtask.background(start_method={start_method!r})"
+    )
+    env = {key: value for key, value in script_env().items() if key != "PYTHONWARNINGS"}
+    result = run_script(tmp_path, source, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("DeprecationWarning: deprecated here") == 2, result.stderr

@@ -27,6 +27,7 @@ from .._shared import wire as _wire
 from .._shared.errors import BgTaskError
 from . import ray_worker as _ray_task
 from .ray_process import RayProcess
+from .ray_reaper import Reaper
 
 BACKENDS = (None, "local", "ray")
 # What ``ray_options=`` may set, and the Ray option each becomes.
@@ -108,6 +109,7 @@ class RayLauncher:
         # fresh worker's is made with max_calls=1 (Ray takes it only where the function is made).
         self._functions: Dict[Tuple[bool, bool], Any] = {}
         self._board: Any = None
+        self._reaper: Optional[Reaper] = None  # a private cluster's: it ends with the program
 
     def _connect(self) -> Tuple[Any, Dict[Tuple[bool, bool], Any], Any]:
         ray = import_ray()
@@ -139,6 +141,8 @@ class RayLauncher:
                             warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
                             ray.init(address=address, **kwargs)
                         self._connected_here = True
+                        if address == "local":
+                            self._reap(ray)
                         _preload_log_filter()
                     finally:
                         for signum, handler in handlers.items():
@@ -213,11 +217,30 @@ class RayLauncher:
                 ray.shutdown()
             except Exception:  # noqa: BLE001 (the exit procedure goes on)
                 pass
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.close()
+
+    def _reap(self, ray: Any) -> None:
+        """A private cluster: a reaper ends what is left of it once this program is gone."""
+        try:
+            session_dir = ray._private.worker._global_node.get_session_dir_path()
+        except Exception:  # noqa: BLE001 (another Ray release: Ray's own end only)
+            return
+        reaper = Reaper()
+        try:
+            reaper.start(str(session_dir))
+        except OSError:
+            return
+        self._reaper = reaper
 
     def forget_in_child(self) -> None:
         self._lock = threading.Lock()
         self._forked = self._owner is not None
         self._owner = None
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.forget_in_child()
 
 
 def _preload_log_filter() -> None:

@@ -134,7 +134,7 @@ def reissue(body: Union[bytes, bytearray]) -> None:
     if category is UserWarning and (module, qualname) != ("builtins", "UserWarning"):
         message = f"{qualname}: {message}"  # a category this program cannot name
     try:
-        warnings.warn_explicit(message, category, filename, lineno)
+        warnings.warn_explicit(message, category, filename, lineno, module=_module_of(filename))
     except Warning as exc:
         # This program's filters make it an error, the task's did not (a filter about a
         # category the task could not be sent, or one added since the call): there is nothing
@@ -147,6 +147,19 @@ def reissue(body: Union[bytes, bytearray]) -> None:
             type(exc).__name__,
             exc,
         )
+
+
+def _module_of(filename: str) -> Optional[str]:
+    """The name of this program's module in ``filename`` (``__main__`` for its script), which
+    filters with a module (``default::DeprecationWarning:__main__``, Python's own) match; if
+    none, ``warn_explicit`` names it after the file, as for any file it does not know."""
+    main = sys.modules.get("__main__")
+    if getattr(main, "__file__", None) == filename:
+        return "__main__"
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) == filename:
+            return name
+    return None
 
 
 def _category(module: str, qualname: str) -> Any:
@@ -243,13 +256,19 @@ def borrow(
     relay = _Relay()
     relay.send = send
     relay.task_name = task_name
+    # Every logger at the main program's level (NOTSET where it has none), whatever an earlier
+    # task on this worker set; Ray's keep theirs.
     saved_levels = {"": root.level}
-    for name, level in levels.items():
-        if name == "ray" or name.startswith("ray."):
+    loggers = [logger for logger in list(manager.loggerDict.values()) if isinstance(logger, logging.Logger)]
+    loggers.extend(logging.getLogger(name) for name in levels)
+    for logger in loggers:
+        name = logger.name
+        if name == "ray" or name.startswith("ray.") or name in saved_levels:
             continue
-        logger = logging.getLogger(name)
         saved_levels[name] = logger.level
-        logger.setLevel(level)
+        level = levels.get(name, logging.NOTSET)
+        if logger.level != level:
+            logger.setLevel(level)
     root.setLevel(root_level)
     saved_disable = manager.disable
     logging.disable(disable)
@@ -270,7 +289,9 @@ def borrow(
         _set_filters(saved_filters)
         logging.disable(saved_disable)
         for name, level in saved_levels.items():
-            (logging.getLogger(name) if name else root).setLevel(level)
+            logger = logging.getLogger(name) if name else root
+            if logger.level != level:
+                logger.setLevel(level)
 
     return give_back
 
