@@ -961,15 +961,19 @@ def drain(q):
     while not (HERE / "go").exists():
         time.sleep(0.01)
     n, deadline = 0, time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            q.get_nowait()
-            n += 1
-        except queue.Empty:
-            time.sleep(0.01)
-        except bgtask.ShutDown:
-            (HERE / "outcome").write_text(f"ShutDown after {{n}}")
-            return
+    try:
+        while time.monotonic() < deadline:
+            try:
+                q.get_nowait()
+                n += 1
+            except queue.Empty:
+                time.sleep(0.01)
+            except bgtask.ShutDown:
+                (HERE / "outcome").write_text(f"ShutDown after {{n}}")
+                return
+    except BaseException as exc:  # said, not lost: the test shows what ended the drain
+        (HERE / "outcome").write_text(f"raised {{exc!r}} after {{n}}")
+        raise
     (HERE / "outcome").write_text(f"still waiting after {{n}}")
 
 if __name__ == "__main__":
@@ -1003,7 +1007,10 @@ if __name__ == "__main__":
         holder = _process_with_pid(main_pid)
         (tmp_path / "go").touch()
         outcome = tmp_path / "outcome"
-        assert wait_until(lambda: outcome.exists() and outcome.read_text() != "", timeout=RESULT_S)
+        assert wait_until(lambda: outcome.exists() and outcome.read_text() != "", timeout=RESULT_S), (
+            f"no outcome; the task is {'alive' if pid_alive(task_pid) else 'gone'}; "
+            f"the pid's holder: {holder and holder.pid}; stderr: {script.stderr()}"
+        )
         assert outcome.read_text().startswith("ShutDown after "), outcome.read_text()
         assert wait_until(lambda: not pid_alive(task_pid), timeout=RESULT_S)
     finally:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 from . import platform, wire
 from .wire import Body, Pieces
@@ -47,13 +47,8 @@ class BufferFiles:
         self.room = room  # whether one more descriptor fits in the message
 
     def __call__(self, buffer: pickle.PickleBuffer) -> bool:
-        try:
-            view = buffer.raw()
-        except BufferError:  # not contiguous: pickled in band, as a copy
-            return True
-        if view.nbytes < BY_REFERENCE:
-            return True
-        if len(self.files) >= MAX_BUFFER_FILES or not self.room():
+        view = _large(buffer)
+        if view is None or len(self.files) >= MAX_BUFFER_FILES or not self.room():
             return True
         try:
             fd = platform.memory_file("bgtask-buffer")
@@ -82,14 +77,19 @@ class BufferViews:
         self.views = views
 
     def __call__(self, buffer: pickle.PickleBuffer) -> bool:
-        try:
-            view = buffer.raw()
-        except BufferError:  # not contiguous: pickled in band, as a copy
-            return True
-        if view.nbytes < BY_REFERENCE:
+        if _large(buffer) is None:
             return True
         self.views.append(buffer)
         return False
+
+
+def _large(buffer: pickle.PickleBuffer) -> Optional[memoryview]:
+    """The buffer's memory if it goes out of band: contiguous, and ``BY_REFERENCE`` or more."""
+    try:
+        view = buffer.raw()
+    except BufferError:  # not contiguous: pickled in band, as a copy
+        return None
+    return view if view.nbytes >= BY_REFERENCE else None
 
 
 def writable(buffer: Any) -> Any:
