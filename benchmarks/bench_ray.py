@@ -4,10 +4,11 @@ and memory of the main program.
 One program, a private local Ray cluster (``bgtask.use_ray()``), rounds alternating the three:
 bgtask's local backend, bgtask's Ray backend, and the same function as a plain Ray task on the
 same cluster (``ray.get(f.remote())``). Medians; the machines are shared and noisy, so compare
-the ratios.
+the ratios. A queue's rate: the main program puts ``--items`` small items that one task gets,
+through a ``bgtask.Queue`` (local, and on Ray) and through Ray's own ``ray.util.queue.Queue``.
 
     pip install -e '.[ray]'
-    python benchmarks/bench_ray.py            # --rounds 5 --calls 200 --burst 100
+    python benchmarks/bench_ray.py            # --rounds 5 --calls 200 --burst 100 --items 1000
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ import bgtask
 
 def noop() -> None:
     return None
+
+
+def drain(q: Any, n: int) -> int:
+    for _ in range(n):
+        q.get()
+    return n
 
 
 class _PlainRay:
@@ -73,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument("--items", type=int, default=1000)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     fns: Dict[str, Callable[[], Any]] = {
@@ -94,9 +102,30 @@ def main() -> None:
     plain = ray.remote(max_retries=0)(noop)  # bgtask's Ray tasks are not retried either
     fns["plain"] = lambda: _PlainRay(plain.remote())
     fns["plain"]().result()
+    from ray.util.queue import Queue as RayQueue
+
+    drains: Dict[str, Callable[[Any], Any]] = {
+        "local": lambda q: bgtask.background(drain, backend="local")(q, args.items),
+        "ray": lambda q: bgtask.background(drain, backend="ray")(q, args.items),
+        "plain": lambda q: _PlainRay(ray.remote(max_retries=0)(drain).remote(q, args.items)),
+    }
+    queues: Dict[str, Callable[[], Any]] = {
+        "local": lambda: bgtask.Queue(backend="local"),
+        "ray": lambda: bgtask.Queue(backend="ray"),
+        "plain": lambda: RayQueue(actor_options={"num_cpus": 0}),
+    }
     latency: Dict[str, List[float]] = {name: [] for name in fns}
     burst: Dict[str, List[float]] = {name: [] for name in fns}
+    through: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
+        for name in fns:
+            q = queues[name]()
+            t0 = time.perf_counter()
+            consumer = drains[name](q)
+            for i in range(args.items):
+                q.put(i)
+            consumer.result()
+            through[name].append(args.items / (time.perf_counter() - t0))
         for name, fn in fns.items():
             for _ in range(args.calls):
                 t0 = time.perf_counter()
@@ -118,6 +147,12 @@ def main() -> None:
     print(
         f"| burst of {args.burst} no-op tasks, tasks/s | {rate['local']:,.0f} | {rate['ray']:,.0f} | "
         f"{rate['plain']:,.0f} | {rate['ray'] / rate['local']:.2f}x | {rate['plain'] / rate['ray']:.2f}x |"
+    )
+    items = {name: statistics.median(values) for name, values in through.items()}
+    print(
+        f"| a queue, main program to a task: {args.items} items, items/s | {items['local']:,.0f} | "
+        f"{items['ray']:,.0f} | {items['plain']:,.0f} | {items['ray'] / items['local']:.2f}x | "
+        f"{items['plain'] / items['ray']:.2f}x |"
     )
     growth = (after_local - before, after_ray - after_local)
     print(f"| main program's RSS growth, MiB | {growth[0]:.1f} | {growth[1]:.1f} | | | |")

@@ -28,7 +28,8 @@ so a task starts without paying for it. ARCHITECTURE.md draws a call's path::
       process            TaskProcess: one started process; the only place its end is decided
       offload            the threads for what must not run in the monitor: callbacks, starts
     _queue/              Queue: items through a datagram socket every process holds (the API, a
-                         process's endpoint, the feeder, the transport, the shared page)
+                         process's endpoint, the feeder, the transport, the shared page); on
+                         Ray, through an actor that holds them (on_ray)
     _runtime/            the task side: what runs in a task process around the function
       child              from a spare's first line to os._exit
       runner             runs a call and classifies its end (both runtimes)

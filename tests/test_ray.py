@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -77,6 +80,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 pytestmark = pytest.mark.ray
 
 RESULT_S = 120.0
+# The last line of examples/ray_cluster.py when all went well.
+EXAMPLE_OK = "ok: results in order, one crash reported, every report queued, the daemon's cleanup ran"
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
 AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 ENV.update({key: os.environ[key] for key in AUTH})
@@ -734,6 +739,359 @@ def test_records_logged_until_a_stop_all_arrive_in_order(
     assert messages[-1] in (f"cleanup after {count}", f"cleanup after {count - 1}")
 
 
+# -- queues, on both backends ---------------------------------------------------------------
+
+
+def test_a_queue_carries_items_both_ways_each_once(backend: str) -> None:
+    """Two producers and two relays in tasks, the main program between them: every item
+    arrives once, and join() waits for every task_done()."""
+    inbox: bgtask.Queue[Any] = bgtask.Queue(backend=backend)
+    outbox: bgtask.Queue[Any] = bgtask.Queue(maxsize=8, backend=backend)
+
+    @background(backend=backend)
+    def produce(name: str, n: int, q: bgtask.Queue[Any]) -> int:
+        for i in range(n):
+            q.put((name, i))
+        return n
+
+    @background(backend=backend)
+    def relay(inbox: bgtask.Queue[Any], outbox: bgtask.Queue[Any]) -> int:
+        moved = 0
+        for item in inbox:
+            outbox.put(item)
+            inbox.task_done()
+            moved += 1
+        return moved
+
+    relays = [relay(inbox, outbox) for _ in range(2)]
+    producers = [produce(name, 150, inbox) for name in "ab"]
+    got = [outbox.get(timeout=RESULT_S) for _ in range(300)]
+    assert [p.result(RESULT_S) for p in producers] == [150, 150]
+    inbox.join()
+    assert inbox.unfinished_tasks == 0
+    inbox.shutdown()
+    assert sum(r.result(RESULT_S) for r in relays) == 300
+    assert sorted(got) == sorted((name, i) for name in "ab" for i in range(150))
+    assert outbox.qsize() == 0
+    assert outbox.empty()
+
+
+def test_a_bounded_queue_holds_its_producer_back(backend: str) -> None:
+    q: bgtask.Queue[int] = bgtask.Queue(maxsize=2, backend=backend)
+
+    @background(backend=backend)
+    def produce(q: bgtask.Queue[int]) -> str:
+        for i in range(5):
+            q.put(i)
+        try:
+            q.put(99, block=False)
+        except queue.Full:
+            return "full"
+        return "room"
+
+    task = produce(q)
+    assert wait_until(q.full, timeout=RESULT_S)
+    assert not task.done()  # it waits for a place
+    assert [q.get(timeout=RESULT_S) for _ in range(3)] == [0, 1, 2]
+    assert task.result(RESULT_S) == "full"
+    assert q.qsize() == 2
+    with pytest.raises(queue.Full):
+        q.put(5, timeout=0.05)
+    with pytest.raises(queue.Full):
+        q.put_nowait(5)
+    assert [q.get_nowait(), q.get(block=False)] == [3, 4]
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.05)
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+
+
+def test_a_shutdown_drains_then_ends_every_waiting_task(backend: str) -> None:
+    q: bgtask.Queue[int] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend)
+    def consume(q: bgtask.Queue[int]) -> List[int]:
+        bgtask.ready()
+        return list(q)  # until the queue is shut down and empty
+
+    consumers = [consume(q) for _ in range(2)]
+    for task in consumers:
+        task.wait_ready(RESULT_S)
+    for i in range(10):
+        q.put(i)
+    q.shutdown()
+    assert q.is_shutdown
+    with pytest.raises(bgtask.ShutDown):
+        q.put(10)
+    got = [task.result(RESULT_S) for task in consumers]
+    assert sorted(got[0] + got[1]) == list(range(10))
+    with pytest.raises(bgtask.ShutDown):
+        q.get(timeout=RESULT_S)
+    assert "shut down" in repr(q)
+
+
+def test_an_immediate_shutdown_drops_the_items_as_done(backend: str) -> None:
+    q: bgtask.Queue[int] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend)
+    def join_then_report(q: bgtask.Queue[int]) -> str:
+        bgtask.ready()
+        q.join()
+        return "joined"
+
+    for i in range(5):
+        q.put(i)
+    assert q.get(timeout=RESULT_S) == 0
+    q.task_done()
+    task = join_then_report(q)
+    task.wait_ready(RESULT_S)
+    assert q.unfinished_tasks == 4
+    q.shutdown(immediate=True)
+    assert task.result(RESULT_S) == "joined"
+    assert q.qsize() == 0
+    assert q.unfinished_tasks == 0
+    with pytest.raises(bgtask.ShutDown):
+        q.get_nowait()
+    with pytest.raises(ValueError, match="more times"):
+        q.task_done()
+
+
+def test_items_put_before_a_producer_crashed_are_kept(backend: str) -> None:
+    q: bgtask.Queue[str] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend)
+    def produce_then_die(q: bgtask.Queue[str]) -> None:
+        for word in ("before", "the", "crash"):
+            q.put(word)
+        os._exit(3)
+
+    with pytest.raises(TaskCrashed):
+        produce_then_die(q).result(RESULT_S)
+    assert [q.get(timeout=RESULT_S) for _ in range(3)] == ["before", "the", "crash"]
+    assert q.qsize() == 0
+
+
+def test_a_stop_loses_no_item_of_a_busy_consumer(backend: str) -> None:
+    """A graceful consumer moving items from one queue to another is stopped halfway: each
+    item is in one of the two queues, none twice, none lost."""
+    inbox: bgtask.Queue[int] = bgtask.Queue(backend=backend)
+    outbox: bgtask.Queue[int] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend, graceful=True, grace=60)
+    def move(inbox: bgtask.Queue[int], outbox: bgtask.Queue[int]) -> None:
+        for item in inbox:
+            outbox.put(item)
+
+    for i in range(300):
+        inbox.put(i)
+    task = move(inbox, outbox)
+    assert wait_until(lambda: outbox.qsize() >= 50, timeout=RESULT_S)
+    task.stop()
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+    inbox.shutdown()
+    outbox.shutdown()
+    moved, left = list(outbox), list(inbox)
+    assert moved + left == list(range(300))  # the stop may come once all were moved
+    assert len(moved) >= 50
+
+
+def test_a_stop_ends_a_consumer_waiting_on_an_empty_queue(backend: str, tmp_path: Path) -> None:
+    marker = tmp_path / "cleaned"
+    q: bgtask.Queue[int] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend, graceful=True, grace=60)
+    def wait_for_one(q: bgtask.Queue[int], marker: str) -> int:
+        bgtask.ready()
+        try:
+            return q.get()
+        finally:
+            Path(marker).write_text("yes")
+
+    task = wait_for_one(q, str(marker))
+    task.wait_ready(RESULT_S)
+    task.stop()
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+    assert marker.read_text() == "yes"
+    q.put(7)  # nobody took an item meanwhile
+    assert q.get(timeout=RESULT_S) == 7
+
+
+def test_large_queue_items_arrive_writable_and_private(backend: str) -> None:
+    np = pytest.importorskip("numpy")
+    q: bgtask.Queue[Any] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend)
+    def double(q: bgtask.Queue[Any]) -> bool:
+        array = q.get()
+        writable = bool(array.flags.writeable)
+        array *= 2
+        q.put(array)
+        return writable
+
+    original = np.ones(4 << 20, dtype=np.uint8)
+    q.put(original)
+    assert double(q).result(RESULT_S)
+    back = q.get(timeout=RESULT_S)
+    assert int(back.sum()) == 2 * (4 << 20)
+    assert back.flags.writeable
+    assert int(original.sum()) == 4 << 20  # nobody wrote to the program's own
+
+
+def test_an_item_that_cannot_be_unpickled_is_dropped_as_done(backend: str) -> None:
+    """An item whose unpickling fails where it is got: that get raises SerializationError,
+    the item counts as done, the next get returns the next item."""
+    q: bgtask.Queue[Any] = bgtask.Queue(backend=backend)
+
+    def explode() -> None:
+        raise RuntimeError("not here")
+
+    class Bomb:
+        def __reduce__(self) -> Any:
+            return explode, ()
+
+    @background(backend=backend)
+    def get_two(q: bgtask.Queue[Any]) -> Any:
+        try:
+            q.get()
+        except bgtask.SerializationError as exc:
+            error = str(exc)
+        after = q.get()
+        q.task_done()
+        return error, after
+
+    with pytest.raises(bgtask.SerializationError, match="cannot put an item of type"):
+        q.put(threading.Lock())
+    q.put(Bomb())
+    q.put("after")
+    error, after = get_two(q).result(RESULT_S)
+    assert "the item is dropped" in error
+    assert "RuntimeError: not here" in error
+    assert after == "after"
+    q.join()  # the dropped one counts as done
+    assert q.unfinished_tasks == 0
+
+
+def test_a_killed_consumer_takes_no_item_with_it(backend: str) -> None:
+    """A consumer killed while it waits in get() takes nothing: the next item put is there."""
+    q: bgtask.Queue[int] = bgtask.Queue(backend=backend)
+
+    @background(backend=backend)
+    def wait_for_one(q: bgtask.Queue[int]) -> int:
+        bgtask.ready()
+        return q.get()
+
+    task = wait_for_one(q)
+    task.wait_ready(RESULT_S)
+    task.kill()
+    with pytest.raises(TaskStopped):
+        task.result(RESULT_S)
+    q.put(1)
+    assert q.get(timeout=RESULT_S) == 1
+    assert q.qsize() == 0
+
+
+def test_a_task_killed_while_it_waits_for_its_own_task_is_stopped(backend: str) -> None:
+    """Killing a task that waits for a task of its own ends it as killed (on Ray, the inner
+    task is cancelled first: the outer one's report of that is not its outcome)."""
+
+    @background(backend=backend, daemon=True)  # a daemon: it ends with its killed parent
+    def inner() -> None:
+        stop_event().wait(RESULT_S)
+
+    @background(backend=backend)
+    def outer() -> None:
+        task = inner()
+        bgtask.ready()
+        task.result()
+
+    task = outer()
+    task.wait_ready(RESULT_S)
+    task.kill()
+    with pytest.raises(TaskStopped) as caught:
+        task.result(RESULT_S)
+    assert caught.value.reason == "kill"
+
+
+def test_a_queue_passes_on_to_nested_tasks_and_outlives_its_handle(backend: str) -> None:
+    """A task hands the queue to a task of its own; the program dropped its Queue before
+    they used it (the task keeps it alive)."""
+    import gc
+
+    @background(backend=backend)
+    def inner(q: bgtask.Queue[int]) -> None:
+        q.put(2)
+
+    @background(backend=backend)
+    def outer(q: bgtask.Queue[int]) -> List[int]:
+        q.put(1)
+        inner(q).result()
+        return [q.get(), q.get()]
+
+    task = outer(bgtask.Queue(backend=backend))
+    gc.collect()
+    assert task.result(RESULT_S) == [1, 2]
+
+
+def test_a_queue_made_in_a_task_serves_its_tasks(backend: str) -> None:
+    @background(backend=backend)
+    def fan_in(n: int) -> int:
+        q: bgtask.Queue[int] = bgtask.Queue()  # on the task's own backend
+        workers = [square(i, q) for i in range(n)]
+        for w in workers:
+            w.result()
+        return sum(q.get() for _ in range(n))
+
+    @background(backend=backend)
+    def square(i: int, q: bgtask.Queue[int]) -> None:
+        q.put(i * i)
+
+    assert fan_in(4).result(RESULT_S) == 0 + 1 + 4 + 9
+
+
+def test_a_call_waiting_in_a_queues_actor_takes_nothing(cluster: str) -> None:
+    """Ray does not cancel a call whose caller died: a get waiting in the actor (here, one that
+    nobody will collect) must not take the item it was waiting for."""
+    q: bgtask.Queue[int] = bgtask.Queue(backend="ray")
+    actor = q._end.actor  # type: ignore[union-attr]
+    waiting = actor.wait_for_item.remote(RESULT_S)
+    put = actor.put.remote(pickle.dumps(0), [], "int")  # queued behind the wait: it has begun
+    ray.get(put)
+    q.put(1)
+    assert [q.get(timeout=RESULT_S), q.get(timeout=RESULT_S)] == [0, 1]
+    ray.get(waiting, timeout=RESULT_S)  # it ended when the first came, and took nothing
+    assert q.qsize() == 0
+
+
+def test_a_queue_used_after_its_connection_ended_is_shut_down(tmp_path: Path) -> None:
+    """Once the program's connection to Ray ended, a queue on Ray raises ShutDown: no call
+    goes to Ray, which would start a cluster of its own."""
+    result = run_script(
+        tmp_path,
+        """
+import ray
+import bgtask
+
+bgtask.use_ray()
+q = bgtask.Queue()
+q.put(1)
+ray.shutdown()
+for call in (lambda: q.get(timeout=1), lambda: q.put(2), q.qsize):
+    try:
+        call()
+    except bgtask.ShutDown as exc:
+        print("ShutDown:", exc)
+print("connected:", ray.is_initialized())
+""",
+        env=dict(script_env(), **ENV),
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ShutDown: the queue is gone") == 3, result.stdout
+    assert "connected: False" in result.stdout
+
+
 # -- Ray's own ------------------------------------------------------------------------------
 
 
@@ -836,9 +1194,25 @@ def test_what_cannot_go_to_ray_is_refused(cluster: str) -> None:
     def takes(q: Any) -> None:
         pass
 
-    queue: bgtask.Queue[int] = bgtask.Queue()
-    with pytest.raises(bgtask.BgTaskError, match="descriptors"):
-        takes(queue)
+    @background(backend="local")
+    def takes_locally(q: Any) -> None:
+        pass
+
+    @background(backend="ray")
+    def makes() -> Any:
+        return bgtask.Queue()
+
+    with pytest.raises(bgtask.SerializationError, match=r"Queue\(backend='ray'\)"):
+        takes(bgtask.Queue(backend="local"))
+    with pytest.raises(bgtask.SerializationError, match=r"Queue\(backend='local'\)"):
+        takes_locally(bgtask.Queue(backend="ray"))
+    with pytest.raises(bgtask.SerializationError, match="can be an argument of a task"):
+        makes().result(RESULT_S)
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(bgtask.BgTaskError, match="descriptors"):
+        takes(left)
+    with pytest.raises(ValueError, match="backend must be"):
+        bgtask.Queue(backend="dask")
     with pytest.raises(ValueError, match="start_method"):
         background(backend="ray", start_method="spawn")
     with pytest.raises(TypeError, match="ray_options does not take 'gpu'"):
@@ -983,7 +1357,7 @@ def test_the_ray_example(head: HeadNode, join: bool) -> None:
         args, capture_output=True, text=True, timeout=RESULT_S, env=dict(script_env(), **ENV)
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "ok: results in order, one crash reported, the daemon's cleanup ran" in result.stdout
+    assert EXAMPLE_OK in result.stdout
 
 
 def test_runtime_env_sets_the_tasks_environment(cluster: str) -> None:
@@ -1360,6 +1734,39 @@ class TestManyNodes:
         assert task.wait_ready(RESULT_S) == "placed"
         assert task.result(RESULT_S) == _node_id(second_node)
 
+    def test_a_queue_between_tasks_on_two_nodes(self, second_node: WorkerNode) -> None:
+        """A producer on the other node, a consumer on the head node, a bounded queue between
+        them (made by the main program): every item once, in order, backpressure across."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        head_id = next(
+            n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]
+        )
+        here = NodeAffinitySchedulingStrategy(node_id=head_id, soft=False)
+
+        @background(backend="ray", ray_options={"resources": {second_node.resource: 1}})
+        def produce(q: bgtask.Queue[Any], n: int) -> str:
+            import ray as ray_in_task
+
+            for i in range(n):
+                q.put(i)
+            q.shutdown()
+            return str(ray_in_task.get_runtime_context().get_node_id())
+
+        @background(backend="ray", ray_options={"scheduling_strategy": here})
+        def consume(q: bgtask.Queue[Any]) -> Any:
+            import ray as ray_in_task
+
+            return list(q), str(ray_in_task.get_runtime_context().get_node_id())
+
+        q: bgtask.Queue[Any] = bgtask.Queue(maxsize=4, backend="ray")
+        consumer = consume(q)
+        producer = produce(q, 500)
+        items, consumed_on = consumer.result(RESULT_S)
+        assert items == list(range(500))
+        assert producer.result(RESULT_S) == _node_id(second_node)
+        assert consumed_on == head_id != _node_id(second_node)
+
     def test_streams_and_records_come_from_the_other_node(
         self, second_node: WorkerNode, collected: List[logging.LogRecord]
     ) -> None:
@@ -1423,7 +1830,7 @@ if __name__ == "__main__":
             env=dict(script_env(), **ENV),
         )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        assert "ok: results in order, one crash reported, the daemon's cleanup ran" in result.stdout
+        assert EXAMPLE_OK in result.stdout
 
     def test_a_node_lost_mid_task_is_task_crashed_and_never_run_again(
         self, head: HeadNode, cluster: str, tmp_path: Path

@@ -22,6 +22,7 @@ import uuid
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
+from .._queue import on_ray as _queue_on_ray
 from .._shared import forks
 from .._shared import wire as _wire
 from .._shared.errors import BgTaskError
@@ -109,6 +110,7 @@ class RayLauncher:
         # fresh worker's is made with max_calls=1 (Ray takes it only where the function is made).
         self._functions: Dict[Tuple[bool, bool], Any] = {}
         self._board: Any = None
+        self._holder: Any = None  # the actor class of a bgtask.Queue on Ray
         self._reaper: Optional[Reaper] = None  # a private cluster's: it ends with the program
 
     def _connect(self) -> Tuple[Any, Dict[Tuple[bool, bool], Any], Any]:
@@ -156,14 +158,30 @@ class RayLauncher:
                 self._board = (
                     ray.remote(_ray_task.StopBoard).options(num_cpus=0, max_concurrency=1_000_000).remote()
                 )
+                self._holder = ray.remote(_queue_on_ray.Holder)
                 self._owner = (os.getpid(), _ray_task.session())
             return ray, self._functions, self._board
+
+    def queue_holder(self, maxsize: int) -> Any:
+        """A new actor to hold a ``bgtask.Queue``'s items (connecting first)."""
+        ray, _functions, _board = self._connect()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On this node, where Ray can: with no resources to ask for, Ray would place the actor
+        # on any node, and every put and get of this program's would cross the network.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        try:
+            return self._holder.options(
+                num_cpus=0, max_concurrency=1_000_000, scheduling_strategy=here
+            ).remote(maxsize)
+        except Exception as exc:
+            raise BgTaskError(f"Ray did not make the queue's actor: {type(exc).__name__}: {exc}") from exc
 
     def start(self, settings: Dict[str, Any], payload: Any) -> RayProcess:
         if payload.fds:
             raise BgTaskError(
-                "a task on Ray cannot be given sockets, connections or bgtask queues: their "
-                "descriptors do not cross machines (use backend='local' for this function)"
+                "a task on Ray cannot be given sockets or connections: their descriptors do not "
+                "cross machines (use backend='local' for this function)"
             )
         ray, functions, board = self._connect()
         stream = bool(settings.get("stream"))
@@ -281,3 +299,7 @@ def forget_in_child() -> None:
 
 
 forks.register(after_in_child=forget_in_child, order=forks.LAUNCHERS)
+
+# A bgtask.Queue made from now on goes to Ray where the program's tasks do.
+_queue_on_ray.backend.preferred = lambda: _default == "ray" or _ray_task.in_task
+_queue_on_ray.backend.holder = lambda maxsize: launcher().queue_holder(maxsize)

@@ -245,10 +245,15 @@ class RayProcess:
         ready = pid = posted = None
         try:
             kind, body, pid, exitcode, ready, posted, views = outcome()
-            if views:  # a return value's large buffers, in Ray's object store
-                body = Mapped(body, views)
-            messages.append((kind, body))
             self._released = True  # the worker tells the board itself
+            if self._requested == signal.SIGKILL:
+                # Killed: Ray cancels the task's own calls (to a queue, to its tasks) before it
+                # ends the task, which may report what that did to it first. It was killed.
+                exitcode = -signal.SIGKILL
+            else:
+                if views:  # a return value's large buffers, in Ray's object store
+                    body = Mapped(body, views)
+                messages.append((kind, body))
         except BaseException as exc:  # noqa: BLE001 (whatever Ray raises is this task's end)
             exitcode, message = self._describe(exc)
             if message is not None:
@@ -293,6 +298,7 @@ class RayProcess:
 
     def _end(self) -> None:
         self._ref = None  # the result stays in Ray's object store while a reference lives
+        self.keep = ()  # what its call must keep alive while it runs (queues on Ray)
         self._go_on()
         if self._escalation is not None:
             self._escalation.cancel()

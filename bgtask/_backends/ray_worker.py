@@ -36,6 +36,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from .._queue import on_ray as _queue_on_ray
 from .._runtime.runner import run_call, run_steps, stopped
 from .._shared import context as _taskctx
 from .._shared import forks
@@ -195,6 +196,9 @@ def session() -> Any:
     ``ray.init()`` (read off Ray's worker, without importing Ray)."""
     worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
     return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
+
+
+_queue_on_ray.backend.session = session  # a queue on Ray is good for the session it was made on
 
 
 def run(body: bytes, settings: Dict[str, Any], board: Any, key: str, views: List[Any]) -> _End:

@@ -70,7 +70,7 @@ def start_call(fn: Callable[..., Any], args: Any, kwargs: Any, options: Dict[str
     except SerializationError as exc:
         if shipped is fn:
             raise
-        dumps_call(fn, args, kwargs).close()  # the call's own error, if it has one, first
+        dumps_call(fn, args, kwargs, False, on_ray).close()  # the call's own error, if it has one, first
         cause = exc.__cause__ or exc
         raise SerializationError(
             f"cannot send the initializers of {getattr(fn, '__qualname__', fn)!r} (set_initializer(), "

@@ -1,6 +1,7 @@
 """``bgtask.Queue``: a queue shared by the main program and any number of tasks.
 
-The items travel through the kernel, never through a third process::
+For local tasks, the items travel through the kernel, never through a third process (for tasks
+on Ray, a Ray actor holds them: ``on_ray``)::
 
     producers --send--> [ datagram socket (SOCK_SEQPACKET on Linux) ] --recv--> consumers
                  |                                                        |
@@ -13,6 +14,7 @@ The items travel through the kernel, never through a third process::
 One module per job, imports running down the list::
 
     api        Queue and ShutDown, iteration; how a queue travels in a call (_rebuild)
+    on_ray     a queue for tasks on Ray: a Ray actor holds its items (RayEndpoint, Holder)
     endpoint   a process's side of a queue: put, get, shutdown, join; places; adopt()
     feeder     what the socket has no room for: the backlog, the feeder thread, forwarding
     transport  items as datagrams: pickling, memory files for large ones, send and receive
@@ -24,7 +26,7 @@ Items a task hands to its main program are safe from the task's crash; the main 
 backlog lives as long as it does.
 """
 
-from .api import Queue, ShutDown, _rebuild
+from .api import Queue, ShutDown, _rebuild, _rebuild_on_ray
 from .endpoint import adopt
 
-__all__ = ["Queue", "ShutDown", "_rebuild", "adopt"]
+__all__ = ["Queue", "ShutDown", "_rebuild", "_rebuild_on_ray", "adopt"]

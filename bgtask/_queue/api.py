@@ -7,11 +7,13 @@ Everything else is the endpoint's, this process's side of the queue.
 
 from __future__ import annotations
 
-from typing import Any, Generic, Iterator, Optional, Tuple, TypeVar
+from typing import Any, Generic, Iterator, Optional, Tuple, TypeVar, Union
 
 from .._shared import serialization as _serialization
 from .._shared.errors import ShutDown
+from . import on_ray
 from .endpoint import Endpoint
+from .on_ray import RayEndpoint
 from .places import MAXSIZE_LIMIT
 
 __all__ = ["Queue", "ShutDown"]
@@ -36,17 +38,27 @@ class Queue(Generic[T]):
     cannot hold a descriptor (a socket, a connection, another queue): those travel as task
     arguments only. ``put`` raises ``SerializationError`` for an item that cannot be pickled,
     and ``get`` for one that cannot be unpickled in its process (that item is dropped).
+
+    ``backend``: where the tasks that use the queue run. By default, on Ray once the program
+    called ``use_ray()`` (and in a task on Ray), locally otherwise. A queue for tasks on Ray is
+    held by a Ray actor, which any node of the cluster reaches; a local queue's items travel
+    through the kernel, and a task on Ray cannot be given one (nor a local task a Ray one).
     """
 
     __module__ = "bgtask"
     __slots__ = ("__weakref__", "_end")
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, *, backend: Optional[str] = None) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int):
             raise TypeError(f"Queue(): maxsize must be an int, not {type(maxsize).__name__}")
         if maxsize > MAXSIZE_LIMIT:
             raise ValueError(f"Queue(): maxsize must be at most {MAXSIZE_LIMIT}, not {maxsize}")
-        self._end = Endpoint.create(max(maxsize, 0))
+        if backend not in (None, "local", "ray"):
+            raise ValueError(f"Queue(): backend must be None, 'local' or 'ray', not {backend!r}")
+        if on_ray.backend.goes_to_ray(backend):
+            self._end: Union[Endpoint, RayEndpoint] = RayEndpoint.create(max(maxsize, 0))
+        else:
+            self._end = Endpoint.create(max(maxsize, 0))
 
     @property
     def maxsize(self) -> int:
@@ -140,6 +152,8 @@ class Queue(Generic[T]):
 
     def __reduce__(self) -> Any:
         end = self._end
+        if isinstance(end, RayEndpoint):
+            return _rebuild_on_ray, end.reduce()
         return _rebuild, (end.qid, end.maxsize, end.descriptors())
 
     def __repr__(self) -> str:
@@ -161,4 +175,12 @@ def _rebuild(qid: bytes, maxsize: int, indexes: Tuple[int, ...]) -> Queue[Any]:
     return queue
 
 
-_rebuild.__module__ = "bgtask._queue"  # pickles name it there, whichever module defines it
+def _rebuild_on_ray(actor: Any, maxsize: int) -> Queue[Any]:
+    """A queue on Ray that came with a call, on the Ray worker the call runs on."""
+    queue: Queue[Any] = Queue.__new__(Queue)
+    queue._end = on_ray.rebuild(actor, maxsize)
+    return queue
+
+
+# Pickles name them there, whichever module defines them.
+_rebuild.__module__ = _rebuild_on_ray.__module__ = "bgtask._queue"

@@ -105,6 +105,11 @@ class Endpoint:
     def descriptors(self) -> Tuple[int, ...]:
         """While a call is pickled: its descriptors go with it; their indexes in the call."""
         what = "a bgtask.Queue"
+        if _serialization.pickling_for() == "ray":
+            raise TypeError(
+                "a bgtask.Queue made for local tasks cannot be given to a task on Ray: make it "
+                "after use_ray(), or with Queue(backend='ray')"
+            )
         _serialization.keep_alive(self)  # what the task cannot send comes back through here
         # Closing a duplicate of the page's descriptor drops this process's lockf locks: it is
         # closed holding the page lock, as no thread of this process then holds those locks.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 from . import platform, wire
 from .wire import Body, Pieces
@@ -139,7 +139,7 @@ class Mapped:
 
     __slots__ = ("buffers", "data")
 
-    def __init__(self, data: bytearray, buffers: List[Any]) -> None:
+    def __init__(self, data: Union[bytes, bytearray], buffers: List[Any]) -> None:
         self.data = data
         self.buffers = buffers
 

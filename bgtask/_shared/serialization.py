@@ -72,6 +72,7 @@ class _Descriptors(threading.local):
     keep: Optional[List[Any]] = None  # while a call is pickled: what must live as long as its task
     incoming: Optional[List[int]] = None  # while a call is unpickled: what arrived with it
     files: Optional[List[int]] = None  # while a call is pickled: memory files of its buffers
+    target: Optional[str] = None  # while a call is pickled: "local", or "ray" for a task on Ray
 
 
 _descriptors = _Descriptors()
@@ -110,6 +111,11 @@ def keep_alive(obj: Any) -> None:
     keep = _descriptors.keep
     if keep is not None:
         keep.append(obj)
+
+
+def pickling_for() -> Optional[str]:
+    """While a call is pickled: where its task runs, ``"local"`` or ``"ray"``; else ``None``."""
+    return _descriptors.target
 
 
 def received(index: int) -> int:
@@ -369,7 +375,7 @@ def dumps_call(
     try:
         return _dumps_with_descriptors((fn, args, kwargs), by_reference, on_ray)
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
-        culprit = _find_culprit(fn, args, kwargs)
+        culprit = _find_culprit(fn, args, kwargs, on_ray)
         raise SerializationError(
             f"cannot send {culprit} to the task process: {type(exc).__name__}: {exc}"
         ) from exc
@@ -385,6 +391,7 @@ def _dumps_with_descriptors(obj: Any, by_reference: bool = False, on_ray: bool =
     _descriptors.keep = keep
     _descriptors.guards = guards
     _descriptors.files = files
+    _descriptors.target = "ray" if on_ray else "local"
     try:
         body = _dumps_pieces(obj, files if by_reference else None, views if on_ray else None)
         return Payload(
@@ -398,6 +405,7 @@ def _dumps_with_descriptors(obj: Any, by_reference: bool = False, on_ray: bool =
         _descriptors.keep = None
         _descriptors.guards = None
         _descriptors.files = None
+        _descriptors.target = None
 
 
 def loads_call(body: Any, fds: List[int], views: Sequence[Any] = ()) -> Any:
@@ -416,9 +424,9 @@ def loads_call(body: Any, fds: List[int], views: Sequence[Any] = ()) -> Any:
         Payload(b"", tuple(fd for fd in fds if fd >= 0)).close()
 
 
-def _picklable(obj: Any) -> bool:
+def _picklable(obj: Any, on_ray: bool) -> bool:
     try:
-        _dumps_with_descriptors(obj).close()
+        _dumps_with_descriptors(obj, False, on_ray).close()
     except Exception:
         return False
     return True
@@ -428,16 +436,18 @@ def _describe(obj: Any) -> str:
     return f"({_describe_type(obj)})"
 
 
-def _find_culprit(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+def _find_culprit(
+    fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_ray: bool = False
+) -> str:
     for i, arg in enumerate(args):
-        if not _picklable(arg):
+        if not _picklable(arg, on_ray):
             return f"positional argument {i} {_describe(arg)}"
     for key, value in kwargs.items():
-        if not _picklable(value):
+        if not _picklable(value, on_ray):
             return f"keyword argument {key!r} {_describe(value)}"
     target = getattr(fn, "__func__", fn)
     owner = getattr(fn, "__self__", None)
-    if owner is not None and not isinstance(owner, types.ModuleType) and not _picklable(owner):
+    if owner is not None and not isinstance(owner, types.ModuleType) and not _picklable(owner, on_ray):
         return f"the object {getattr(target, '__qualname__', target)!r} is bound to {_describe(owner)}"
     code = getattr(target, "__code__", None)
     if code is not None:
@@ -447,11 +457,11 @@ def _find_culprit(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[st
                 value = cell.cell_contents
             except ValueError:  # an empty cell
                 continue
-            if not _picklable(value):
+            if not _picklable(value, on_ray):
                 return f"variable {var!r} captured by {name} {_describe(value)}"
         module_globals = getattr(target, "__globals__", {})
         for var in code.co_names:
-            if var in module_globals and not _picklable(module_globals[var]):
+            if var in module_globals and not _picklable(module_globals[var], on_ray):
                 return f"global variable {var!r} used by {name} {_describe(module_globals[var])}"
     return f"the function {getattr(fn, '__qualname__', fn)!r}"
 
