@@ -902,8 +902,8 @@ def test_a_stop_ends_a_consumer_waiting_on_an_empty_queue(backend: str, tmp_path
 
     @background(backend=backend, graceful=True, grace=60)
     def wait_for_one(q: bgtask.Queue[int], marker: str) -> int:
-        bgtask.ready()
         try:
+            bgtask.ready()  # in the try: the stop may come as soon as ready() returned
             return q.get()
         finally:
             Path(marker).write_text("yes")
@@ -1065,31 +1065,42 @@ def test_a_call_waiting_in_a_queues_actor_takes_nothing(cluster: str) -> None:
 
 
 def test_a_queue_used_after_its_connection_ended_is_shut_down(tmp_path: Path) -> None:
-    """Once the program's connection to Ray ended, a queue on Ray raises ShutDown: no call
-    goes to Ray, which would start a cluster of its own."""
+    """``bgtask.shutdown()`` ends the connection bgtask made (the next task connects again);
+    a queue on Ray made before then raises ShutDown: no call goes to Ray, which would start a
+    cluster of its own when it has no connection."""
     result = run_script(
         tmp_path,
         """
 import ray
 import bgtask
 
+def use(q):
+    for call in (lambda: q.get(timeout=1), lambda: q.put(2), q.qsize):
+        try:
+            call()
+        except bgtask.ShutDown as exc:
+            print("ShutDown:", exc)
+
 bgtask.use_ray()
 q = bgtask.Queue()
 q.put(1)
-ray.shutdown()
-for call in (lambda: q.get(timeout=1), lambda: q.put(2), q.qsize):
-    try:
-        call()
-    except bgtask.ShutDown as exc:
-        print("ShutDown:", exc)
+bgtask.shutdown()
+print("connected:", ray.is_initialized())
+use(q)
+print("a task:", bgtask.background(lambda: "ran")().result(60))  # connected again
+use(q)
+q2 = bgtask.Queue()
+ray.shutdown()  # the program's own call
+use(q2)
 print("connected:", ray.is_initialized())
 """,
         env=dict(script_env(), **ENV),
         timeout=RESULT_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ShutDown: the queue is gone") == 3, result.stdout
-    assert "connected: False" in result.stdout
+    assert result.stdout.count("ShutDown: the queue is gone") == 9, result.stdout
+    assert result.stdout.count("connected: False") == 2, result.stdout
+    assert "a task: ran" in result.stdout
 
 
 # -- Ray's own ------------------------------------------------------------------------------
@@ -1351,8 +1362,12 @@ print("ray imported by bgtask:", "ray" in sys.modules and sys.modules["ray"] is 
 @pytest.mark.parametrize("join", [True, False], ids=["joined-by-address", "private-cluster"])
 def test_the_ray_example(head: HeadNode, join: bool) -> None:
     """examples/ray_cluster.py, on the session's head node and on a private cluster of its own."""
+    _run_the_ray_example(head.address if join else None)
+
+
+def _run_the_ray_example(address: Any) -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "ray_cluster.py"
-    args = [sys.executable, str(example)] + (["--address", head.address] if join else [])
+    args = [sys.executable, str(example)] + (["--address", address] if address else [])
     result = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
         args, capture_output=True, text=True, timeout=RESULT_S, env=dict(script_env(), **ENV)
     )
@@ -1767,6 +1782,49 @@ class TestManyNodes:
         assert producer.result(RESULT_S) == _node_id(second_node)
         assert consumed_on == head_id != _node_id(second_node)
 
+    def test_runtime_env_ships_the_code_a_task_needs(
+        self, head: HeadNode, second_node: WorkerNode, tmp_path: Path
+    ) -> None:
+        """Functions from packages the workers cannot import: the one ``use_ray(runtime_env=)``
+        ships runs on the other node, from Ray's copy of it; the other is refused, by name.
+        (Both are importable by the main program only once it connected: Ray gives workers on
+        its machine the main program's ``sys.path`` as it was then.)"""
+        for name in ("bgtask_shipped_pkg", "bgtask_unshipped_pkg"):
+            package = tmp_path / "lib" / name
+            package.mkdir(parents=True)
+            (package / "__init__.py").write_text("def where():\n    return __file__\n")
+        env = dict(script_env(), **ENV)
+        result = run_script(
+            tmp_path,
+            f"""
+import pathlib
+import sys
+import bgtask
+
+LIB = pathlib.Path(__file__).parent / "lib"
+FAR = {{"resources": {{{second_node.resource!r}: 1}}}}
+
+bgtask.use_ray({head.address!r}, logging_level="WARNING",
+               runtime_env={{"py_modules": [str(LIB / "bgtask_shipped_pkg")]}})
+bgtask.background(lambda: None)().result(60)  # connected
+sys.path.insert(0, str(LIB))
+import bgtask_shipped_pkg, bgtask_unshipped_pkg
+
+print("shipped:", bgtask.background(bgtask_shipped_pkg.where, ray_options=FAR)().result(60))
+try:
+    bgtask.background(bgtask_unshipped_pkg.where, ray_options=FAR)().result(60)
+except bgtask.BgTaskError as exc:
+    print("unshipped:", exc)
+""",
+            env=env,
+            timeout=RESULT_S,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+        assert lines["shipped"].endswith("__init__.py"), result.stdout
+        assert not lines["shipped"].startswith(str(tmp_path)), result.stdout  # Ray's copy
+        assert "bgtask_unshipped_pkg" in lines["unshipped"], result.stdout
+
     def test_streams_and_records_come_from_the_other_node(
         self, second_node: WorkerNode, collected: List[logging.LogRecord]
     ) -> None:
@@ -1821,16 +1879,7 @@ if __name__ == "__main__":
         assert (tmp_path / "daemon-node").read_text() == _node_id(second_node)
 
     def test_the_ray_example_on_two_nodes(self, head: HeadNode, second_node: WorkerNode) -> None:
-        example = Path(__file__).resolve().parent.parent / "examples" / "ray_cluster.py"
-        result = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
-            [sys.executable, str(example), "--address", head.address],
-            capture_output=True,
-            text=True,
-            timeout=RESULT_S,
-            env=dict(script_env(), **ENV),
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        assert EXAMPLE_OK in result.stdout
+        _run_the_ray_example(head.address)
 
     def test_a_node_lost_mid_task_is_task_crashed_and_never_run_again(
         self, head: HeadNode, cluster: str, tmp_path: Path

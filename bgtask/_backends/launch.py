@@ -94,9 +94,13 @@ def uses_ray(options: Dict[str, Any]) -> bool:
 
 
 def close_all() -> None:
-    """Close every launcher (the zygote exits once it has no daemon task left)."""
+    """Close every launcher (the zygote exits once it has no daemon task left; a connection to
+    Ray that bgtask made ends)."""
     for launcher in list(_launchers.values()):
         launcher.close()
+    ray_backend = sys.modules.get("bgtask._backends.ray")
+    if ray_backend is not None:
+        ray_backend.close()
 
 
 def forget_in_child() -> None:

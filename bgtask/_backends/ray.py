@@ -256,6 +256,7 @@ class RayLauncher:
         self._lock = threading.Lock()
         self._forked = self._owner is not None
         self._owner = None
+        self._connected_here = False  # the original's connection: not this copy's to end
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             reaper.forget_in_child()
@@ -289,6 +290,13 @@ def launcher() -> RayLauncher:
         if _launcher is None:
             _launcher = RayLauncher()
         return _launcher
+
+
+def close() -> None:
+    """The exit procedure's last step (``bgtask.shutdown()``'s too): a connection bgtask made
+    ends, and a private cluster with it; the next Ray task connects again."""
+    if _launcher is not None:
+        _launcher.close()
 
 
 def forget_in_child() -> None:

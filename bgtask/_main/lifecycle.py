@@ -179,10 +179,13 @@ def _at_exit() -> None:
 
 def _procedure(reason: str, wait: bool, timeout: Optional[float]) -> bool:
     """The exit procedure; returns whether a Ctrl-C came meanwhile."""
-    if _hook_owner != os.getpid():
-        return False  # a forked copy, or no task was ever started here
     from .._backends import launch as _launch
     from .._monitor import loop as _monitor
+
+    if _hook_owner != os.getpid():
+        if not _hook_owner:  # no task was ever started here; a queue may have connected to Ray
+            _launch.close_all()
+        return False  # or a forked copy, whose launchers are the original's
 
     interrupted = False
     error: Optional[BaseException] = None

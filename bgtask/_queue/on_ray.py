@@ -45,7 +45,8 @@ from .._shared.context import atomic
 from .._shared.errors import BgTaskError, SerializationError, ShutDown
 from .page import IMMEDIATE, OPEN, SHUT, STATE_NAMES
 
-# The longest a blocked put or get waits in the actor per call: a stop waits at most this long.
+# The longest a blocked put or get waits beside the actor's queue per call before it looks
+# again (Ray checks for a signal that long into a wait: a stop comes within it).
 SLICE_S = 0.25
 # The longest join() waits in the actor per call.
 JOIN_WAIT_S = 1.0

@@ -103,6 +103,9 @@ async def check_async_streams() -> None:
 
 def check_queue() -> None:
     q: bgtask.Queue[int] = bgtask.Queue(maxsize=10)
+    on_ray: bgtask.Queue[bytes] = bgtask.Queue(backend="ray")
+    on_ray.put(b"x")
+    bgtask.Queue(10, "ray")  # type: ignore[call-arg]
     q.put(1)
     assert_type(q.get(), int)
     assert_type(q.get_nowait(), int)
