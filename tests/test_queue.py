@@ -958,6 +958,7 @@ HERE = pathlib.Path(__file__).parent
 
 @bgtask.background(start_method={start_method!r})  # not a daemon: it outlives its program
 def drain(q):
+    (HERE / "running").touch()
     while not (HERE / "go").exists():
         time.sleep(0.01)
     n, deadline = 0, time.monotonic() + 30
@@ -1002,6 +1003,9 @@ if __name__ == "__main__":
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         main_pid, task_pid = (int(pid) for pid in script.expect("PIDS", timeout=RESULT_S).split())
+        # Killed once the task runs its function: this test is about the queue's end, not about
+        # a program that dies while its task is still starting (its pid is known before).
+        assert wait_until((tmp_path / "running").exists, timeout=RESULT_S)
         os.kill(main_pid, signal.SIGKILL)
         script.expect("REAPED", timeout=RESULT_S)
         holder = _process_with_pid(main_pid)

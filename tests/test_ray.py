@@ -1103,6 +1103,50 @@ print("connected:", ray.is_initialized())
     assert "a task: ran" in result.stdout
 
 
+@pytest.mark.parametrize("queue_backend", ["local", "ray"])
+def test_ctrl_c_in_a_blocked_get_is_a_plain_keyboard_interrupt(
+    head: HeadNode, tmp_path: Path, queue_backend: str
+) -> None:
+    """A Ctrl-C while the main program waits in get() raises KeyboardInterrupt from get(), with
+    no other exception as its context and no frame of Ray's (it is not raised inside Ray)."""
+    result = run_script(
+        tmp_path,
+        f"""
+import os, signal, sys, threading, traceback
+import bgtask
+
+bgtask.use_ray({head.address!r}, logging_level="WARNING")
+q = bgtask.Queue(backend={queue_backend!r})
+main = threading.main_thread().ident
+
+def interrupt_once_waiting():
+    while True:  # until the main thread is inside get()
+        frame = sys._current_frames().get(main)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        if "get" in names and "<module>" in names:
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        threading.Event().wait(0.01)
+
+threading.Thread(target=interrupt_once_waiting, daemon=True).start()
+try:
+    q.get()
+except KeyboardInterrupt as exc:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    print("context:", "During handling" not in text and "direct cause" not in text)
+    print("ray frames:", "ray/_private" in text or "_raylet" in text)
+""",
+        env=dict(script_env(), **ENV),
+        timeout=RESULT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "context: True" in result.stdout, result.stdout
+    assert "ray frames: False" in result.stdout, result.stdout
+
+
 # -- Ray's own ------------------------------------------------------------------------------
 
 

@@ -188,6 +188,35 @@ def test_a_worker_survives_its_zygote_dying_right_after_the_call() -> None:
         task.join(30)
 
 
+def test_a_task_started_just_before_its_program_is_killed_runs(tmp_path: Path) -> None:
+    """A non-daemon task runs to its end when its main program dies, also one started an
+    instant before: the zygote, which learns of the death from a write that fails, first reads
+    the activations the program sent (else it killed that task as an unused spare). A call
+    with a busy queue widens the window; twenty programs, each killed right after its call."""
+    for i in range(20):
+        ran = tmp_path / f"ran-{i}"
+        result = run_script(
+            tmp_path,
+            f"""
+import os, pathlib, signal
+import bgtask
+
+@bgtask.background
+def work(q):
+    pathlib.Path({str(ran)!r}).touch()
+
+q = bgtask.Queue()
+for _ in range(20_000):
+    q.put(b"x" * 1024)
+q.shutdown()
+work(q)
+os.kill(os.getpid(), signal.SIGKILL)
+""",
+        )
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+        assert wait_until(ran.exists, timeout=60), f"program {i}: its task never ran"
+
+
 def test_after_fork_functions_of_preloaded_modules_run_in_each_task(tmp_path: Path) -> None:
     """A preloaded module's ``os.register_at_fork`` function runs in every task it is forked into."""
     (tmp_path / "bgtask_atfork_probe.py").write_text(

@@ -98,9 +98,10 @@ def close_all() -> None:
     Ray that bgtask made ends)."""
     for launcher in list(_launchers.values()):
         launcher.close()
-    ray_backend = sys.modules.get("bgtask._backends.ray")
-    if ray_backend is not None:
-        ray_backend.close()
+    if "bgtask._backends.ray" in sys.modules:  # never imported for this
+        from . import ray as _ray
+
+        _ray.close()
 
 
 def forget_in_child() -> None:

@@ -392,6 +392,7 @@ class Zygote:
     def _main_program_gone(self) -> None:
         """Stop every daemon task (graceful ones get SIGTERM and ``grace`` seconds), kill spares."""
         if self.ctl is not None:
+            self._last_activations()
             self.selector.unregister(self.ctl)
             self.ctl_ready.unregister(self.ctl)
             self.ctl.close()
@@ -406,6 +407,24 @@ class Zygote:
                 self.procs.signal(proc, signal.SIGTERM, proc.grace)
             else:
                 self.procs.signal(proc, signal.SIGKILL, None)
+
+    def _last_activations(self) -> None:
+        """What the main program sent before it went may still be unread (a write to it failed
+        first): a spare it made a task (its call is in the spare's channel) is a task, not a
+        spare to kill."""
+        assert self.ctl is not None
+        try:
+            self.reader.feed_from(self.ctl)
+        except OSError:
+            pass
+        messages, self.reader.messages = self.reader.messages, []
+        for kind, body in messages:
+            try:
+                message = _wire.decode(kind, body)
+            except Exception:  # a torn frame: nothing after it can be trusted
+                return
+            if isinstance(message, _wire.Activate):
+                self._activate(message)
 
     def _report(self, message: Any) -> None:
         if self.ctl is not None:

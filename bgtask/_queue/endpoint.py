@@ -27,7 +27,7 @@ from .._shared import context as _taskctx
 from .._shared import forks
 from .._shared import platform as _platform
 from .._shared import serialization as _serialization
-from .._shared.context import atomic
+from .._shared.context import NothingYet, atomic
 from .._shared.errors import SerializationError, ShutDown
 from . import feeder, ledger, page, places
 from .feeder import Backlog, wait_for
@@ -349,11 +349,11 @@ class Ending:
             self.close_writes_if_drained()  # this process held the last items on their way
 
 
-class _NoPlace(Exception):
+class _NoPlace(NothingYet):
     """No free place for a put: it waits, unless a stop came meanwhile."""
 
 
-class _Nothing(Exception):
+class _Nothing(NothingYet):
     """No item for a get: it waits, unless a stop came meanwhile."""
 
 

@@ -14,8 +14,8 @@ how to make its actor on the program's connection.
   that never waits, made inside ``atomic()``: a stop or a Ctrl-C meanwhile comes once the call
   returned, never between the actor and the caller. A blocked ``put`` or ``get`` waits between
   steps, with a call that changes nothing (``wait_for_place``, ``wait_for_item``: ``SLICE_S`` at
-  most each), which a stop may end. Ray does not cancel a call whose caller died: such a wait
-  then ends by itself, and takes nothing.
+  most each), after which a stop or a Ctrl-C is raised. Ray does not cancel a call whose
+  caller died: such a wait then ends by itself, and takes nothing.
 - **Nothing lost to a crash.** An item is the actor's once ``put`` returned; a producer that dies
   afterwards takes nothing with it. A consumer whose worker dies while a ``take``'s answer is on
   its way to it (about a millisecond) loses that item: it is not counted as done, and
@@ -41,12 +41,12 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from .._shared import serialization as _serialization
 from .._shared.buffers import Mapped
-from .._shared.context import atomic
+from .._shared.context import NothingYet, atomic
 from .._shared.errors import BgTaskError, SerializationError, ShutDown
 from .page import IMMEDIATE, OPEN, SHUT, STATE_NAMES
 
 # The longest a blocked put or get waits beside the actor's queue per call before it looks
-# again (Ray checks for a signal that long into a wait: a stop comes within it).
+# again; a stop or a Ctrl-C waits for the end of the call, at most this long.
 SLICE_S = 0.25
 # The longest join() waits in the actor per call.
 JOIN_WAIT_S = 1.0
@@ -255,7 +255,7 @@ class RayEndpoint:
     #
     # Each step that changes the queue is one call made inside atomic(): a stop or a Ctrl-C
     # meanwhile comes once it returned, as the caller's next line starts. The waits between
-    # steps change nothing, and a stop may end them.
+    # steps change nothing: a stop or a Ctrl-C is raised as one ends.
 
     def put(self, item: Any, block: bool, timeout: Optional[float]) -> None:
         body, views, name = _encode(item)
@@ -273,7 +273,7 @@ class RayEndpoint:
                 pass
             if not block or _expired(deadline):
                 raise Full
-            self._call("wait_for_place", _slice(deadline))
+            self._wait("wait_for_place", deadline)
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -292,7 +292,13 @@ class RayEndpoint:
                 pass
             if not block or _expired(deadline):
                 raise Empty
-            self._call("wait_for_item", _slice(deadline))
+            self._wait("wait_for_item", deadline)
+
+    def _wait(self, method: str, deadline: Optional[float]) -> None:
+        """Wait beside the actor's queue, ``SLICE_S`` at most. A stop or a Ctrl-C meanwhile is
+        raised as the wait ends, here rather than inside Ray's own code."""
+        with atomic():
+            self._call(method, _slice(deadline))
 
     def _decode(self, item: Item) -> Any:
         body, views, name = item
@@ -368,7 +374,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-class _Again(Exception):
+class _Again(NothingYet):
     """No item (or no place) in this call: look again, or give up."""
 
 

@@ -305,6 +305,11 @@ def _die_by_sigterm() -> None:
 _early_stop = False  # a stop came before the task's context was installed
 
 
+class NothingYet(Exception):
+    """Raised in an ``atomic()`` block that found nothing to hand back (no item, no place) and
+    will wait: a stop or a Ctrl-C that came during the block is raised in its place, alone."""
+
+
 class atomic:
     """Defer a stop and a Ctrl-C that come during the block to its end (main thread only).
 
@@ -363,6 +368,8 @@ class atomic:
         if self._to_caller and exc[0] is None:
             _raise_in_caller(error)
             return
+        if isinstance(exc[1], NothingYet):
+            raise error from None  # what the block found is moot: not shown as its context
         raise error
 
 
