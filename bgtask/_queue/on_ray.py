@@ -259,40 +259,42 @@ class RayEndpoint:
 
     def put(self, item: Any, block: bool, timeout: Optional[float]) -> None:
         body, views, name = _encode(item)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                with atomic(to_caller=True):
-                    code = self._call("put", body, views, name)
-                    if code == OK:
-                        return
-                    if code == CLOSED:
-                        raise ShutDown("the queue was shut down")
-                    raise _Again  # a stop meanwhile is raised here: put() ends without the item
-            except _Again:
-                pass
-            if not block or _expired(deadline):
-                raise Full
-            self._wait("wait_for_place", deadline)
+
+        def step() -> None:
+            code = self._call("put", body, views, name)
+            if code == CLOSED:
+                raise ShutDown("the queue was shut down")
+            if code != OK:
+                raise _Again  # a stop meanwhile is raised here: put() ends without the item
+
+        self._until_done(step, "wait_for_place", block, timeout, Full)
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
+        def step() -> Any:
+            code, item = self._call("take")
+            if code == CLOSED:
+                raise ShutDown("the queue was shut down")
+            if code != OK:
+                raise _Again  # a stop meanwhile is raised here: get() ends, not waits
+            return self._decode(item)  # taken and unpickled in one step: never lost between
+
+        return self._until_done(step, "wait_for_item", block, timeout, Empty)
+
+    def _until_done(
+        self, step: Callable[[], Any], wait_for: str, block: bool, timeout: Optional[float], none: type
+    ) -> Any:
+        """``step()`` inside ``atomic()``, again after each wait while it finds nothing to do
+        (``_Again``); ``none`` (``Full``, ``Empty``) once there is no time left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                # Taken and unpickled in one step: never lost between the actor and the caller.
                 with atomic(to_caller=True):
-                    code, item = self._call("take")
-                    if code == OK:
-                        assert item is not None
-                        return self._decode(item)
-                    if code == CLOSED:
-                        raise ShutDown("the queue was shut down")
-                    raise _Again  # a stop meanwhile is raised here: get() ends, not waits
+                    return step()
             except _Again:
                 pass
             if not block or _expired(deadline):
-                raise Empty
-            self._wait("wait_for_item", deadline)
+                raise none
+            self._wait(wait_for, deadline)
 
     def _wait(self, method: str, deadline: Optional[float]) -> None:
         """Wait beside the actor's queue, ``SLICE_S`` at most. A stop or a Ctrl-C meanwhile is
