@@ -1064,13 +1064,13 @@ def test_a_call_waiting_in_a_queues_actor_takes_nothing(cluster: str) -> None:
     assert q.qsize() == 0
 
 
-def test_a_queue_used_after_its_connection_ended_is_shut_down(tmp_path: Path) -> None:
+def test_a_queue_used_after_its_connection_ended_is_shut_down(head: HeadNode, tmp_path: Path) -> None:
     """``bgtask.shutdown()`` ends the connection bgtask made (the next task connects again);
     a queue on Ray made before then raises ShutDown: no call goes to Ray, which would start a
     cluster of its own when it has no connection."""
     result = run_script(
         tmp_path,
-        """
+        f"""
 import ray
 import bgtask
 
@@ -1081,7 +1081,7 @@ def use(q):
         except bgtask.ShutDown as exc:
             print("ShutDown:", exc)
 
-bgtask.use_ray()
+bgtask.use_ray({head.address!r}, logging_level="WARNING")
 q = bgtask.Queue()
 q.put(1)
 bgtask.shutdown()
@@ -1462,7 +1462,8 @@ def test_stopping_and_killing_a_task_still_queued_in_ray(cluster: str, tmp_path:
     def busy() -> None:
         stop_event().wait(RESULT_S)
 
-    @background(backend="ray", graceful=True, grace=30)
+    # Stopped while Ray holds it in its queue, it is killed once its grace is over.
+    @background(backend="ray", graceful=True, grace=3)
     def queued(ran: str) -> None:
         Path(ran).write_text("yes")
 

@@ -192,10 +192,16 @@ class StopBoard:
 
 
 def session() -> Any:
-    """The Ray session this process is connected to: a new one after ``ray.shutdown()`` and
-    ``ray.init()`` (read off Ray's worker, without importing Ray)."""
+    """The connection to Ray this process has: a new one after ``ray.shutdown()`` and
+    ``ray.init()``, also to the same cluster (its session and this program's job there, read
+    off Ray's worker, without importing Ray)."""
     worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
-    return getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
+    cluster = getattr(getattr(worker, "node", None), "session_name", None) or id(worker)
+    try:
+        job = worker.current_job_id.hex() if worker is not None else None
+    except Exception:  # another Ray release: the session alone
+        job = None
+    return cluster, job
 
 
 _queue_on_ray.backend.session = session  # a queue on Ray is good for the session it was made on

@@ -243,7 +243,11 @@ class TaskProcess:
                 consumer._outcome_sent(kind, body)
 
     def _pause(self) -> None:
-        """Stop reading the channel: the task then waits to send its next item (backpressure)."""
+        """Stop reading the channel: the task then waits to send its next item (backpressure).
+        Not once a stop was asked for: the task may wait to finish sending an item, the stop
+        deferred until it has (the item goes out whole), and only reading lets it see the stop."""
+        if self._requested:
+            return
         if self._reading and not self._paused and self.channel is not None:
             self._paused = True
             self._monitor.remove_reader(self.channel)
@@ -303,9 +307,9 @@ class TaskProcess:
     def _signal(self, signum: int, escalate_after: Optional[float]) -> None:
         if self.done or self._reaped:
             return
-        self._resume()  # a stream waiting to send its next item must see the stop
         if signum and self._requested != signal.SIGKILL:
             self._requested = signum
+        self._resume()  # a stream waiting to send its next item must see the stop
         if not self._signaller(signum, escalate_after):
             self._signal_directly(signum)
         # Also where the launcher escalates itself (the zygote): it may die meanwhile.
